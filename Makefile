@@ -1,0 +1,31 @@
+# One command each: `make test` (fresh clone -> virtualenv -> whole suite), `make lint`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# glibc malloc thrashes on large 3D activations without these (see docs/benchmarks.md).
+export MALLOC_MMAP_THRESHOLD_ := 1073741824
+export MALLOC_TRIM_THRESHOLD_ := 1073741824
+
+.PHONY: venv test lint bench clean
+
+venv: $(VENV)/.installed
+
+# torch is installed first and pinned, so the range in pyproject.toml is met by the CPU wheel
+# instead of a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check benchmark models attacks reports tests scripts
+
+bench: venv
+	$(PY) scripts/bench_cohort.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,1 @@
+"""Attack registry and attacks (to come: FGSM, PGD, Carlini-Wagner, universal perturbations)."""

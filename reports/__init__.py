@@ -1,0 +1,1 @@
+"""Leaderboard page, figures and exports (to come)."""
