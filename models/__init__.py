@@ -1,0 +1,20 @@
+"""Model registry and the brain-age model wrappers.
+
+Importing this package registers every built-in model:
+``cnn3d``, ``hybrid``, ``hybrid_e2e``, ``features_mlp``.
+"""
+
+from medrobust.models import cnn3d, features_mlp, hybrid  # noqa: F401  (registers the built-ins)
+from medrobust.models._registry import create_model, list_models, register_model
+from medrobust.models.base import BrainAgeModel, ModelMeta
+from medrobust.models.checkpoint import load_checkpoint, save_checkpoint
+
+__all__ = [
+    "BrainAgeModel",
+    "ModelMeta",
+    "create_model",
+    "list_models",
+    "load_checkpoint",
+    "register_model",
+    "save_checkpoint",
+]

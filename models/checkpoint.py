@@ -1,0 +1,140 @@
+"""Checkpoints: weights in ``<stem>.safetensors``, everything needed to rebuild and audit in ``<stem>.json``.
+
+Loading never unpickles: the architecture is rebuilt from the registry and the tensors come from safetensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+
+import medrobust
+import torch
+from medrobust.errors import MedrobustError
+from medrobust.models._registry import create_model, list_models
+from medrobust.models.base import BrainAgeModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT = "medrobust-checkpoint"
+FORMAT_VERSION = 1
+_SUFFIXES = (".safetensors", ".json")
+
+
+def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights, sidecar) for a checkpoint given by its stem or by either of its two files."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in _SUFFIXES else path
+    # with_name, not with_suffix: a stem such as "cnn3d.seed0" must keep its dot.
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(target: Path, write) -> None:
+    # Write beside the target then rename, so an interrupted run never leaves a half-written checkpoint.
+    tmp = target.with_name(target.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, target)
+
+
+def save_checkpoint(model: BrainAgeModel, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write ``<path>.safetensors`` (state dict incl. buffers) and the ``<path>.json`` sidecar.
+
+    ``extra`` (JSON-able: dataset fingerprint, clean metrics, training parameters) is stored as is.
+    Returns the path of the weights file.
+    """
+    weights_path, sidecar_path = checkpoint_paths(path)
+    meta = model.meta
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    sidecar = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {"name": meta.name, "kwargs": meta.kwargs},
+        "meta": dataclasses.asdict(meta),
+        "input_shape": list(meta.input_shape),
+        "voxel_size": list(meta.voxel_size),
+        "normalization": meta.normalization,
+        "feature_names": list(meta.feature_names),
+        "feature_scaling": (
+            {"mean": state["feature_mean"].tolist(), "std": state["feature_std"].tolist()}
+            if meta.uses_features
+            else None
+        ),
+        "target_scaling": {"mean": state["age_mean"].item(), "std": state["age_std"].item()},
+        "versions": {
+            "medrobust": medrobust.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "weights_file": weights_path.name,
+        "extra": extra or {},
+    }
+    try:
+        text = json.dumps(sidecar, indent=2)
+    except (TypeError, ValueError) as err:
+        raise MedrobustError(f"checkpoint {sidecar_path}: 'extra' must be JSON-serializable ({err})") from err
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(weights_path, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    sidecar["weights_sha256"] = _sha256(weights_path)
+    text = json.dumps(sidecar, indent=2)
+    _atomic_write(sidecar_path, lambda p: p.write_text(text + "\n", encoding="utf-8"))
+    return weights_path
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[BrainAgeModel, dict]:
+    """Rebuild a model from its checkpoint (stem or either file): returns (model in eval mode, sidecar)."""
+    weights_path, sidecar_path = checkpoint_paths(path)
+    for file in (sidecar_path, weights_path):
+        if not file.is_file():
+            raise MedrobustError(f"checkpoint file {file} is missing; need both .safetensors and .json")
+    try:
+        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+        name, kwargs = sidecar["model"]["name"], sidecar["model"]["kwargs"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise MedrobustError(f"checkpoint sidecar {sidecar_path} is unreadable or corrupt ({err!r})") from err
+    if sidecar.get("format") != FORMAT or sidecar.get("format_version", 0) > FORMAT_VERSION:
+        raise MedrobustError(
+            f"checkpoint sidecar {sidecar_path} is format {sidecar.get('format')!r} version "
+            f"{sidecar.get('format_version')!r}; this medrobust reads {FORMAT!r} up to {FORMAT_VERSION}"
+        )
+    if name not in list_models():
+        raise MedrobustError(
+            f"checkpoint sidecar {sidecar_path} names unknown model '{name}'; "
+            f"known: {', '.join(list_models())}"
+        )
+    expected_sha = sidecar.get("weights_sha256")
+    if expected_sha is not None and _sha256(weights_path) != expected_sha:
+        raise MedrobustError(
+            f"checkpoint weights {weights_path} do not match their sidecar {sidecar_path} (sha256 differs); "
+            "the pair was mixed up or the file is corrupt"
+        )
+    try:
+        state = load_file(str(weights_path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise MedrobustError(f"checkpoint weights {weights_path} are unreadable or corrupt ({err})") from err
+    # Rebuilding runs the random init once; fork the RNG so loading never shifts the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        try:
+            model = create_model(name, **kwargs)
+        except (TypeError, MedrobustError) as err:
+            raise MedrobustError(f"checkpoint sidecar {sidecar_path}: cannot rebuild {name}: {err}") from err
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise MedrobustError(
+            f"checkpoint weights {weights_path} do not fit model '{name}' as its sidecar describes ({err})"
+        ) from err
+    return model.to(device).eval(), sidecar
