@@ -5,7 +5,7 @@ Importing this package registers every built-in model:
 """
 
 from medrobust.models import cnn3d, features_mlp, hybrid  # noqa: F401  (registers the built-ins)
-from medrobust.models._registry import create_model, list_models, register_model
+from medrobust.models._registry import create_model, list_models, model_entrypoint, register_model
 from medrobust.models.base import BrainAgeModel, ModelMeta
 from medrobust.models.checkpoint import load_checkpoint, save_checkpoint
 
@@ -15,6 +15,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_checkpoint",
+    "model_entrypoint",
     "register_model",
     "save_checkpoint",
 ]

@@ -28,11 +28,15 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(name for name in _model_factories if fnmatch.fnmatchcase(name, pattern))
 
 
-def create_model(name: str, **kwargs):
-    """Build the registered model ``name`` with constructor ``kwargs``."""
+def model_entrypoint(name: str) -> Callable:
+    """The factory registered as ``name`` (to inspect its arguments)."""
     try:
-        factory = _model_factories[name]
+        return _model_factories[name]
     except KeyError:
         known = ", ".join(list_models()) or "(none)"
         raise MedrobustError(f"unknown model '{name}': choose one of {known}") from None
-    return factory(**kwargs)
+
+
+def create_model(name: str, **kwargs):
+    """Build the registered model ``name`` with constructor ``kwargs``."""
+    return model_entrypoint(name)(**kwargs)

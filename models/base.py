@@ -155,7 +155,7 @@ class BrainAgeModel(nn.Module):
         """Raise a clear error unless ``image`` is a float [B, 1, *input_shape] tensor."""
         grid = tuple(self.meta.input_shape)
         if image is None:
-            raise MedrobustError(f"model '{self.meta.name}' needs an image [B, 1, *{grid}]")
+            raise MedrobustError(f"model '{self.meta.name}' needs an image [B, 1, X, Y, Z] on grid {grid}")
         if not image.is_floating_point():
             raise MedrobustError(f"model '{self.meta.name}' needs a float image, got {image.dtype}")
         if image.dim() != 5 or image.shape[1] != 1 or tuple(image.shape[2:]) != grid:
