@@ -1,0 +1,146 @@
+"""Anatomical context features (sex, field strength, regional volumes in mL) and their training-set scaler."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from medrobust.dataset import SubjectError, SubjectRecord
+from medrobust.errors import MedrobustError
+
+COVARIATE_NAMES = ("sex", "field_strength")
+_SEX_VALUES = {"F": 0.0, "M": 1.0}
+_MISSING_VALUES = {"", "n/a", "na", "nan", "none", "null"}
+
+
+def context_feature_names(label_names: dict[int, str], labels: list[int]) -> list[str]:
+    """Feature names: `sex`, `field_strength`, then `vol_<label name or id>` in label-id order."""
+    names = list(COVARIATE_NAMES)
+    for label in sorted(labels):
+        name = f"vol_{label_names.get(label, label)}"
+        # Two labels sharing a name would make the columns ambiguous: disambiguate with the id.
+        names.append(f"{name}_{label}" if name in names else name)
+    return names
+
+
+def _read_precomputed(path: Path) -> dict[str, float]:
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError) as error:
+        raise SubjectError(f"{path}: cannot read the precomputed features ({error})") from None
+    if len(table) != 1:
+        raise SubjectError(f"{path}: precomputed features need exactly one data row, found {len(table)}")
+    values = {}
+    for name, text in table.iloc[0].items():
+        text = str(text).strip()
+        if text.lower() in _MISSING_VALUES:
+            values[str(name).strip()] = float("nan")
+            continue
+        try:
+            values[str(name).strip()] = float(text.replace(",", "."))
+        except ValueError:
+            raise SubjectError(f"{path}: feature {name!r} = {text!r} is not a number") from None
+    return values
+
+
+def precomputed_volume_labels(record: SubjectRecord) -> list[int]:
+    """Label ids named `vol_<id>` in a subject's precomputed-features header ([] when it has none)."""
+    if record.features_path is None:
+        return []
+    try:
+        header = pd.read_csv(record.features_path, sep=None, engine="python", nrows=0).columns
+    except (OSError, ValueError, pd.errors.ParserError):
+        return []  # reported by context_features when the file is read for real
+    return [int(m.group(1)) for m in (re.fullmatch(r"vol_(\d+)", str(c).strip()) for c in header) if m]
+
+
+def context_features(
+    record: SubjectRecord,
+    volumes: dict[int, float],
+    labels: list[int],
+    label_names: dict[int, str] | None = None,
+) -> np.ndarray:
+    """Context features of one subject in raw units, float32 [F], ordered as `context_feature_names`.
+
+    Sex is F -> 0, M -> 1; an unknown sex or field strength is NaN. A label absent from the subject's label
+    map has volume 0.0; a subject without a label map has NaN volumes. With `record.features_path` the values
+    are read from that file instead (its header must hold the expected names; sex and field strength may be
+    left out and are then taken from the record).
+    """
+    names = context_feature_names(label_names or {}, labels)
+    covariates = [
+        _SEX_VALUES.get(record.sex, float("nan")) if record.sex else float("nan"),
+        float(record.field_strength) if record.field_strength is not None else float("nan"),
+    ]
+    if record.features_path is None:
+        has_labels = bool(volumes) or record.dseg_path is not None
+        missing_volume = 0.0 if has_labels else float("nan")
+        row = covariates + [volumes.get(label, missing_volume) for label in sorted(labels)]
+        return np.asarray(row, dtype=np.float32)
+
+    values = _read_precomputed(Path(record.features_path))
+    for name, value in zip(COVARIATE_NAMES, covariates, strict=True):
+        values.setdefault(name, value)
+    missing = [name for name in names if name not in values]
+    extra = [name for name in values if name not in names]
+    if missing or extra:
+        raise SubjectError(
+            f"{record.features_path}: feature names do not match the expected {names} "
+            f"(missing {missing}, unexpected {extra}); rename the columns"
+        )
+    return np.asarray([values[name] for name in names], dtype=np.float32)
+
+
+@dataclass
+class FeatureScaler:
+    """Per-feature standardization fitted on the training split; NaN (unknown) becomes the training mean."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, features: np.ndarray | torch.Tensor) -> FeatureScaler:
+        """Fit on training features [N, F] ignoring NaN; a constant or all-unknown feature gets std 1."""
+        data = np.asarray(features, dtype=np.float64)
+        if data.ndim != 2:
+            raise MedrobustError(f"features: expected a [N, F] array, got shape {data.shape}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column is handled just below
+            mean = np.nanmean(data, axis=0) if len(data) else np.zeros(data.shape[1])
+            std = np.nanstd(data, axis=0) if len(data) else np.ones(data.shape[1])
+        mean = np.where(np.isfinite(mean), mean, 0.0)
+        std = np.where(np.isfinite(std) & (std > 1e-12), std, 1.0)
+        return cls(mean=mean, std=std)
+
+    def transform(self, features: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Standardize [N, F] or [F]; NaN becomes 0 (the training mean). Returns the input's type."""
+        if isinstance(features, torch.Tensor):
+            mean = torch.as_tensor(self.mean, dtype=features.dtype, device=features.device)
+            std = torch.as_tensor(self.std, dtype=features.dtype, device=features.device)
+            return torch.nan_to_num((features - mean) / std, nan=0.0)
+        data = np.asarray(features)
+        dtype = data.dtype if np.issubdtype(data.dtype, np.floating) else np.float32
+        scaled = (data - self.mean) / self.std
+        return np.nan_to_num(scaled, nan=0.0).astype(dtype)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form, stored with a model."""
+        return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FeatureScaler:
+        """Rebuild from `to_dict`'s output."""
+        try:
+            mean = np.asarray(d["mean"], dtype=np.float64)
+            std = np.asarray(d["std"], dtype=np.float64)
+        except (KeyError, TypeError, ValueError):
+            raise MedrobustError("feature scaler: needs `mean` and `std` lists; re-save the model") from None
+        if mean.shape != std.shape or mean.ndim != 1 or (std <= 0).any():
+            raise MedrobustError("feature scaler: `mean` and `std` must be equal-length lists with std > 0")
+        return cls(mean=mean, std=std)
