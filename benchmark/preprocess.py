@@ -1,0 +1,374 @@
+"""Preprocessing: NIfTI files on disk become normalized tensors on the model's grid, cached by content.
+
+One subject: reorient to RAS, resample to the model grid (centred on the source field of view), build a brain
+mask, normalize intensities as the model declares, and measure regional volumes on the native label map.
+One dataset: every subject through a content-keyed cache, bad subjects skipped with a reason, and the context
+features assembled in raw units.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+# SubjectError lives in dataset.py (the bottom of the import chain) so that features.py can raise it too.
+from medrobust.dataset import DatasetIndex, SkippedSubject, SubjectError, SubjectRecord, file_sha256
+from medrobust.errors import MedrobustError
+from medrobust.features import context_feature_names, context_features, precomputed_volume_labels
+from safetensors.torch import load_file, save_file
+from scipy import ndimage
+from tqdm import tqdm
+
+NORMALIZATIONS = ("zscore_brain", "zscore", "minmax", "none")
+# Bump when the preprocessing code changes what it produces, so that old cache entries are not reused.
+_ALGORITHM_VERSION = 1
+# Grids closer than this (affine entries, mm) are treated as the same grid.
+_SAME_GRID_ATOL = 1e-4
+# A label map may differ from its T1 by this much (affine entries) before it is rejected.
+_DSEG_GRID_ATOL = 1e-3
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are brought onto a model's input grid; a model's metadata declares it."""
+
+    shape: tuple[int, int, int]  # model grid (x, y, z) in RAS voxel order
+    voxel_size: tuple[float, float, float]  # mm
+    normalization: str = "zscore_brain"
+    use_mask: bool = True  # zero the voxels outside the brain mask after normalization
+
+    def __post_init__(self) -> None:
+        # Accept lists (e.g. from JSON metadata) but store tuples so that the object stays hashable.
+        try:
+            shape = tuple(int(n) for n in self.shape)
+            voxel_size = tuple(float(v) for v in self.voxel_size)
+        except (TypeError, ValueError):
+            raise MedrobustError(
+                f"preprocessing: shape {self.shape!r}, voxel_size {self.voxel_size!r}: need 3 numbers each"
+            ) from None
+        if len(shape) != 3 or min(shape) < 1:
+            raise MedrobustError(f"preprocessing.shape: {self.shape!r} must be three positive integers")
+        if len(voxel_size) != 3 or not all(np.isfinite(voxel_size)) or min(voxel_size) <= 0:
+            raise MedrobustError(f"preprocessing.voxel_size: {self.voxel_size!r} must be three positive mm")
+        if self.normalization not in NORMALIZATIONS:
+            raise MedrobustError(
+                f"preprocessing.normalization: {self.normalization!r} is unknown; use one of {NORMALIZATIONS}"
+            )
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "voxel_size", voxel_size)
+        object.__setattr__(self, "use_mask", bool(self.use_mask))
+
+    def key(self) -> str:
+        """Stable hash of the parameters (and the algorithm version): part of every cache key."""
+        payload = json.dumps({"version": _ALGORITHM_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class PreparedSubject:
+    """One subject on the model grid."""
+
+    image: torch.Tensor  # float32 [1, X, Y, Z], normalized
+    mask: torch.Tensor  # bool [1, X, Y, Z]
+    volumes: dict[int, float]  # mL per label (label != 0) on the native label map; {} without a label map
+
+
+@dataclass
+class PreparedDataset:
+    """A whole dataset on the model grid; features in raw units with NaN for unknown values."""
+
+    subject_ids: list[str]
+    ages: torch.Tensor  # float32 [N]
+    images: torch.Tensor  # float32 [N, 1, X, Y, Z]
+    masks: torch.Tensor  # bool [N, 1, X, Y, Z]
+    features: torch.Tensor  # float32 [N, F]
+    feature_names: list[str]
+    skipped: list[SkippedSubject] = field(default_factory=list)
+
+    def subset(self, ids: list[str]) -> PreparedDataset:
+        """The subjects `ids`, in that order (e.g. one split)."""
+        position = {subject_id: i for i, subject_id in enumerate(self.subject_ids)}
+        missing = [subject_id for subject_id in ids if subject_id not in position]
+        if missing:
+            raise MedrobustError(
+                f"subjects {missing[:5]} are not in the prepared dataset; delete the stale splits file"
+            )
+        rows = torch.tensor([position[subject_id] for subject_id in ids], dtype=torch.long)
+        return PreparedDataset(
+            subject_ids=list(ids),
+            ages=self.ages[rows],
+            images=self.images[rows],
+            masks=self.masks[rows],
+            features=self.features[rows],
+            feature_names=list(self.feature_names),
+            skipped=list(self.skipped),
+        )
+
+
+def _load_volume(path: Path, what: str) -> nib.Nifti1Image:
+    """Read a NIfTI fully into memory as a finite float32 3D image, or raise SubjectError saying why."""
+    try:
+        image = nib.load(str(path))
+        # Reading the data now catches truncated or corrupt payloads that the header alone does not show.
+        data = image.get_fdata(dtype=np.float32)
+        affine = np.asarray(image.affine, dtype=np.float64)
+    except FileNotFoundError:
+        raise SubjectError(f"{path}: {what} file not found") from None
+    except Exception as error:  # nibabel raises many unrelated types for damaged files
+        reason = f"{what} is not a readable NIfTI ({type(error).__name__}: {error})"
+        raise SubjectError(f"{path}: {reason}") from None
+    # A trailing singleton dimension (e.g. one volume of a 4D series) carries no extra data.
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3 or min(data.shape) < 2:
+        raise SubjectError(f"{path}: {what} has shape {data.shape}; a 3D volume is needed")
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise SubjectError(f"{path}: {what} has an invalid affine (non-finite or singular); fix its header")
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise SubjectError(f"{path}: {what} has {bad} NaN/Inf voxels; fix or remove the image")
+    return nib.Nifti1Image(data, affine)
+
+
+def target_affine(
+    img: nib.Nifti1Image, shape: tuple[int, int, int], voxel_size: tuple[float, float, float]
+) -> np.ndarray:
+    """RAS affine of the model grid centred on the centre of `img`'s field of view (world mm)."""
+    source_centre = img.affine[:3, :3] @ ((np.array(img.shape[:3]) - 1) / 2) + img.affine[:3, 3]
+    affine = np.diag([*voxel_size, 1.0])
+    affine[:3, 3] = source_centre - np.array(voxel_size) * (np.array(shape) - 1) / 2
+    return affine
+
+
+def resample_to_grid(
+    img: nib.Nifti1Image,
+    shape: tuple[int, int, int],
+    voxel_size: tuple[float, float, float],
+    order: int,
+) -> np.ndarray:
+    """Reorient `img` to RAS and resample it onto the model grid centred on its field of view.
+
+    `order` 1 is trilinear (intensities), 0 nearest-neighbour (labels). Outside the source field of view the
+    result is 0. A source already on the target grid is returned unchanged.
+    """
+    canonical = nib.as_closest_canonical(img)
+    data = np.asanyarray(canonical.dataobj)
+    shape = tuple(int(n) for n in shape)
+    affine = target_affine(canonical, shape, voxel_size)
+    if data.shape == shape and np.allclose(canonical.affine, affine, rtol=0, atol=_SAME_GRID_ATOL):
+        return data
+    # Target voxel index -> world mm -> source voxel index.
+    to_source = np.linalg.inv(canonical.affine) @ affine
+    data = data.astype(np.float32 if order > 0 else np.int32, copy=False)
+    return ndimage.affine_transform(
+        data, to_source[:3, :3], to_source[:3, 3], output_shape=shape, order=order, mode="constant", cval=0
+    )
+
+
+def _threshold_mask(image: np.ndarray) -> np.ndarray:
+    # Without a label map: voxels brighter than the image mean, with the holes (ventricles, CSF) filled.
+    return ndimage.binary_fill_holes(image > image.mean())
+
+
+def _normalize(image: np.ndarray, mask: np.ndarray, method: str, path: Path) -> np.ndarray:
+    if method == "none":
+        return image
+    if method == "minmax":
+        low, high = float(image.min()), float(image.max())
+        if high <= low:
+            raise SubjectError(f"{path}: image is constant; cannot apply minmax normalization")
+        return (image - low) / (high - low)
+    values = image[mask] if method == "zscore_brain" else image
+    std = float(values.std())
+    if std <= 0:
+        where = "inside the brain mask" if method == "zscore_brain" else "over the volume"
+        raise SubjectError(f"{path}: image is constant {where}; cannot apply z-score normalization")
+    return (image - float(values.mean())) / std
+
+
+def _label_volumes(dseg: nib.Nifti1Image) -> dict[int, float]:
+    labels, counts = np.unique(np.asanyarray(dseg.dataobj), return_counts=True)
+    voxel_ml = abs(np.linalg.det(dseg.affine[:3, :3])) / 1000.0
+    return {int(lab): float(n) * voxel_ml for lab, n in zip(labels, counts, strict=True) if lab != 0}
+
+
+def prepare_subject(record: SubjectRecord, preprocessing: Preprocessing) -> PreparedSubject:
+    """Bring one subject onto the model grid; raises SubjectError with the reason for any bad input."""
+    t1 = _load_volume(record.t1_path, "T1w image")
+    dseg = None
+    volumes: dict[int, float] = {}
+    if record.dseg_path is not None:
+        dseg = _load_volume(record.dseg_path, "dseg label map")
+        if dseg.shape != t1.shape or not np.allclose(dseg.affine, t1.affine, rtol=0, atol=_DSEG_GRID_ATOL):
+            raise SubjectError(
+                f"{record.dseg_path}: label map grid (shape {dseg.shape}) differs from its T1w image "
+                f"{record.t1_path} (shape {t1.shape}); resample the label map onto the T1w grid"
+            )
+        labels = np.asanyarray(dseg.dataobj)
+        if labels.min() < 0 or not np.array_equal(labels, np.round(labels)):
+            raise SubjectError(f"{record.dseg_path}: label map must hold non-negative integer labels")
+        dseg = nib.Nifti1Image(labels.astype(np.int32), dseg.affine)
+        volumes = _label_volumes(dseg)
+
+    image = resample_to_grid(t1, preprocessing.shape, preprocessing.voxel_size, order=1).astype(np.float32)
+    if dseg is not None:
+        mask = resample_to_grid(dseg, preprocessing.shape, preprocessing.voxel_size, order=0) > 0
+    else:
+        mask = _threshold_mask(image)
+    if not mask.any():
+        raise SubjectError(f"{record.t1_path}: brain mask is empty on the model grid; check the image")
+    image = _normalize(image, mask, preprocessing.normalization, record.t1_path)
+    if preprocessing.use_mask:
+        image = np.where(mask, image, 0.0)
+    return PreparedSubject(
+        image=torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+        mask=torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))[None],
+        volumes=volumes,
+    )
+
+
+def subject_cache_key(record: SubjectRecord, preprocessing: Preprocessing) -> str:
+    """Cache key of one subject: the content of its files and the preprocessing parameters."""
+    files = [record.t1_path, record.dseg_path, record.features_path]
+    parts = [file_sha256(path) if path is not None else None for path in files]
+    return hashlib.sha256(json.dumps([parts, preprocessing.key()]).encode()).hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    # Write beside the target then rename, so that a killed run never leaves a half-written cache entry.
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temp_name)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def _save_cached(path: Path, subject: PreparedSubject) -> None:
+    labels = sorted(subject.volumes)
+    tensors = {
+        "image": subject.image.contiguous(),
+        "mask": subject.mask.contiguous(),
+        "volume_labels": torch.tensor(labels, dtype=torch.int64),
+        "volume_ml": torch.tensor([subject.volumes[label] for label in labels], dtype=torch.float64),
+    }
+    _atomic_write(path, lambda name: save_file(tensors, name))
+
+
+def _load_cached(path: Path, preprocessing: Preprocessing) -> PreparedSubject | None:
+    try:
+        tensors = load_file(str(path))
+        subject = PreparedSubject(
+            image=tensors["image"],
+            mask=tensors["mask"],
+            volumes=dict(zip(tensors["volume_labels"].tolist(), tensors["volume_ml"].tolist(), strict=True)),
+        )
+    except Exception:  # a damaged or foreign cache file is only a cache miss
+        return None
+    expected = (1, *preprocessing.shape)
+    if tuple(subject.image.shape) != expected or tuple(subject.mask.shape) != expected:
+        return None
+    return subject
+
+
+def _prepare_cached(
+    record: SubjectRecord, preprocessing: Preprocessing, cache_dir: Path | None
+) -> PreparedSubject:
+    """prepare_subject through the cache; a remembered failure is raised again without opening the files."""
+    if cache_dir is None:
+        return prepare_subject(record, preprocessing)
+    try:
+        key = subject_cache_key(record, preprocessing)
+    except OSError as error:
+        raise SubjectError(f"cannot read the files of {record.subject_id} ({error})") from None
+    entry = cache_dir / f"{key}.safetensors"
+    failure = cache_dir / f"{key}.failed.json"
+    if failure.is_file():
+        try:
+            reason = str(json.loads(failure.read_text())["reason"])
+        except (OSError, ValueError, KeyError, TypeError):
+            reason = None  # an unreadable failure record is ignored and the subject prepared again
+        if reason is not None:
+            raise SubjectError(reason)
+    if entry.is_file():
+        cached = _load_cached(entry, preprocessing)
+        if cached is not None:
+            return cached
+    try:
+        subject = prepare_subject(record, preprocessing)
+    except SubjectError as error:
+        reason = json.dumps({"reason": str(error)})
+        _atomic_write(failure, lambda name: Path(name).write_text(reason))
+        raise
+    _save_cached(entry, subject)
+    return subject
+
+
+def prepare_dataset(
+    index: DatasetIndex,
+    preprocessing: Preprocessing,
+    cache_dir: Path | None,
+    strict: bool = False,
+    progress: bool = True,
+) -> PreparedDataset:
+    """Prepare every subject of `index` (through the cache in `cache_dir` if given) and its context features.
+
+    A bad subject is recorded in `skipped` (with `strict=True` it raises); a dataset with no usable subject
+    raises MedrobustError naming the dataset folder.
+    """
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            reason = f"cannot create the preprocessing cache ({error}); pick another folder"
+            raise MedrobustError(f"{cache_dir}: {reason}") from None
+    skipped = list(index.skipped)
+    prepared: list[tuple[SubjectRecord, PreparedSubject]] = []
+    for record in tqdm(index.subjects, desc="preprocessing", unit="subject", disable=not progress):
+        try:
+            prepared.append((record, _prepare_cached(record, preprocessing, cache_dir)))
+        except SubjectError as error:
+            if strict:
+                raise
+            skipped.append(SkippedSubject(record.subject_id, str(error)))
+
+    if index.label_names:
+        labels = sorted(index.label_names)
+    else:
+        seen = {label for _, subject in prepared for label in subject.volumes}
+        seen |= {label for record, _ in prepared for label in precomputed_volume_labels(record)}
+        labels = sorted(seen)
+    usable: list[tuple[SubjectRecord, PreparedSubject, np.ndarray]] = []
+    for record, subject in prepared:
+        try:
+            features = context_features(record, subject.volumes, labels, label_names=index.label_names)
+        except SubjectError as error:
+            if strict:
+                raise
+            skipped.append(SkippedSubject(record.subject_id, str(error)))
+            continue
+        usable.append((record, subject, features))
+
+    if not usable:
+        reasons = "; ".join(f"{s.subject_id}: {s.reason}" for s in skipped[:3])
+        raise MedrobustError(f"{index.root}: no usable subject after preprocessing ({reasons})")
+    return PreparedDataset(
+        subject_ids=[record.subject_id for record, _, _ in usable],
+        ages=torch.tensor([record.age for record, _, _ in usable], dtype=torch.float32),
+        images=torch.stack([subject.image for _, subject, _ in usable]),
+        masks=torch.stack([subject.mask for _, subject, _ in usable]),
+        features=torch.from_numpy(np.stack([features for _, _, features in usable]).astype(np.float32)),
+        feature_names=context_feature_names(index.label_names, labels),
+        skipped=skipped,
+    )
