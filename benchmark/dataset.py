@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+
 from medrobust.errors import MedrobustError
 
 # BIDS allows `89+` for privacy; ages above it are reported as this value.

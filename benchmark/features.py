@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+
 from medrobust.dataset import SubjectError, SubjectRecord
 from medrobust.errors import MedrobustError
 

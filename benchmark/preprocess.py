@@ -18,14 +18,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+from scipy import ndimage
+from tqdm import tqdm
 
 # SubjectError lives in dataset.py (the bottom of the import chain) so that features.py can raise it too.
 from medrobust.dataset import DatasetIndex, SkippedSubject, SubjectError, SubjectRecord, file_sha256
 from medrobust.errors import MedrobustError
 from medrobust.features import context_feature_names, context_features, precomputed_volume_labels
-from safetensors.torch import load_file, save_file
-from scipy import ndimage
-from tqdm import tqdm
 
 NORMALIZATIONS = ("zscore_brain", "zscore", "minmax", "none")
 # Bump when the preprocessing code changes what it produces, so that old cache entries are not reused.

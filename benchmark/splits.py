@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
 from medrobust.errors import MedrobustError
 
 SPLIT_NAMES = ("train", "val", "test")

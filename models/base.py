@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from medrobust.errors import MedrobustError
 from torch import Tensor, nn
+
+from medrobust.errors import MedrobustError
 
 
 @dataclass

@@ -12,13 +12,14 @@ import os
 import platform
 from pathlib import Path
 
-import medrobust
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import medrobust
 from medrobust.errors import MedrobustError
 from medrobust.models._registry import create_model, list_models
 from medrobust.models.base import BrainAgeModel
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 FORMAT = "medrobust-checkpoint"
 FORMAT_VERSION = 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from torch import Tensor, nn
+
 from medrobust.errors import MedrobustError
 from medrobust.models._registry import register_model
 from medrobust.models.base import (
@@ -17,7 +19,6 @@ from medrobust.models.base import (
     dense_head,
     init_he,
 )
-from torch import Tensor, nn
 
 
 class ConvTrunk(nn.Module):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from torch import Tensor
+
 from medrobust.models._registry import register_model
 from medrobust.models.base import (
     BrainAgeModel,
@@ -15,7 +17,6 @@ from medrobust.models.base import (
     as_widths,
     dense_head,
 )
-from torch import Tensor
 
 
 class FeaturesMLP(BrainAgeModel):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor, nn
+
 from medrobust.errors import MedrobustError
 from medrobust.models._registry import register_model
 from medrobust.models.base import (
@@ -18,7 +20,6 @@ from medrobust.models.base import (
     dense_head,
 )
 from medrobust.models.cnn3d import CNN3d, ConvTrunk
-from torch import Tensor, nn
 
 
 class HybridModel(BrainAgeModel):

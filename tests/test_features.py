@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from medrobust.dataset import SubjectError, SubjectRecord
 from medrobust.errors import MedrobustError
 from medrobust.features import FeatureScaler, context_feature_names, context_features

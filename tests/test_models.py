@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+
 from medrobust.errors import MedrobustError
 from medrobust.models import (
     BrainAgeModel,

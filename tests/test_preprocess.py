@@ -11,6 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
+
 from medrobust import preprocess
 from medrobust.dataset import SubjectRecord, load_dataset_index
 from medrobust.errors import MedrobustError
@@ -22,7 +24,6 @@ from medrobust.preprocess import (
     resample_to_grid,
     subject_cache_key,
 )
-from scipy import ndimage
 
 SHAPE = (12, 14, 10)
 NATIVE = Preprocessing(shape=SHAPE, voxel_size=(1.0, 1.0, 1.0))

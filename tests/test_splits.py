@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from medrobust.errors import MedrobustError
 from medrobust.splits import load_or_create_splits, make_splits
 
