@@ -337,7 +337,9 @@ class CohortGenerator:
         self.affine[:3, 3] = origin
         axes = [torch.arange(n, dtype=torch.float64) * step + o
                 for n, step, o in zip(self.shape, self.voxel_size, origin, strict=True)]
-        self._world = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # [X, Y, Z, 3]
+        world = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # [X, Y, Z, 3]
+        # Output voxel positions relative to the template's brain centre, in float32 for speed.
+        self._offsets = (world - torch.as_tensor(self.template.centre)).reshape(-1, 3).float()
         # Partial-volume width: a sigmoid of scale h/4 has the slope of a box average over a voxel of size h.
         self.smooth = float(math.sqrt((self.voxel_size.mean() / 4) ** 2 + 0.4**2))
 
@@ -347,12 +349,15 @@ class CohortGenerator:
         tensor = tensor.reshape(-1, *tensor.shape[-3:]).unsqueeze(0)
         return F.interpolate(tensor, size=self.shape, mode="trilinear", align_corners=True)[0]
 
-    def _template_positions(self, draw: SubjectDraw) -> torch.Tensor:
-        """Template world position (mm) of each output voxel of this subject: [X, Y, Z, 3]."""
-        centre = torch.as_tensor(self.template.centre)
-        inverse = torch.as_tensor(np.diag(1 / draw.head_scale) @ draw.rotation.T)
-        position = (self._world - centre - torch.as_tensor(draw.translation)) @ inverse.T + centre
-        return position.float() + self._upsample(draw.deformation).permute(1, 2, 3, 0)
+    def _template_positions(self, draws: list[SubjectDraw]) -> torch.Tensor:
+        """Template world position (mm) of each output voxel of each subject: [B, X, Y, Z, 3]."""
+        inverse = torch.as_tensor(np.stack([np.diag(1 / d.head_scale) @ d.rotation.T for d in draws]),
+                                  dtype=torch.float32)
+        shift = torch.as_tensor(np.stack([d.translation for d in draws]), dtype=torch.float32)
+        centre = torch.as_tensor(self.template.centre, dtype=torch.float32)
+        position = torch.bmm(self._offsets.unsqueeze(0) - shift[:, None], inverse.transpose(1, 2)) + centre
+        deformation = self._upsample(np.stack([d.deformation for d in draws])).reshape(len(draws), 3, *self.shape)
+        return position.reshape(len(draws), *self.shape, 3) + deformation.permute(0, 2, 3, 4, 1)
 
     def _normalised(self, positions: torch.Tensor, volume: torch.Tensor, origin: np.ndarray) -> torch.Tensor:
         """World positions -> grid_sample coordinates of `volume` (voxel step self.field_step mm at `origin`)."""
@@ -363,7 +368,7 @@ class CohortGenerator:
     def render(self, draws: list[SubjectDraw]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (float32 [B, X, Y, Z], scanner units) and label maps (uint8 [B, X, Y, Z]) of `draws`."""
         b = len(draws)
-        positions = torch.cat([self._template_positions(d) for d in draws], dim=0).unsqueeze(0)  # [1, B*X, Y, Z, 3]
+        positions = self._template_positions(draws).reshape(1, b * self.shape[0], *self.shape[1:], 3)
         sampled = F.grid_sample(self.fields, self._normalised(positions, self.fields, self.fields_origin),
                                 mode="bilinear", padding_mode="border", align_corners=True)
         sampled = sampled[0].reshape(5, b, *self.shape)
