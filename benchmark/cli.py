@@ -78,14 +78,15 @@ def data_synth(out, n, seed, shape, voxel_size, age_range, quiet) -> None:
               help="Registered model name; repeat to train several (hybrid then reuses the cnn3d trained here).")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/models", show_default=True,
               help="Folder for checkpoints (<model>-seed<seed>.safetensors + .json) and test predictions.")
-@click.option("--trunk", type=click.Path(exists=True), default=None,
+@click.option("--trunk", type=click.Path(dir_okay=False), default=None,
               help="Trained cnn3d checkpoint whose frozen trunk the two-stage hybrid uses.")
-@click.option("--epochs", type=int, default=40, show_default=True)
+@click.option("--epochs", type=int, default=30, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--weight-decay", type=float, default=0.03, show_default=True, help="L2 penalty of Adam.")
 @click.option("--loss", type=click.Choice(["l1", "mse"]), default="l1", show_default=True,
               help="Loss on the standardized age.")
-@click.option("--patience", type=int, default=8, show_default=True, help="Early stopping on validation MAE.")
+@click.option("--patience", type=int, default=10, show_default=True, help="Early stopping on validation MAE.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialization and batch order.")
 @click.option("--split-seed", type=int, default=0, show_default=True,
               help="Seed of the subject-level train/val/test split (saved next to the dataset).")
@@ -96,14 +97,15 @@ def data_synth(out, n, seed, shape, voxel_size, age_range, quiet) -> None:
               help="Preprocessed-tensor cache; default: <dataset>/.medrobust_cache.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad subject instead of skipping it.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train_cmd(data_path, models, out, trunk, epochs, batch_size, lr, loss, patience, seed, split_seed, shape,
-              voxel_size, device, cache_dir, strict, quiet) -> None:
+def train_cmd(data_path, models, out, trunk, epochs, batch_size, lr, weight_decay, loss, patience, seed, split_seed,
+              shape, voxel_size, device, cache_dir, strict, quiet) -> None:
     """Train brain-age models; writes checkpoints and prints clean test MAE, Pearson r and n."""
     from pathlib import Path
 
     from medrobust.training import TrainingConfig, TrainRequest, train
 
-    config = TrainingConfig(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, patience=patience, seed=seed)
+    config = TrainingConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, loss=loss,
+                            patience=patience, seed=seed)
     request = TrainRequest(
         data=Path(data_path), models=list(models), out=Path(out), config=config, shape=shape, voxel_size=voxel_size,
         trunk=Path(trunk) if trunk else None, split_seed=split_seed, device=device,

@@ -77,14 +77,14 @@ class CohortSpec:
     age_range: tuple[float, float] = (5.0, 90.0)
     # Biological minus chronological age of the anatomy (years, sd at age >= 40, less in children):
     # a floor on any model's error, shared by image and regional volumes.
-    anatomy_age_sd: float = 4.0
+    anatomy_age_sd: float = 5.0
     # Scatter of the age that drives intensity (contrast maturation, white-matter hypointensities):
     # smaller than the anatomy's, so the image carries age information the volumes miss.
     intensity_age_sd: float = 1.5
     # Simulated segmentation error: per-region and per-subject bias of the grey-matter class
     # (in tissue-fraction units) when the label map is derived from the subject's tissue maps.
-    segmentation_noise: float = 0.12
-    segmentation_bias: float = 0.05
+    segmentation_noise: float = 0.15
+    segmentation_bias: float = 0.06
     deformation_mm: float = 3.0
     batch_size: int = 16
 
@@ -242,6 +242,7 @@ class SubjectDraw:
     intensity_scale: float
     region_bias: np.ndarray  # [256] grey-matter bias of the simulated segmentation, per label
     noise_seed: int
+    ventricle_bias: float  # bias of the simulated segmentation's ventricle class (tissue-fraction units)
 
 
 def _rotation(angles: np.ndarray) -> np.ndarray:
@@ -269,7 +270,7 @@ def draw_subject(spec: CohortSpec, index: int) -> SubjectDraw:
     head_scale = size * (1 + rng.normal(0, 0.015, 3))
     contrast = 1.0 if field_strength == 3.0 else 0.85
     grey = 0.60 * (1 + rng.normal(0, 0.03))
-    white = grey + 0.28 * contrast * (1 + rng.normal(0, 0.05))
+    white = grey + 0.28 * contrast * (1 + rng.normal(0, 0.03))
     csf = (0.25 if field_strength == 3.0 else 0.30) * (1 + rng.normal(0, 0.05))
     deep = grey + 0.3 * (white - grey)
     return SubjectDraw(
@@ -285,6 +286,7 @@ def draw_subject(spec: CohortSpec, index: int) -> SubjectDraw:
         intensity_scale=float(rng.uniform(600, 1400)),
         region_bias=rng.normal(0, spec.segmentation_noise, 256) + rng.normal(0, spec.segmentation_bias),
         noise_seed=int(rng.integers(2**31)),
+        ventricle_bias=float(rng.normal(0, spec.segmentation_bias * 2)),
     )
 
 
@@ -401,8 +403,9 @@ class CohortGenerator:
         b = len(draws)
         means = torch.as_tensor(np.stack([d.tissue_means for d in draws]), dtype=torch.float32)
         age = np.array([d.intensity_age for d in draws])
-        # GM/WM contrast: immature myelination in children, a slow decline in late life.
-        contrast = (1 - 0.4 * np.exp(-(age - 2.0) / 5.0)) * (1 - 0.15 * np.clip(age - 40, 0, None) / 50)
+        # GM/WM contrast: immature myelination in children, then a steady decline through adulthood (0.4 %/y
+        # after 20), which the image carries and the regional volumes do not.
+        contrast = (1 - 0.4 * np.exp(-(age - 2.0) / 5.0)) * (1 - 0.004 * np.clip(age - 20, 0, None))
         grey = means[:, 1]
         white = grey + (means[:, 3] - grey) * torch.as_tensor(contrast, dtype=torch.float32)
         deep_mean = grey + (means[:, 2] - grey) * torch.as_tensor(contrast, dtype=torch.float32)
@@ -434,7 +437,10 @@ class CohortGenerator:
         grey_bias = torch.gather(region_bias.reshape(len(draws), -1), 1,
                                  parcels.reshape(len(draws), -1).clamp(0, 255)).reshape(parcels.shape)
         # Classes on the last axis: argmax over a contiguous inner axis is ~10x faster than over the first.
-        scores = torch.stack([1 - intracranial, intracranial - brain, vent, white_matter, grey + grey_bias], dim=-1)
+        vent_bias = torch.tensor([d.ventricle_bias for d in draws], dtype=torch.float32).reshape(-1, 1, 1, 1)
+        # The biases act inside the brain only: a segmentation errs at tissue boundaries, not in the background.
+        scores = torch.stack([1 - intracranial, intracranial - brain, vent + vent_bias * brain, white_matter,
+                              grey + grey_bias * brain], dim=-1)
         tissue = scores.argmax(-1)
         labels = torch.zeros_like(parcels)
         labels[tissue == 1] = CSF_LABEL

@@ -1,0 +1,151 @@
+"""Training: end to end on a tiny built-in cohort, determinism, train-only scalers, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from medrobust.cli import main
+from medrobust.cohort import CohortSpec, synthesize
+from medrobust.errors import MedrobustError
+from medrobust.models import load_checkpoint
+from medrobust.training import TrainingConfig, TrainRequest, resolve_device, train
+
+# The paper's network pools five times, so 32 voxels per axis is the smallest grid it takes.
+TINY = CohortSpec(n=24, seed=3, shape=(32, 32, 32), voxel_size=(6.0, 6.0, 6.0), batch_size=8)
+MODELS = ["cnn3d", "hybrid", "hybrid_e2e", "features_mlp"]
+
+
+@pytest.fixture(scope="module")
+def tiny_cohort(tmp_path_factory) -> Path:
+    return synthesize(tmp_path_factory.mktemp("cohort") / "bids", TINY, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models")
+    request = TrainRequest(data=tiny_cohort, models=list(reversed(MODELS)), out=out,
+                           config=TrainingConfig(epochs=2, batch_size=4, seed=5), device="cpu", progress=False)
+    return out, train(request)
+
+
+def test_end_to_end_train_checkpoint_reload_predict(tiny_cohort, trained):
+    out, results = trained
+    # hybrid needs the cnn3d trained in the same call, so cnn3d goes first whatever the order asked.
+    assert [r.name for r in results] == MODELS
+    splits = json.loads((tiny_cohort / "splits-seed0.json").read_text())
+    test_ids = splits["splits"]["test"]
+    for result in results:
+        model, sidecar = load_checkpoint(result.checkpoint)
+        metrics = sidecar["extra"]["test_metrics"]
+        assert metrics == result.test_metrics
+        assert metrics["n"] == len(test_ids) and metrics["mae"] >= 0
+        assert sidecar["extra"]["dataset"]["fingerprint"]
+        with open(out / f"{result.name}-seed5.test.tsv") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        assert [r["participant_id"] for r in rows] == test_ids
+        # The reloaded model reproduces the predictions written at training time.
+        from medrobust.dataset import load_dataset_index
+        from medrobust.preprocess import Preprocessing, prepare_dataset
+
+        data = prepare_dataset(load_dataset_index(tiny_cohort),
+                               Preprocessing(shape=TINY.shape, voxel_size=TINY.voxel_size),
+                               tiny_cohort / ".medrobust_cache", progress=False).subset(test_ids)
+        with torch.no_grad():
+            predicted = model(data.images if model.meta.uses_image else None,
+                              data.features if model.meta.uses_features else None)
+        written = torch.tensor([float(r["predicted_age"]) for r in rows])
+        assert torch.allclose(predicted, written, atol=2e-3)
+        mae = (predicted - data.ages).abs().mean()
+        assert abs(float(mae) - metrics["mae"]) < 1e-3
+
+
+def test_hybrid_trunk_is_the_trained_cnn3d_and_frozen(trained):
+    out, _ = trained
+    cnn, _ = load_checkpoint(out / "cnn3d-seed5")
+    hybrid, sidecar = load_checkpoint(out / "hybrid-seed5")
+    for name, tensor in cnn.conv_trunk.state_dict().items():
+        assert torch.equal(tensor, hybrid.conv_trunk.state_dict()[name]), name
+    assert sidecar["meta"]["kwargs"]["trunk_frozen"] is True
+    # Trunk scaling was fitted on training data, not left at the identity.
+    assert not torch.equal(hybrid.trunk_max, torch.ones_like(hybrid.trunk_max))
+
+
+def test_scalers_come_from_the_training_split_only(tiny_cohort, trained):
+    out, _ = trained
+    model, _ = load_checkpoint(out / "features_mlp-seed5")
+    splits = json.loads((tiny_cohort / "splits-seed0.json").read_text())
+    train_ids = splits["splits"]["train"]
+    ages = {}
+    with open(tiny_cohort / "participants.tsv") as handle:
+        for row in csv.DictReader(handle, delimiter="\t"):
+            ages[row["participant_id"]] = float(row["age"])
+    train_ages = torch.tensor([ages[s] for s in train_ids], dtype=torch.float64)
+    assert float(model.age_mean) == pytest.approx(float(train_ages.mean()), rel=1e-5)
+    assert float(model.age_std) == pytest.approx(float(train_ages.std()), rel=1e-4)
+
+
+def test_training_is_deterministic_under_a_seed(tiny_cohort, tmp_path):
+    config = TrainingConfig(epochs=1, batch_size=4, seed=11)
+    states = []
+    for run in ("a", "b"):
+        request = TrainRequest(data=tiny_cohort, models=["cnn3d"], out=tmp_path / run, config=config, device="cpu",
+                               progress=False)
+        model, _ = load_checkpoint(train(request)[0].checkpoint)
+        states.append(model.state_dict())
+    for name, tensor in states[0].items():
+        assert torch.equal(tensor, states[1][name]), name
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("epochs", 0, "--epochs"), ("batch_size", 0, "--batch-size"), ("lr", -1.0, "--lr"),
+    ("lr", float("nan"), "--lr"), ("weight_decay", -0.1, "--weight-decay"), ("loss", "huber", "--loss"),
+    ("patience", 0, "--patience"),
+])
+def test_bad_training_config_names_the_option(field, value, message):
+    config = TrainingConfig(**{field: value})
+    with pytest.raises(MedrobustError, match=message):
+        config.validate()
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(MedrobustError, match="--device"):
+        resolve_device("tpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(MedrobustError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_hybrid_alone_needs_a_trunk(tiny_cohort, tmp_path):
+    with pytest.raises(MedrobustError, match="--trunk"):
+        train(TrainRequest(data=tiny_cohort, models=["hybrid"], out=tmp_path, progress=False))
+
+
+def test_cli_train_reports_and_bad_input_exits_2(tiny_cohort, trained, tmp_path):
+    runner = CliRunner()
+    out, _ = trained
+    result = runner.invoke(main, ["train", "--data", str(tiny_cohort), "--model", "hybrid", "--trunk",
+                                  str(out / "cnn3d-seed5"), "--epochs", "1", "--out", str(tmp_path), "--quiet",
+                                  "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "hybrid" in result.output and "test MAE" in result.output
+    assert (tmp_path / "hybrid-seed0.safetensors").is_file()
+
+    for args, expected in [
+        (["--model", "resnet9000"], "--model 'resnet9000' is not a registered model"),
+        (["--model", "hybrid"], "--trunk"),
+        (["--epochs", "0"], "--epochs"),
+        (["--model", "hybrid", "--trunk", str(tmp_path / "missing")], "missing"),
+    ]:
+        result = runner.invoke(main, ["train", "--data", str(tiny_cohort), "--out", str(tmp_path / "x"), "--quiet",
+                                      *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert expected in result.output
+        assert result.output.strip().count("\n") == 0, result.output  # one line
