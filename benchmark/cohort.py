@@ -217,10 +217,6 @@ def load_template() -> AnatomyTemplate:
     )
 
 
-def _sigmoid(x: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(x)
-
-
 @dataclass
 class SubjectDraw:
     """The random draw that defines one subject."""
@@ -296,7 +292,7 @@ def _level_set_offset(template: AnatomyTemplate, name: str, target_ml: np.ndarra
     centres = (template.histogram_edges[:-1] + template.histogram_edges[1:]) / 2
     hist = template.distance_histograms[name]
     offsets = np.linspace(-15, 15, 301)
-    volumes = np.array([(hist / (1 + np.exp(-(centres + sign * t) / smooth))).sum() / 1e3 for t in offsets])
+    volumes = (hist / (1 + np.exp(-(centres[None] + sign * offsets[:, None]) / smooth))).sum(1) / 1e3
     order = np.argsort(volumes)
     return np.interp(target_ml, volumes[order], offsets[order])
 
@@ -384,11 +380,11 @@ class CohortGenerator:
 
         offsets = level_set_offsets(self.template, np.array([d.anatomy_age for d in draws]), self.smooth)
         s = self.smooth
-        brain = _sigmoid((pial - per_subject(offsets["pial"])) / s)
+        brain = torch.sigmoid((pial - per_subject(offsets["pial"])) / s)
         # Ventricles may grow into any tissue they border; the white region always contains them.
-        vent = torch.minimum(_sigmoid((vent_d + per_subject(offsets["ventricle"])) / s), brain)
-        white = torch.maximum(torch.minimum(_sigmoid((white_d + per_subject(offsets["white"])) / s), brain), vent)
-        deep = torch.minimum(_sigmoid((deep_d - per_subject(offsets["deep_grey"])) / s), white - vent)
+        vent = torch.minimum(torch.sigmoid((vent_d + per_subject(offsets["ventricle"])) / s), brain)
+        white = torch.maximum(torch.minimum(torch.sigmoid((white_d + per_subject(offsets["white"])) / s), brain), vent)
+        deep = torch.minimum(torch.sigmoid((deep_d - per_subject(offsets["deep_grey"])) / s), white - vent)
         white_matter = white - vent - deep
         cortex = brain - white
         intracranial = torch.maximum(intracranial, brain)
