@@ -71,6 +71,35 @@ def data_synth(out, n, seed, shape, voxel_size, age_range, quiet) -> None:
     click.echo(f"cohort: {n} subjects in {root}")
 
 
+@data.command("check")
+@click.argument("dataset", type=click.Path(exists=True))
+@click.option("--shape", callback=_triple(int), default=None, help="Model grid; default: the dataset's grid.")
+@click.option("--voxel-size", callback=_triple(float), default=None, help="Model voxel size in mm.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Preprocessed-tensor cache; default: <dataset>/.medrobust_cache.")
+@click.option("--strict", is_flag=True, help="Fail at the first bad subject instead of listing it.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def data_check(dataset, shape, voxel_size, cache_dir, strict, quiet) -> None:
+    """Load and preprocess a dataset (BIDS folder or CSV manifest); list usable and skipped subjects."""
+    from pathlib import Path
+
+    from medrobust.dataset import load_dataset_index
+    from medrobust.preprocess import Preprocessing, prepare_dataset
+    from medrobust.training import dataset_grid
+
+    index = load_dataset_index(dataset, strict=strict)
+    default_shape, default_voxels = dataset_grid(index)
+    preprocessing = Preprocessing(shape=shape or default_shape, voxel_size=voxel_size or default_voxels)
+    prepared = prepare_dataset(index, preprocessing, Path(cache_dir) if cache_dir else index.root / ".medrobust_cache",
+                               strict=strict, progress=not quiet)
+    ages = prepared.ages
+    click.echo(f"{index.root}: {len(prepared.subject_ids)} usable subjects, {len(prepared.skipped)} skipped; "
+               f"ages {float(ages.min()):.1f}-{float(ages.max()):.1f}; grid {preprocessing.shape} at "
+               f"{preprocessing.voxel_size} mm; {len(prepared.feature_names)} context features")
+    for skipped in prepared.skipped:
+        click.echo(f"skipped {skipped.subject_id}: {skipped.reason}")
+
+
 @main.command("train")
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True),
               help="A BIDS folder or a CSV/TSV manifest.")

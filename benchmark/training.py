@@ -209,13 +209,18 @@ def evaluate(model: BrainAgeModel, data: PreparedDataset, device: torch.device,
 
 
 def dataset_grid(index: DatasetIndex) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
-    """Grid (shape, voxel size) of the dataset's first image in RAS: the default model grid."""
-    image = nib.as_closest_canonical(nib.load(str(index.subjects[0].t1_path)))
-    if len(image.shape) < 3:
-        raise MedrobustError(f"{index.subjects[0].t1_path}: not a 3D image; pass --shape and --voxel-size")
-    shape = tuple(int(s) for s in image.shape[:3])
-    voxel_size = tuple(round(float(z), 4) for z in image.header.get_zooms()[:3])
-    return shape, voxel_size  # type: ignore[return-value]
+    """Grid (shape, voxel size) in RAS of the dataset's first readable 3D image: the default model grid."""
+    for record in index.subjects:
+        try:
+            image = nib.as_closest_canonical(nib.load(str(record.t1_path)))
+        except Exception:  # a damaged file is skipped later with its reason; look at the next one
+            continue
+        if len(image.shape) >= 3:
+            shape = tuple(int(s) for s in image.shape[:3])
+            voxel_size = tuple(round(float(z), 4) for z in image.header.get_zooms()[:3])
+            return shape, voxel_size  # type: ignore[return-value]
+    raise MedrobustError(f"{index.root}: no readable 3D T1w image to take the model grid from; "
+                         "pass --shape and --voxel-size or fix the images")
 
 
 @dataclass
@@ -259,7 +264,8 @@ def train(request: TrainRequest) -> list[TrainedModel]:
                              "or also train --model cnn3d in the same call")
     device = resolve_device(request.device)
     index = load_dataset_index(request.data, strict=request.strict)
-    shape, voxel_size = dataset_grid(index)
+    if request.shape is None or request.voxel_size is None:
+        shape, voxel_size = dataset_grid(index)
     preprocessing = Preprocessing(shape=request.shape or shape, voxel_size=request.voxel_size or voxel_size)
     cache_dir = request.cache_dir or Path(index.root) / ".medrobust_cache"
     data = prepare_dataset(index, preprocessing, cache_dir, strict=request.strict, progress=request.progress)

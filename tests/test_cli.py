@@ -1,0 +1,36 @@
+"""The command line: `data check` lists usable and skipped subjects; bad input is one line and exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from medrobust.cli import main
+
+
+def test_data_check_lists_skipped_subjects_even_when_the_first_image_is_corrupt(bids_dataset: Path) -> None:
+    (bids_dataset / "sub-01" / "anat" / "sub-01_T1w.nii.gz").write_bytes(b"not a nifti at all")
+    result = CliRunner().invoke(main, ["data", "check", str(bids_dataset), "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary, *skips = result.stdout.strip().splitlines()
+    # sub-02, sub-04 and sub-06 are usable; sub-01 (corrupt), sub-03 (age n/a) and sub-05 (no image) are not.
+    assert "3 usable subjects, 3 skipped" in summary
+    assert "grid (12, 14, 10)" in summary
+    reasons = {line.split(":")[0].removeprefix("skipped "): line for line in skips}
+    assert set(reasons) == {"sub-01", "sub-03", "sub-05"}
+    assert "not a readable NIfTI" in reasons["sub-01"]
+
+
+def test_data_check_strict_stops_with_one_line(bids_dataset: Path) -> None:
+    result = CliRunner().invoke(main, ["data", "check", str(bids_dataset), "--strict", "--quiet"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+
+
+def test_data_check_on_a_folder_without_subjects(tmp_path: Path) -> None:
+    (tmp_path / "participants.tsv").write_text("participant_id\tage\n")
+    result = CliRunner().invoke(main, ["data", "check", str(tmp_path), "--quiet"])
+    assert result.exit_code == 2
+    assert str(tmp_path) in result.stderr and "no usable subject" in result.stderr
