@@ -100,7 +100,11 @@ def context_features(
 
 @dataclass
 class FeatureScaler:
-    """Per-feature standardization fitted on the training split; NaN (unknown) becomes the training mean."""
+    """Per-feature mean and std fitted on the training split, NaN-aware.
+
+    A model stores them (``BrainAgeModel.set_feature_scaling``) and standardizes raw features itself, with
+    NaN (unknown) imputed as the training mean; the checkpoint sidecar records them.
+    """
 
     mean: np.ndarray
     std: np.ndarray
@@ -117,31 +121,4 @@ class FeatureScaler:
             std = np.nanstd(data, axis=0) if len(data) else np.ones(data.shape[1])
         mean = np.where(np.isfinite(mean), mean, 0.0)
         std = np.where(np.isfinite(std) & (std > 1e-12), std, 1.0)
-        return cls(mean=mean, std=std)
-
-    def transform(self, features: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-        """Standardize [N, F] or [F]; NaN becomes 0 (the training mean). Returns the input's type."""
-        if isinstance(features, torch.Tensor):
-            mean = torch.as_tensor(self.mean, dtype=features.dtype, device=features.device)
-            std = torch.as_tensor(self.std, dtype=features.dtype, device=features.device)
-            return torch.nan_to_num((features - mean) / std, nan=0.0)
-        data = np.asarray(features)
-        dtype = data.dtype if np.issubdtype(data.dtype, np.floating) else np.float32
-        scaled = (data - self.mean) / self.std
-        return np.nan_to_num(scaled, nan=0.0).astype(dtype)
-
-    def to_dict(self) -> dict:
-        """JSON-ready form, stored with a model."""
-        return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FeatureScaler:
-        """Rebuild from `to_dict`'s output."""
-        try:
-            mean = np.asarray(d["mean"], dtype=np.float64)
-            std = np.asarray(d["std"], dtype=np.float64)
-        except (KeyError, TypeError, ValueError):
-            raise MedrobustError("feature scaler: needs `mean` and `std` lists; re-save the model") from None
-        if mean.shape != std.shape or mean.ndim != 1 or (std <= 0).any():
-            raise MedrobustError("feature scaler: `mean` and `std` must be equal-length lists with std > 0")
         return cls(mean=mean, std=std)
