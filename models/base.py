@@ -30,6 +30,14 @@ class ModelMeta:
     uses_image: bool = True
     uses_features: bool = False
 
+    @classmethod
+    def from_kwargs(cls, name: str, kwargs: dict, uses_image: bool, uses_features: bool) -> ModelMeta:
+        """Metadata whose grid, normalization and feature names are those in the (validated) ``kwargs``."""
+        return cls(name=name, kwargs=kwargs, input_shape=tuple(kwargs["input_shape"]),
+                   voxel_size=tuple(kwargs["voxel_size"]), normalization=kwargs["normalization"],
+                   feature_names=list(kwargs.get("feature_names", [])), uses_image=uses_image,
+                   uses_features=uses_features)
+
 
 def as_grid(input_shape: Sequence[int], name: str = "input_shape") -> tuple[int, int, int]:
     """Validate an image grid (x, y, z) of positive ints."""

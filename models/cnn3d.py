@@ -76,19 +76,15 @@ class CNN3d(BrainAgeModel):
         filters = as_widths(filters, "filters")
         dense = as_widths(dense, "dense")
         normalization = as_normalization(normalization)
-        meta = ModelMeta(
-            name="cnn3d",
-            kwargs={
+        meta = ModelMeta.from_kwargs(
+            "cnn3d",
+            {
                 "input_shape": list(grid),
                 "voxel_size": list(voxels),
                 "normalization": normalization,
                 "filters": list(filters),
                 "dense": list(dense),
             },
-            input_shape=grid,
-            voxel_size=voxels,
-            normalization=normalization,
-            feature_names=[],
             uses_image=True,
             uses_features=False,
         )

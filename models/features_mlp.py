@@ -39,19 +39,15 @@ class FeaturesMLP(BrainAgeModel):
         grid = as_grid(input_shape)
         voxels = as_voxel_size(voxel_size)
         normalization = as_normalization(normalization)
-        meta = ModelMeta(
-            name="features_mlp",
-            kwargs={
+        meta = ModelMeta.from_kwargs(
+            "features_mlp",
+            {
                 "feature_names": list(names),
                 "hidden": list(hidden),
                 "input_shape": list(grid),
                 "voxel_size": list(voxels),
                 "normalization": normalization,
             },
-            input_shape=grid,
-            voxel_size=voxels,
-            normalization=normalization,
-            feature_names=names,
             uses_image=False,
             uses_features=True,
         )

@@ -48,9 +48,9 @@ class HybridModel(BrainAgeModel):
         filters = as_widths(filters, "filters")
         dense = as_widths(dense, "dense")
         trunk_frozen = bool(trunk_frozen)
-        meta = ModelMeta(
-            name=name,
-            kwargs={
+        meta = ModelMeta.from_kwargs(
+            name,
+            {
                 "feature_names": list(names),
                 "input_shape": list(grid),
                 "voxel_size": list(voxels),
@@ -59,10 +59,6 @@ class HybridModel(BrainAgeModel):
                 "dense": list(dense),
                 "trunk_frozen": trunk_frozen,
             },
-            input_shape=grid,
-            voxel_size=voxels,
-            normalization=normalization,
-            feature_names=names,
             uses_image=True,
             uses_features=True,
         )
