@@ -24,8 +24,10 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check benchmark models attacks reports tests scripts
 
+# Speed figures of docs/benchmarks.md: cohort generation, and training the four models on the demo cohort.
 bench: venv
 	$(PY) scripts/bench_cohort.py
+	$(PY) scripts/bench_training.py --out runs/bench-training
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
