@@ -77,14 +77,14 @@ class CohortSpec:
     age_range: tuple[float, float] = (5.0, 90.0)
     # Biological minus chronological age of the anatomy (years, sd at age >= 40, less in children):
     # a floor on any model's error, shared by image and regional volumes.
-    anatomy_age_sd: float = 5.0
+    anatomy_age_sd: float = 3.0
     # Scatter of the age that drives intensity (contrast maturation, white-matter hypointensities):
     # smaller than the anatomy's, so the image carries age information the volumes miss.
     intensity_age_sd: float = 1.5
     # Simulated segmentation error: per-region and per-subject bias of the grey-matter class
     # (in tissue-fraction units) when the label map is derived from the subject's tissue maps.
-    segmentation_noise: float = 0.15
-    segmentation_bias: float = 0.06
+    segmentation_noise: float = 0.20
+    segmentation_bias: float = 0.08
     deformation_mm: float = 3.0
     batch_size: int = 16
 
