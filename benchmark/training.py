@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -18,7 +19,14 @@ from tqdm import tqdm
 from medrobust.dataset import DatasetIndex, load_dataset_index
 from medrobust.errors import MedrobustError
 from medrobust.features import FeatureScaler
-from medrobust.models import BrainAgeModel, create_model, load_checkpoint, save_checkpoint
+from medrobust.models import (
+    BrainAgeModel,
+    create_model,
+    list_models,
+    load_checkpoint,
+    model_entrypoint,
+    save_checkpoint,
+)
 from medrobust.models.hybrid import HybridModel
 from medrobust.preprocess import PreparedDataset, Preprocessing, prepare_dataset
 from medrobust.splits import load_or_create_splits
@@ -86,33 +94,37 @@ def _batches(n: int, batch_size: int, generator: torch.Generator | None = None) 
 
 
 class _Inputs:
-    """The model's inputs for a dataset: on the device once, and for a frozen trunk computed once."""
+    """The model's inputs for a dataset. Tensors stay in host memory and go to the device a batch at a time
+    (a cohort at the paper's grid does not fit on a GPU); a frozen trunk's features are computed once."""
 
     def __init__(self, model: BrainAgeModel, data: PreparedDataset, device: torch.device, batch_size: int):
         self.model = model
-        self.ages = data.ages.to(device)
-        self.features = data.features.to(device) if model.meta.uses_features else None
-        self.images = data.images.to(device) if model.meta.uses_image else None
+        self.device = device
+        self.ages = data.ages
+        self.features = data.features if model.meta.uses_features else None
+        self.images = data.images if model.meta.uses_image else None
         # The two-stage hybrid trains only its head: running the frozen trunk every epoch would be waste.
         self.trunk = None
         if isinstance(model, HybridModel) and model.trunk_frozen:
             with torch.no_grad():
-                self.trunk = torch.cat([model.trunk(self.images[rows]) for rows in _batches(len(data.ages),
-                                                                                                batch_size)])
+                self.trunk = torch.cat([model.trunk(self.images[rows].to(device))
+                                        for rows in _batches(len(data.ages), batch_size)])
             self.images = None
 
     def __len__(self) -> int:
         return len(self.ages)
 
-    def predict(self, rows: Tensor) -> Tensor:
-        """Predicted age in years of the subjects `rows`."""
-        features = self.features[rows] if self.features is not None else None
+    def batch(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """(predicted age, true age) in years of the subjects `rows` (host indices), on the device."""
+        features = self.features[rows].to(self.device) if self.features is not None else None
+        ages = self.ages[rows].to(self.device)
         if self.trunk is None:
-            images = self.images[rows] if self.images is not None else None
-            return self.model(images, features)
+            images = self.images[rows].to(self.device) if self.images is not None else None
+            return self.model(images, features), ages
         model = self.model
-        joint = torch.cat([model.scale_trunk(self.trunk[rows]), model.standardize_features(features)], dim=1)
-        return model.head(joint).squeeze(1) * model.age_std + model.age_mean
+        trunk = self.trunk[rows.to(self.trunk.device)]
+        joint = torch.cat([model.scale_trunk(trunk), model.standardize_features(features)], dim=1)
+        return model.head(joint).squeeze(1) * model.age_std + model.age_mean, ages
 
 
 def fit_scalings(model: BrainAgeModel, train: PreparedDataset, batch_size: int = 16) -> None:
@@ -158,10 +170,10 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
         model.train()
         total = torch.zeros((), device=device)
         for rows in _batches(len(train_inputs), config.batch_size, generator):
-            rows = rows.to(device)
             optimizer.zero_grad(set_to_none=True)
+            predicted, true = train_inputs.batch(rows)
             # Loss on the standardized age: the same scale whatever the cohort's age range.
-            loss = loss_fn(train_inputs.predict(rows) / scale, train_inputs.ages[rows] / scale)
+            loss = loss_fn(predicted / scale, true / scale)
             loss.backward()
             optimizer.step()
             total += loss.detach() * len(rows)
@@ -186,10 +198,9 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
 
 
 def predict(inputs: _Inputs, batch_size: int) -> Tensor:
-    """Predictions in years for every subject of `inputs`, in order."""
+    """Predictions in years for every subject of `inputs`, in order, in host memory."""
     with torch.no_grad():
-        return torch.cat([inputs.predict(rows.to(inputs.ages.device))
-                          for rows in _batches(len(inputs), batch_size)])
+        return torch.cat([inputs.batch(rows)[0].cpu() for rows in _batches(len(inputs), batch_size)])
 
 
 def mae(predicted: Tensor, true: Tensor) -> Tensor:
@@ -255,16 +266,19 @@ class TrainedModel:
 def train(request: TrainRequest) -> list[TrainedModel]:
     """Train the requested models on one dataset and write their checkpoints and test predictions."""
     request.config.validate()
-    unknown = [m for m in request.models if m not in TRAINING_ORDER and m not in _registered()]
+    unknown = [m for m in request.models if m not in list_models()]
     if unknown:
-        raise MedrobustError(f"--model {unknown[0]!r} is not a registered model; known: {', '.join(_registered())}")
+        raise MedrobustError(f"--model {unknown[0]!r} is not a registered model; known: {', '.join(list_models())}")
     names = sorted(dict.fromkeys(request.models), key=lambda m: (TRAINING_ORDER + (m,)).index(m))
     if "hybrid" in names and "cnn3d" not in names and request.trunk is None:
         raise MedrobustError("--model hybrid is trained two-stage on a trained cnn3d: pass --trunk CNN3D_CHECKPOINT "
                              "or also train --model cnn3d in the same call")
     device = resolve_device(request.device)
     index = load_dataset_index(request.data, strict=request.strict)
-    if request.shape is None or request.voxel_size is None:
+    trunk = load_checkpoint(request.trunk)[0] if request.trunk is not None else None
+    if trunk is not None:  # a hybrid on a given trunk works on that trunk's grid
+        shape, voxel_size = trunk.meta.input_shape, trunk.meta.voxel_size
+    elif request.shape is None or request.voxel_size is None:
         shape, voxel_size = dataset_grid(index)
     preprocessing = Preprocessing(shape=request.shape or shape, voxel_size=request.voxel_size or voxel_size)
     cache_dir = request.cache_dir or Path(index.root) / ".medrobust_cache"
@@ -278,9 +292,6 @@ def train(request: TrainRequest) -> list[TrainedModel]:
         if len(part.subject_ids) == 0:
             raise MedrobustError(f"{index.root}: the {name} split has no usable subject; use a larger dataset")
 
-    trunk = None
-    if request.trunk is not None:
-        trunk, _ = load_checkpoint(request.trunk)
     request.out.mkdir(parents=True, exist_ok=True)
     results = []
     for name in names:
@@ -312,18 +323,8 @@ def train(request: TrainRequest) -> list[TrainedModel]:
     return results
 
 
-def _registered() -> list[str]:
-    from medrobust.models import list_models
-
-    return list_models()
-
-
 def _architecture(name: str, preprocessing: Preprocessing, feature_names: list[str]) -> dict:
     """Constructor arguments of a registered model on the dataset's grid and features."""
-    import inspect
-
-    from medrobust.models import model_entrypoint
-
     accepted = inspect.signature(model_entrypoint(name)).parameters
     kwargs = {"input_shape": preprocessing.shape, "voxel_size": preprocessing.voxel_size,
               "normalization": preprocessing.normalization, "feature_names": feature_names}
