@@ -16,7 +16,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except MedrobustError as error:
-            click.echo(f"error: {error}", err=True)
+            message = " ".join(str(error).split())  # one line, whatever the message holds
+            click.echo(f"error: {message}", err=True)
             sys.exit(2)
 
 
