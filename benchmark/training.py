@@ -127,19 +127,15 @@ class _Inputs:
         return model.head(joint).squeeze(1) * model.age_std + model.age_mean, ages
 
 
-def fit_scalings(model: BrainAgeModel, train: PreparedDataset, batch_size: int = 16) -> None:
+def fit_scalings(model: BrainAgeModel, train: _Inputs) -> None:
     """Set the model's target, feature and trunk scalings from the training split only."""
     ages = train.ages.double()
     model.set_target_scaling(float(ages.mean()), float(ages.std().clamp_min(1e-3)))
     if model.meta.uses_features:
         scaler = FeatureScaler.fit(train.features.numpy())
         model.set_feature_scaling(scaler.mean, scaler.std)
-    if isinstance(model, HybridModel) and model.trunk_frozen:
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            trunk = torch.cat([model.trunk(train.images[rows].to(device)).cpu()
-                               for rows in _batches(len(train.ages), batch_size)])
-        model.set_trunk_scaling(trunk.min(0).values, trunk.max(0).values, trunk.mean(0))
+    if train.trunk is not None:  # the frozen trunk's features, computed once by _Inputs
+        model.set_trunk_scaling(train.trunk.min(0).values, train.trunk.max(0).values, train.trunk.mean(0))
 
 
 def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDataset, config: TrainingConfig,
@@ -149,13 +145,14 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     model.to(device)
-    fit_scalings(model, train, config.batch_size)
+
     parameters = [p for p in model.parameters_to_train() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
     # A fixed cosine decay, not one driven by the (small, noisy) validation split: a plateau scheduler halved the
     # rate on noise and left the paper's CNN stuck in some seeds.
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     train_inputs = _Inputs(model, train, device, config.batch_size)
+    fit_scalings(model, train_inputs)
     val_inputs = _Inputs(model, val, device, config.batch_size)
     generator = torch.Generator().manual_seed(config.seed)
     scale = float(model.age_std)
