@@ -84,15 +84,10 @@ def data_check(dataset, shape, voxel_size, cache_dir, strict, quiet) -> None:
     """Load and preprocess a dataset (BIDS folder or CSV manifest); list usable and skipped subjects."""
     from pathlib import Path
 
-    from medrobust.dataset import load_dataset_index
-    from medrobust.preprocess import Preprocessing, prepare_dataset
-    from medrobust.training import dataset_grid
+    from medrobust.training import load_prepared
 
-    index = load_dataset_index(dataset, strict=strict)
-    default_shape, default_voxels = dataset_grid(index)
-    preprocessing = Preprocessing(shape=shape or default_shape, voxel_size=voxel_size or default_voxels)
-    prepared = prepare_dataset(index, preprocessing, Path(cache_dir) if cache_dir else index.root / ".medrobust_cache",
-                               strict=strict, progress=not quiet)
+    index, preprocessing, prepared = load_prepared(dataset, shape, voxel_size, Path(cache_dir) if cache_dir else None,
+                                                   strict=strict, progress=not quiet)
     ages = prepared.ages
     click.echo(f"{index.root}: {len(prepared.subject_ids)} usable subjects, {len(prepared.skipped)} skipped; "
                f"ages {float(ages.min()):.1f}-{float(ages.max()):.1f}; grid {preprocessing.shape} at "

@@ -131,7 +131,7 @@ def _signed_distance(mask: np.ndarray) -> np.ndarray:
     return (inside - outside + np.where(mask, -0.5, 0.5)).astype(np.float32)
 
 
-@dataclass
+@dataclass(eq=False)  # compared (and hashed) by identity: one template per process
 class AnatomyTemplate:
     """Precomputed fields on the template's 1 mm grid (cropped to the head)."""
 
@@ -286,15 +286,23 @@ def draw_subject(spec: CohortSpec, index: int) -> SubjectDraw:
     )
 
 
-def _level_set_offset(template: AnatomyTemplate, name: str, target_ml: np.ndarray, smooth: float,
-                      sign: float) -> np.ndarray:
-    """Offset t (mm) such that sum(sigmoid((d + sign * t) / smooth)) equals target_ml, from the histogram."""
+@lru_cache(maxsize=32)
+def _volume_table(template: AnatomyTemplate, name: str, smooth: float, sign: float) -> tuple[np.ndarray, np.ndarray]:
+    """(volumes in mL, offsets in mm) of sum(sigmoid((d + sign * t) / smooth)) for a grid of offsets t, sorted by
+    volume; computed once per field and partial-volume width from the distance histogram."""
     centres = (template.histogram_edges[:-1] + template.histogram_edges[1:]) / 2
     hist = template.distance_histograms[name]
     offsets = np.linspace(-15, 15, 301)
     volumes = (hist / (1 + np.exp(-(centres[None] + sign * offsets[:, None]) / smooth))).sum(1) / 1e3
     order = np.argsort(volumes)
-    return np.interp(target_ml, volumes[order], offsets[order])
+    return volumes[order], offsets[order]
+
+
+def _level_set_offset(template: AnatomyTemplate, name: str, target_ml: np.ndarray, smooth: float,
+                      sign: float) -> np.ndarray:
+    """Offset t (mm) such that sum(sigmoid((d + sign * t) / smooth)) equals target_ml."""
+    volumes, offsets = _volume_table(template, name, smooth, sign)
+    return np.interp(target_ml, volumes, offsets)
 
 
 def level_set_offsets(template: AnatomyTemplate, anatomy_age: np.ndarray, smooth: float) -> dict[str, np.ndarray]:
@@ -381,8 +389,9 @@ class CohortGenerator:
         offsets = level_set_offsets(self.template, np.array([d.anatomy_age for d in draws]), self.smooth)
         s = self.smooth
         brain = torch.sigmoid((pial - per_subject(offsets["pial"])) / s)
+        vent_distance = vent_d + per_subject(offsets["ventricle"])  # signed distance to this subject's ventricles
         # Ventricles may grow into any tissue they border; the white region always contains them.
-        vent = torch.minimum(torch.sigmoid((vent_d + per_subject(offsets["ventricle"])) / s), brain)
+        vent = torch.minimum(torch.sigmoid(vent_distance / s), brain)
         white = torch.maximum(torch.minimum(torch.sigmoid((white_d + per_subject(offsets["white"])) / s), brain), vent)
         deep = torch.minimum(torch.sigmoid((deep_d - per_subject(offsets["deep_grey"])) / s), white - vent)
         white_matter = white - vent - deep
@@ -390,7 +399,7 @@ class CohortGenerator:
         intracranial = torch.maximum(intracranial, brain)
         csf = intracranial - brain + vent
 
-        image = self._intensity(draws, csf, cortex, deep, white_matter, vent_d + per_subject(offsets["ventricle"]))
+        image = self._intensity(draws, csf, cortex, deep, white_matter, vent_distance)
         labels = self._segment(draws, parcels, intracranial, brain, vent, white_matter, cortex + deep)
         return image, labels
 

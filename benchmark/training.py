@@ -231,6 +231,20 @@ def dataset_grid(index: DatasetIndex) -> tuple[tuple[int, int, int], tuple[float
                          "pass --shape and --voxel-size or fix the images")
 
 
+def load_prepared(data: str | Path, shape: tuple[int, int, int] | None = None,
+                  voxel_size: tuple[float, float, float] | None = None, cache_dir: Path | None = None,
+                  strict: bool = False, progress: bool = True) -> tuple[DatasetIndex, Preprocessing, PreparedDataset]:
+    """Index a dataset and prepare it on a grid (default: the dataset's own), through the content cache
+    (default: <dataset>/.medrobust_cache). Skipped subjects are in the result's `skipped`."""
+    index = load_dataset_index(data, strict=strict)
+    if shape is None or voxel_size is None:
+        default_shape, default_voxels = dataset_grid(index)
+        shape, voxel_size = shape or default_shape, voxel_size or default_voxels
+    preprocessing = Preprocessing(shape=shape, voxel_size=voxel_size)
+    cache = cache_dir or Path(index.root) / ".medrobust_cache"
+    return index, preprocessing, prepare_dataset(index, preprocessing, cache, strict=strict, progress=progress)
+
+
 @dataclass
 class TrainRequest:
     """One `medrobust train` call: which models, on which data, to where."""
@@ -271,15 +285,12 @@ def train(request: TrainRequest) -> list[TrainedModel]:
         raise MedrobustError("--model hybrid is trained two-stage on a trained cnn3d: pass --trunk CNN3D_CHECKPOINT "
                              "or also train --model cnn3d in the same call")
     device = resolve_device(request.device)
-    index = load_dataset_index(request.data, strict=request.strict)
     trunk = load_checkpoint(request.trunk)[0] if request.trunk is not None else None
-    if trunk is not None:  # a hybrid on a given trunk works on that trunk's grid
-        shape, voxel_size = trunk.meta.input_shape, trunk.meta.voxel_size
-    elif request.shape is None or request.voxel_size is None:
-        shape, voxel_size = dataset_grid(index)
-    preprocessing = Preprocessing(shape=request.shape or shape, voxel_size=request.voxel_size or voxel_size)
-    cache_dir = request.cache_dir or Path(index.root) / ".medrobust_cache"
-    data = prepare_dataset(index, preprocessing, cache_dir, strict=request.strict, progress=request.progress)
+    # A hybrid on a given trunk works on that trunk's grid.
+    shape = trunk.meta.input_shape if trunk is not None else request.shape
+    voxel_size = trunk.meta.voxel_size if trunk is not None else request.voxel_size
+    index, preprocessing, data = load_prepared(request.data, shape, voxel_size, request.cache_dir, request.strict,
+                                               request.progress)
     for skipped in data.skipped:
         tqdm.write(f"skipped {skipped.subject_id}: {skipped.reason}")
     splits = load_or_create_splits(index.root, [s.subject_id for s in index.subjects], request.split_seed)

@@ -35,8 +35,8 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    cohort = synthesize(args.out / f"cohort-n{args.n}-seed{args.cohort_seed}",
-                        CohortSpec(n=args.n, seed=args.cohort_seed))
+    spec = CohortSpec(n=args.n, seed=args.cohort_seed)
+    cohort = synthesize(args.out / f"cohort-n{args.n}-seed{args.cohort_seed}", spec)
     runs: dict[str, list[dict]] = {name: [] for name in TRAINING_ORDER}
     for seed in args.seeds:
         request = TrainRequest(data=cohort, models=list(TRAINING_ORDER), out=args.out / "models",
@@ -48,10 +48,11 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
 
     lines = [
-        f"Built-in cohort: {args.n} subjects (cohort seed {args.cohort_seed}, default grid 48x56x48 at 3.5 mm, ages "
-        f"5-90), split seed 0 (train/val/test 70/10/20 %), training seeds "
-        f"{', '.join(map(str, args.seeds))}; default training settings ({TrainingConfig.epochs} epochs max, early "
-        f"stopping on validation MAE). Measured {date.today().isoformat()} on {platform.machine()} CPU "
+        f"Built-in cohort: {args.n} subjects (cohort seed {args.cohort_seed}, grid {'x'.join(map(str, spec.shape))} "
+        f"at {spec.voxel_size[0]:g} mm, ages {spec.age_range[0]:g}-{spec.age_range[1]:g}), split seed 0 "
+        f"(train/val/test 70/10/20 %), training seeds {', '.join(map(str, args.seeds))}; default training settings "
+        f"but {args.epochs} epochs at most, early stopping on validation MAE. Measured {date.today().isoformat()} "
+        f"on {platform.machine()} CPU "
         f"({torch.get_num_threads()} threads), {minutes:.0f} min in all.",
         "",
         "| model | test MAE (years), mean ± sd over seeds | per seed | Pearson r (mean) | n test |",

@@ -16,9 +16,7 @@ from pathlib import Path
 import torch
 
 from medrobust.cohort import CohortSpec, synthesize
-from medrobust.dataset import load_dataset_index
-from medrobust.preprocess import Preprocessing, prepare_dataset
-from medrobust.training import TRAINING_ORDER, TrainRequest, train
+from medrobust.training import TRAINING_ORDER, TrainRequest, load_prepared, train
 
 
 def main() -> None:
@@ -32,9 +30,8 @@ def main() -> None:
     start = time.perf_counter()
     cohort = synthesize(args.out / f"cohort-n{args.n}", spec, progress=False)
     generated = time.perf_counter() - start
-    index = load_dataset_index(cohort)
     start = time.perf_counter()
-    prepare_dataset(index, Preprocessing(spec.shape, spec.voxel_size), cohort / ".medrobust_cache", progress=False)
+    load_prepared(cohort, progress=False)
     preprocessed = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -14,7 +14,7 @@ from medrobust.cli import main
 from medrobust.cohort import CohortSpec, synthesize
 from medrobust.errors import MedrobustError
 from medrobust.models import load_checkpoint
-from medrobust.training import TrainingConfig, TrainRequest, resolve_device, train
+from medrobust.training import TrainingConfig, TrainRequest, load_prepared, resolve_device, train
 
 # The paper's network pools five times, so 32 voxels per axis is the smallest grid it takes.
 TINY = CohortSpec(n=24, seed=3, shape=(32, 32, 32), voxel_size=(6.0, 6.0, 6.0), batch_size=8)
@@ -40,6 +40,7 @@ def test_end_to_end_train_checkpoint_reload_predict(tiny_cohort, trained):
     assert [r.name for r in results] == MODELS
     splits = json.loads((tiny_cohort / "splits-seed0.json").read_text())
     test_ids = splits["splits"]["test"]
+    data = load_prepared(tiny_cohort, progress=False)[2].subset(test_ids)
     for result in results:
         model, sidecar = load_checkpoint(result.checkpoint)
         metrics = sidecar["extra"]["test_metrics"]
@@ -50,12 +51,6 @@ def test_end_to_end_train_checkpoint_reload_predict(tiny_cohort, trained):
             rows = list(csv.DictReader(handle, delimiter="\t"))
         assert [r["participant_id"] for r in rows] == test_ids
         # The reloaded model reproduces the predictions written at training time.
-        from medrobust.dataset import load_dataset_index
-        from medrobust.preprocess import Preprocessing, prepare_dataset
-
-        data = prepare_dataset(load_dataset_index(tiny_cohort),
-                               Preprocessing(shape=TINY.shape, voxel_size=TINY.voxel_size),
-                               tiny_cohort / ".medrobust_cache", progress=False).subset(test_ids)
         with torch.no_grad():
             predicted = model(data.images if model.meta.uses_image else None,
                               data.features if model.meta.uses_features else None)
