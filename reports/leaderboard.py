@@ -1,0 +1,253 @@
+"""The leaderboard: one self-contained HTML page, its figure and a CSV, rendered from a run's results store.
+
+The page is a pure function of the store (style.md: results as data, the page rendered from them by a template);
+nothing here runs an attack. Data preparation (`leaderboard_table`, `deviation_figure`) is kept apart from
+rendering (`render_page`), and `write_report` ties them together.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from medrobust.errors import MedrobustError
+from medrobust.metrics import AGE_BIN_KEYS, AGE_BIN_LABELS
+from medrobust.store import STORE_FILENAME, ResultStore
+
+PAGE_FILENAME = "leaderboard.html"
+FIGURE_FILENAME = "deviation_vs_epsilon.png"
+CSV_FILENAME = "results.csv"
+
+# Spec keys without which a cell cannot be placed on the page.
+REQUIRED_SPEC = ("model", "attack", "norm", "epsilon", "unit", "threat_model", "objective")
+# The leaderboard's order: model, attack, norm, epsilon; the remaining keys only make it total.
+SORT_ORDER = ("model", "attack", "norm", "epsilon", "unit", "threat_model", "objective", "seed", "id")
+# Say how a cell went rather than what it measured: constant over done cells, so left out of the CSV.
+BOOKKEEPING = ("status", "error")
+# Integer fields; a failed cell's missing metrics turn them float in the store's mixed frame.
+COUNT_FIELDS = ("n", *(f"n_{key}" for key in AGE_BIN_KEYS), "forward", "backward", "steps", "count", "seed")
+UNIT_LABELS = {"abs": "intensity units", "range": "fraction of image range", "std": "image standard deviations"}
+
+# (column, header, format) of the tables; each starts with what identifies a cell.
+_CELL_COLUMNS = (("model", "model", "text"), ("attack", "attack", "text"), ("norm", "norm", "text"),
+                 ("epsilon", "epsilon", "epsilon"), ("threat_model", "threat model", "text"),
+                 ("objective", "objective", "text"))
+LEADERBOARD_COLUMNS = _CELL_COLUMNS + (
+    ("clean_mae", "clean MAE (y)", "years"), ("adversarial_mae", "adversarial MAE (y)", "years"),
+    ("mean_abs_deviation", "mean |deviation| (y)", "years"), ("success_5y", "success@5y", "percent"),
+    ("seconds", "runtime (s)", "seconds"))
+AGE_BIN_COLUMNS = _CELL_COLUMNS + tuple((f"abs_mean_deviation_{key}", f"{label} y", "years")
+                                        for key, label in zip(AGE_BIN_KEYS, AGE_BIN_LABELS, strict=True))
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _as_json(value: object) -> object:
+    """A dict (an attack's params) as sorted JSON text; anything else as it is."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
+
+
+def format_epsilon(value: float) -> str:
+    """An epsilon as a reader writes it: 0.5, 2 or 0.01 plain; 5e-04 or 1.5e-03 in scientific notation."""
+    if value == 0 or 0.01 <= abs(value) < 1e4:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
+
+
+_FORMATS = {
+    "text": str,
+    "epsilon": format_epsilon,
+    "years": lambda value: f"{value:.2f}",
+    "percent": lambda value: f"{100 * value:.0f} %",
+    "seconds": lambda value: f"{value:.1f}",
+}
+
+
+def leaderboard_table(cells: pd.DataFrame, source: str | Path = STORE_FILENAME) -> pd.DataFrame:
+    """The done cells of a store's ``cells()`` frame, one row each, in leaderboard order (model, attack, norm,
+    epsilon, then the rest of the spec), with ``params`` as a JSON string and counts as integers. Without a done
+    cell: no rows, only the spec columns the page needs.
+
+    ``source`` names the store in the error raised when a done cell lacks a spec key the page needs.
+    """
+    if cells.empty or "status" not in cells:
+        return pd.DataFrame(columns=list(REQUIRED_SPEC))
+    done = cells[cells["status"] == "done"].drop(columns=[c for c in BOOKKEEPING if c in cells])
+    if done.empty:
+        return pd.DataFrame(columns=list(REQUIRED_SPEC))
+    absent = [key for key in REQUIRED_SPEC if key not in done]
+    if absent:
+        raise MedrobustError(f"{source}: its cells have no {absent[0]!r} field; was it written by `medrobust run`?")
+    done = done.sort_values([key for key in SORT_ORDER if key in done], kind="stable", ignore_index=True)
+    counts = [key for key in COUNT_FIELDS if key in done and done[key].notna().all()]
+    done[counts] = done[counts].astype("int64")
+    if "params" in done:
+        done["params"] = done["params"].map(_as_json)
+    return done
+
+
+def deviation_figure(table: pd.DataFrame) -> Figure | None:
+    """Mean |deviation| (years) vs epsilon, one line per model, one panel per attack x norm (and epsilon unit):
+    the analogue of Li et al. 2020's figure. None when ``table`` (from `leaderboard_table`) is empty.
+
+    An epsilon axis is logarithmic where all its epsilons are > 0 and span more than a decade. Where cells also
+    differ in threat model or objective, those set the line style, so no line averages over them.
+    """
+    if table.empty:
+        return None
+    data = table.assign(variant=table["threat_model"].astype(str) + " / " + table["objective"].astype(str))
+    style = {"style": "variant", "markers": True} if data["variant"].nunique() > 1 else {"marker": "o"}
+    models = sorted(data["model"].astype(str).unique())
+    # A grid like seaborn's relplot(row=attack, col=norm): one row per attack, one column per norm (and unit).
+    attacks = sorted(data["attack"].unique())
+    budgets = sorted(set(zip(data["norm"], data["unit"], strict=True)))
+    figure = Figure(figsize=(4.2 * len(budgets) + 2.0, 3.4 * len(attacks)), layout="constrained")
+    axes = figure.subplots(len(attacks), len(budgets), squeeze=False)
+    drawn = []
+    for (attack, norm, unit), panel in data.groupby(["attack", "norm", "unit"], sort=True):
+        ax = axes[attacks.index(attack), budgets.index((norm, unit))]
+        # errorbar=None: repeated cells (seeds) are averaged without a bootstrap band, so the figure is reproducible.
+        sns.lineplot(data=panel, x="epsilon", y="mean_abs_deviation", hue="model", hue_order=models, errorbar=None,
+                     legend=not drawn, ax=ax, **style)
+        epsilons = panel["epsilon"]
+        if (epsilons > 0).all() and epsilons.max() > 10 * epsilons.min():
+            ax.set_xscale("log")
+        ax.set(title=f"{attack}, {norm}", xlabel=f"epsilon ({UNIT_LABELS.get(unit, unit)})",
+               ylabel="mean |deviation| (years)")
+        drawn.append(ax)
+    for ax in axes.flat:
+        ax.set_visible(ax in drawn)  # an attack that lacks a norm leaves its place empty
+    # One legend for the whole figure, outside the panels, instead of one per panel.
+    legend = drawn[0].get_legend()
+    if legend is not None:  # None when the first panel had no finite value to draw
+        figure.legend(legend.legend_handles, [text.get_text() for text in legend.get_texts()],
+                      loc="outside right upper")
+        legend.remove()
+    return figure
+
+
+def figure_png(figure: Figure) -> bytes:
+    """The figure as PNG bytes (rendered by Agg without pyplot, so no global backend is touched)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """One table cell: its text, the raw number it sorts by (None: sorts as text) and a hover title."""
+
+    text: str
+    value: float | None = None
+    title: str = ""
+
+
+def _table_cell(row: pd.Series, column: str, kind: str) -> _Cell:
+    value = row.get(column)
+    if _missing(value):
+        return _Cell("–", math.nan if kind != "text" else None)
+    text = _FORMATS[kind](value)
+    if column == "epsilon":
+        unit = row.get("unit")
+        return _Cell(f"{text} ({unit})", float(value), UNIT_LABELS.get(unit, str(unit)))
+    if column == "attack":
+        return _Cell(text, None, str(_as_json(row.get("params")) or ""))
+    if column == "model":
+        return _Cell(text, None, str(row.get("model_name") or ""))
+    return _Cell(text, None if kind == "text" else float(value))
+
+
+def _table(frame: pd.DataFrame, columns: tuple[tuple[str, str, str], ...]) -> dict:
+    """What the template's table macro takes: the headers and, per row of ``frame``, its cells."""
+    return {"headers": [header for _, header, _ in columns],
+            "rows": [[_table_cell(row, column, kind) for column, _, kind in columns] for _, row in frame.iterrows()]}
+
+
+def _flatten(mapping: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested dicts (the environment's package versions) as (dotted key, text) pairs."""
+    pairs = []
+    for key, value in sorted(mapping.items()):
+        if isinstance(value, dict):
+            pairs.extend(_flatten(value, f"{prefix}{key}."))
+        else:
+            pairs.append((f"{prefix}{key}", "–" if value is None else str(value)))
+    return pairs
+
+
+def _summary(cells: pd.DataFrame, table: pd.DataFrame, runs: list[dict]) -> str:
+    """One line: cells done and failed, subjects per cell, and when the latest run ran."""
+    failed = int((cells["status"] == "failed").sum()) if "status" in cells else 0
+    parts = [f"{len(table)} cells done, {failed} failed"]
+    counts = sorted({int(n) for n in table.get("n", []) if not _missing(n)})
+    if counts:
+        splits = set(table.get("split", []))
+        subjects = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+        parts.append(f"{subjects} subjects per cell" + (f" from the {splits.pop()} split" if len(splits) == 1 else ""))
+    if runs:
+        latest = runs[-1]
+        parts.append(f"latest run {latest['id']} started {latest['started_at']}, finished "
+                     f"{latest['finished_at'] or 'not yet'}")
+    return " · ".join(parts)
+
+
+def render_page(cells: pd.DataFrame, table: pd.DataFrame, runs: list[dict], figure: bytes | None,
+                title: str = "medrobust leaderboard") -> str:
+    """The HTML page for a store's ``cells()`` frame, its `leaderboard_table` and its ``runs()`` list, with the
+    figure's PNG bytes (or None) inlined.
+
+    Every value goes through Jinja2's autoescaping: model labels and error texts are the user's free text.
+    """
+    failed = cells[cells["status"] == "failed"] if "status" in cells else cells.iloc[0:0]
+    latest = runs[-1] if runs else {"environment": {}, "config": {}}
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("medrobust.reports", "templates"), autoescape=True,
+                                     undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return environment.get_template("leaderboard.html.j2").render(
+        title=title,
+        summary=_summary(cells, table, runs),
+        leaderboard=_table(table, LEADERBOARD_COLUMNS),
+        age_bins=_table(table, AGE_BIN_COLUMNS),
+        failed=_table(failed, _CELL_COLUMNS + (("error", "error", "text"),)),
+        figure=base64.b64encode(figure).decode("ascii") if figure is not None else None,
+        environment=_flatten(latest["environment"]),
+        config=json.dumps(latest["config"], indent=2, sort_keys=True, default=str) if latest["config"] else "",
+    )
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Render the results store in ``run_dir`` into ``out`` (default: ``run_dir``); returns the page's path.
+
+    Writes ``leaderboard.html`` (self-contained: CSS, script and figure inline), ``deviation_vs_epsilon.png`` (the
+    same figure; removed when no cell is done) and ``results.csv`` (the done cells, in leaderboard order). Raises
+    MedrobustError when ``run_dir`` holds no store or the output folder cannot be written.
+    """
+    with ResultStore(run_dir, create=False) as store:
+        cells, runs, source = store.cells(), store.runs(), store.path
+    table = leaderboard_table(cells, source)
+    figure = deviation_figure(table)
+    png = figure_png(figure) if figure is not None else None
+    folder = Path(out) if out is not None else Path(run_dir)
+    page = folder / PAGE_FILENAME
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if png is None:
+            (folder / FIGURE_FILENAME).unlink(missing_ok=True)
+        else:
+            (folder / FIGURE_FILENAME).write_bytes(png)
+        table.to_csv(folder / CSV_FILENAME, index=False)
+        title = f"medrobust leaderboard: {Path(run_dir).resolve().name}"
+        page.write_text(render_page(cells, table, runs, png, title), encoding="utf-8")
+    except OSError as err:
+        raise MedrobustError(f"cannot write the report into {folder} ({err}); choose another output folder") from err
+    return page

@@ -1,0 +1,258 @@
+"""The leaderboard report: page, figure and CSV rendered from a synthetic results store, escaping, no external
+resources, the empty and the missing store, and (where a browser is installed) sorting in a real browser."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medrobust.errors import MedrobustError
+from medrobust.metrics import cell_metrics
+from medrobust.reports import deviation_figure, format_epsilon, leaderboard_table, write_report
+from medrobust.store import SAMPLE_COLUMNS, ResultStore
+
+XSS = "<script>alert(1)</script>"
+MODELS = {"cnn3d": "cnn3d", XSS: "hybrid"}  # label -> registered architecture
+ATTACKS = ("fgsm", "pgd")
+EPSILONS = {"linf": (1e-4, 5e-4, 1e-2), "l2": (0.5, 2.0)}  # l-inf spans two decades (log axis), l2 less
+FAILURE = "RuntimeError: CUDA out of memory <b>boom</b> & more"
+ENVIRONMENT = {"python": "3.11.2", "device_name": "test CPU", "git_commit": "abc123",
+               "packages": {"torch": "2.3.0", "numpy": "1.26.4"}}
+CONFIG = {"seed": 0, "dataset": {"path": "runs/demo/data", "builtin": True}}
+
+
+def _cell(model: str, attack: str, norm: str, epsilon: float, seed: int) -> tuple[dict, dict, list[dict]]:
+    """Spec, metrics (from `cell_metrics`) and per-subject rows of one cell, with ages in every age bin."""
+    rng = np.random.default_rng(seed)
+    true_age = np.array([8.0, 12.0, 20.0, 30.0, 45.0, 58.0, 70.0, 85.0])
+    clean = true_age + rng.normal(0, 4, true_age.size)
+    # Up to ~20 years at the largest epsilon of a norm, the CNN moving twice as far as the hybrid (as in the paper).
+    shift = 5 * epsilon / max(EPSILONS.get(norm, [epsilon])) * (2 if MODELS[model] == "cnn3d" else 1)
+    adversarial = clean + shift * (1 + rng.random(true_age.size))
+    linf = np.full(true_age.size, epsilon)
+    l2 = linf * 30
+    metrics = {**cell_metrics(true_age, clean, adversarial, linf, l2, linf, l2), "forward": 8, "backward": 8,
+               "steps": 4, "attack_seconds": 0.5}
+    spec = {"model": model, "model_name": MODELS[model], "checkpoint": f"runs/demo/models/{MODELS[model]}",
+            "attack": attack, "params": {"steps": 4 if attack == "pgd" else 1}, "norm": norm, "epsilon": epsilon,
+            "unit": "range", "objective": "older", "threat_model": "fixed", "split": "test", "count": 8,
+            "seed": 0, "device": "cpu"}
+    samples = [dict(zip(SAMPLE_COLUMNS, (f"sub-{i:02d}", *values), strict=True))
+               for i, values in enumerate(zip(true_age, clean, adversarial, adversarial - clean, linf, l2, linf, l2,
+                                              strict=True))]
+    return spec, metrics, samples
+
+
+def _grid() -> list[tuple[str, str, str, float]]:
+    """(model, attack, norm, epsilon) of every done cell, in reverse so that the report's sorting must order them."""
+    grid = [(model, attack, norm, epsilon) for model in MODELS for attack in ATTACKS
+            for norm, epsilons in EPSILONS.items() for epsilon in epsilons]
+    return grid[::-1]
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory) -> Path:
+    """A store with 2 models x 2 attacks x 2 norms x 2-3 epsilons done cells and one failed cell."""
+    run_dir = tmp_path_factory.mktemp("run")
+    with ResultStore(run_dir) as store:
+        run_id = store.start_run(CONFIG, ENVIRONMENT)
+        for seed, (model, attack, norm, epsilon) in enumerate(_grid()):
+            spec, metrics, samples = _cell(model, attack, norm, epsilon, seed)
+            store.write_cell(f"cell{seed:02d}", run_id, spec, metrics, samples, seconds=1.5 + seed)
+        spec, _, _ = _cell("cnn3d", "pgd", "linf", 0.1, 99)
+        store.write_cell("failed", run_id, spec, {}, [], seconds=0.2, status="failed", error=FAILURE)
+        store.finish_run(run_id)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def report(store_dir, tmp_path_factory) -> Path:
+    return write_report(store_dir, tmp_path_factory.mktemp("report"))
+
+
+class _Tables(HTMLParser):
+    """The rows of every <table id=...> of a page: lists of (text, data-value) per cell."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[tuple[str, str | None]]]] = {}
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+        self._value: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table" and "id" in attrs:
+            self._table = attrs["id"]
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table:
+            self.tables[self._table].append([])
+        elif tag == "td" and self._table:
+            self._cell, self._value = [], attrs.get("data-value")
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._table = None
+        elif tag == "td" and self._cell is not None:
+            self.tables[self._table][-1].append(("".join(self._cell).strip(), self._value))
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _tables(page: str) -> dict[str, list[list[tuple[str, str | None]]]]:
+    parser = _Tables()
+    parser.feed(page)
+    return {name: [row for row in rows if row] for name, rows in parser.tables.items()}  # drop the header rows
+
+
+def test_page_lists_every_done_cell_in_leaderboard_order(report):
+    tables = _tables(report.read_text())
+    rows = tables["leaderboard"]
+    assert len(rows) == len(_grid()) == len(tables["age-bins"])
+    shown = [(row[0][0], row[1][0], row[2][0], float(row[3][1])) for row in rows]
+    assert shown == sorted(_grid())
+    for row, (_, _, _, epsilon) in zip(rows, shown, strict=True):
+        assert row[3][0] == f"{format_epsilon(epsilon)} (range)"
+        # Every number carries its raw value for sorting, whatever its display.
+        assert all(value is not None and not math.isnan(float(value)) for _, value in row[6:])
+
+
+def test_epsilon_and_number_formats():
+    assert [format_epsilon(e) for e in (5e-4, 1.5e-3, 1e-4, 0.01, 0.5, 2.0, 0.0)] == \
+        ["5e-04", "1.5e-03", "1e-04", "0.01", "0.5", "2", "0"]
+
+
+def test_page_is_self_contained(report):
+    page = report.read_text()
+    references = re.findall(r"""\b(?:src|href)\s*=\s*["']?([^"'\s>]*)""", page, flags=re.IGNORECASE)
+    assert references, "the page embeds its figure"
+    # Every src/href is a data: URI: none is http(s) or protocol-relative ("//host/...").
+    assert all(reference.startswith("data:") for reference in references), references
+    assert "http://" not in page and "https://" not in page
+    assert "<link" not in page and "@import" not in page
+
+
+def test_user_text_is_escaped(report):
+    page = report.read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script>alert" not in page
+    assert "RuntimeError: CUDA out of memory &lt;b&gt;boom&lt;/b&gt; &amp; more" in page
+    assert "<b>boom" not in page
+
+
+def test_failed_cell_environment_and_config_are_shown(report):
+    page = report.read_text()
+    assert "Failed cells" in page and "1 failed" in page and f"{len(_grid())} cells done" in page
+    assert "8 subjects per cell from the test split" in page
+    assert "packages.torch" in page and "2.3.0" in page and "abc123" in page
+    assert json.dumps(CONFIG, indent=2, sort_keys=True).replace('"', "&#34;") in page
+
+
+def test_csv_has_one_row_per_done_cell(report, store_dir):
+    csv = pd.read_csv(report.parent / "results.csv")
+    assert len(csv) == len(_grid())
+    for column in ("id", "model", "model_name", "attack", "params", "norm", "epsilon", "unit", "threat_model",
+                   "objective", "clean_mae", "adversarial_mae", "mean_abs_deviation", "abs_mean_deviation_lt15",
+                   "success_5y", "mean_linf_rel", "seconds"):
+        assert column in csv.columns, column
+    assert "status" not in csv.columns and "error" not in csv.columns
+    assert list(zip(csv.model, csv.attack, csv.norm, csv.epsilon, strict=True)) == sorted(_grid())
+    with ResultStore(store_dir, create=False) as store:
+        cells = store.cells().set_index("id")
+    for _, row in csv.iterrows():
+        stored = cells.loc[row["id"]]
+        assert json.loads(row["params"]) == stored["params"]
+        for column in ("clean_mae", "adversarial_mae", "mean_abs_deviation", "success_5y", "seconds"):
+            assert row[column] == pytest.approx(stored[column])
+
+
+def test_figure_is_written_and_embedded(report):
+    png = (report.parent / "deviation_vs_epsilon.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert "data:image/png;base64," in report.read_text()
+
+
+def test_figure_panels_axes_and_lines(store_dir):
+    with ResultStore(store_dir, create=False) as store:
+        figure = deviation_figure(leaderboard_table(store.cells()))
+    panels = [ax for ax in figure.axes if ax.get_visible()]
+    assert sorted(ax.get_title() for ax in panels) == ["fgsm, l2", "fgsm, linf", "pgd, l2", "pgd, linf"]
+    for ax in panels:
+        assert ax.get_xlabel() == "epsilon (fraction of image range)"
+        assert ax.get_xscale() == ("log" if ax.get_title().endswith("linf") else "linear")
+        assert len([line for line in ax.get_lines() if len(line.get_xdata())]) == len(MODELS)
+    assert sorted(text.get_text() for text in figure.legends[0].get_texts()) == sorted(MODELS)
+
+
+def test_single_epsilon_still_draws_points(tmp_path):
+    with ResultStore(tmp_path) as store:
+        run_id = store.start_run({}, {})
+        for seed, model in enumerate(MODELS):
+            spec, metrics, samples = _cell(model, "fgsm", "linf", 1e-3, seed)
+            store.write_cell(f"cell{seed}", run_id, spec, metrics, samples, seconds=1.0)
+        figure = deviation_figure(leaderboard_table(store.cells()))
+    lines = figure.axes[0].get_lines()
+    assert all(line.get_marker() not in (None, "None", "") for line in lines if len(line.get_xdata()))
+    assert figure.axes[0].get_xscale() == "linear"
+
+
+def test_empty_store_says_no_results(tmp_path):
+    ResultStore(tmp_path).close()
+    (tmp_path / "deviation_vs_epsilon.png").write_bytes(b"stale")
+    page = write_report(tmp_path)
+    assert page == tmp_path / "leaderboard.html"
+    text = page.read_text()
+    assert "No results yet" in text and "data:image/png" not in text and "0 cells done, 0 failed" in text
+    assert not (tmp_path / "deviation_vs_epsilon.png").exists()
+    assert pd.read_csv(tmp_path / "results.csv").empty
+
+
+def test_missing_store_is_a_medrobust_error(tmp_path):
+    with pytest.raises(MedrobustError, match="results.sqlite"):
+        write_report(tmp_path / "nowhere")
+
+
+def test_store_without_a_spec_field_is_a_medrobust_error(tmp_path):
+    with ResultStore(tmp_path) as store:
+        spec, metrics, samples = _cell("cnn3d", "fgsm", "linf", 1e-3, 0)
+        del spec["threat_model"]
+        store.write_cell("cell", store.start_run({}, {}), spec, metrics, samples, seconds=1.0)
+    with pytest.raises(MedrobustError, match="results.sqlite.*'threat_model'"):
+        write_report(tmp_path)
+
+
+def _browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (optional)")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (optional)")
+    return sync_api, chromium
+
+
+def test_clicking_a_numeric_header_sorts_and_reverses_in_a_browser(report):
+    sync_api, chromium = _browser()
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(report.resolve().as_uri())
+            header = page.locator("#leaderboard thead th", has_text="mean |deviation|")
+            values = "rows => rows.map(row => parseFloat(row.cells[8].dataset.value))"
+            header.click()
+            ascending = page.locator("#leaderboard tbody tr").evaluate_all(values)
+            header.click()
+            descending = page.locator("#leaderboard tbody tr").evaluate_all(values)
+        finally:
+            browser.close()
+    assert ascending == sorted(ascending) and descending == sorted(ascending, reverse=True)
