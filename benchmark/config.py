@@ -1,0 +1,338 @@
+"""The run configuration (`medrobust run CONFIG.toml`): read, validated in full before anything runs.
+
+Every problem is a MedrobustError naming the file and the field, e.g. ``demo.toml: budgets[1].epsilon[0] must be
+a finite number >= 0, got nan``. Relative paths are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medrobust.attacks import OBJECTIVES, THREAT_MODELS, Budget, attack_entrypoint, create_attack, list_attacks
+from medrobust.cohort import CohortSpec
+from medrobust.errors import MedrobustError
+from medrobust.models import list_models
+from medrobust.splits import SPLIT_NAMES
+from medrobust.training import TrainingConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+# Constructor arguments an attack entry may not set: the run sets them for every attack alike.
+RUN_LEVEL_ATTACK_ARGS = ("self", "model", "budget", "objective", "target_age", "threat_model", "seed")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the grid: a registered architecture and its checkpoint (trained if missing and allowed)."""
+
+    name: str
+    label: str
+    checkpoint: Path | None = None
+    train_if_missing: bool = True
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack of the grid: a registered name, its own arguments, and its budgets (else the run's)."""
+
+    name: str
+    params: dict
+    budgets: tuple[Budget, ...] | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where the subjects come from and which of them are attacked."""
+
+    path: Path
+    builtin: bool = False
+    subjects: int = 500
+    split: str = "test"
+    count: int | None = None
+    split_seed: int = 0
+    strict: bool = False
+    shape: tuple[int, int, int] | None = None  # built-in cohort grid; default CohortSpec's
+    voxel_size: tuple[float, float, float] | None = None
+
+
+@dataclass
+class RunConfig:
+    """A validated run configuration."""
+
+    source: Path
+    out: Path
+    dataset: DatasetSpec
+    models: list[ModelSpec]
+    attacks: list[AttackSpec]
+    budgets: list[Budget]
+    objectives: list[str]
+    threat_models: list[str]
+    target_age: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 8
+    brain_mask: bool = False
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    raw: dict = field(default_factory=dict)
+
+
+class _Table:
+    """One TOML table being read: every key taken is checked; leftovers are unknown keys."""
+
+    def __init__(self, data: Any, where: str, source: str) -> None:
+        self.where, self.source = where, source
+        if not isinstance(data, dict):
+            self.fail(f"{where or 'the file'} must be a table, got {type(data).__name__}")
+        self.data = dict(data)
+
+    def name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def fail(self, message: str):
+        raise MedrobustError(f"{self.source}: {message}")
+
+    def take(self, key: str, kind: str, default: Any = inspect.Parameter.empty) -> Any:
+        """The value of ``key`` checked to be of ``kind`` (int, number, str, bool, list, table)."""
+        if key not in self.data:
+            if default is inspect.Parameter.empty:
+                self.fail(f"{self.name(key)} is required")
+            return default
+        return _check(self.data.pop(key), kind, self.name(key), self)
+
+    def take_list(self, key: str, kind: str, default: Any) -> list:
+        """A value or a list of values of ``kind`` (a single value is a list of one)."""
+        value = self.data.pop(key, default)
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            self.fail(f"{self.name(key)} must not be empty")
+        return [_check(v, kind, f"{self.name(key)}[{i}]" if isinstance(value, list) else self.name(key), self)
+                for i, v in enumerate(values)]
+
+    def done(self) -> None:
+        if self.data:
+            self.fail(f"unknown key {self.name(sorted(self.data)[0])!r}")
+
+
+_KINDS = {"int": "an integer", "number": "a number", "str": "a string", "bool": "true or false", "list": "a list",
+          "table": "a table"}
+
+
+def _check(value: Any, kind: str, name: str, table: _Table) -> Any:
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+        "list": isinstance(value, list),
+        "table": isinstance(value, dict),
+    }[kind]
+    if not ok:
+        table.fail(f"{name} must be {_KINDS[kind]}, got {value!r}")
+    if kind == "number" and not math.isfinite(value):
+        table.fail(f"{name} must be a finite number, got {value!r}")
+    return float(value) if kind == "number" else value
+
+
+def _choice(value: str, choices: tuple[str, ...] | list[str], name: str, table: _Table) -> str:
+    if value not in choices:
+        table.fail(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _budgets(items: Any, where: str, table: _Table) -> list[Budget]:
+    """Budget tables (norm, epsilon as a number or a list, unit), expanded to one Budget per epsilon."""
+    _check(items, "list", where, table)
+    if not items:
+        table.fail(f"{where} must list at least one budget")
+    budgets = []
+    for i, item in enumerate(items):
+        entry = _Table(item, f"{where}[{i}]", table.source)
+        norm, unit = entry.take("norm", "str"), entry.take("unit", "str", "range")
+        raw = entry.data.pop("epsilon", None)
+        if raw is None:
+            entry.fail(f"{entry.name('epsilon')} is required")
+        entry.done()
+        for j, epsilon in enumerate(raw if isinstance(raw, list) else [raw]):
+            name = entry.name(f"epsilon[{j}]" if isinstance(raw, list) else "epsilon")
+            if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0 \
+                    or not math.isfinite(epsilon):
+                entry.fail(f"{name} must be a finite number >= 0, got {epsilon!r}")
+            try:
+                budgets.append(Budget(norm=norm, epsilon=float(epsilon), unit=unit))
+            except MedrobustError as err:
+                entry.fail(f"{entry.where}: {err}")
+    return budgets
+
+
+def builtin_cohort(spec: DatasetSpec) -> CohortSpec:
+    """The built-in cohort a dataset spec asks for (the cohort's defaults where it is silent)."""
+    grid = {k: v for k, v in (("shape", spec.shape), ("voxel_size", spec.voxel_size)) if v}
+    return CohortSpec(n=spec.subjects, **grid)
+
+
+def _triple(entry: _Table, key: str, kind: str) -> tuple | None:
+    values = entry.take(key, "list", None)
+    if values is None:
+        return None
+    if len(values) != 3:
+        entry.fail(f"{entry.name(key)} must list three values (x, y, z), got {values!r}")
+    values = tuple(_check(v, kind, f"{entry.name(key)}[{i}]", entry) for i, v in enumerate(values))
+    if not all(v > 0 for v in values):
+        entry.fail(f"{entry.name(key)} must be positive, got {list(values)}")
+    return values
+
+
+def _dataset(table: _Table) -> DatasetSpec:
+    entry = _Table(table.take("dataset", "table"), "dataset", table.source)
+    builtin = entry.take("builtin", "bool", False)
+    path = Path(entry.take("path", "str"))
+    spec = DatasetSpec(
+        path=path, builtin=builtin, subjects=entry.take("subjects", "int", 500),
+        split=_choice(entry.take("split", "str", "test"), SPLIT_NAMES, "dataset.split", entry),
+        count=entry.take("count", "int", None), split_seed=entry.take("split_seed", "int", 0),
+        strict=entry.take("strict", "bool", False), shape=_triple(entry, "shape", "int"),
+        voxel_size=_triple(entry, "voxel_size", "number"))
+    entry.done()
+    if not builtin and not path.exists():
+        entry.fail(f"dataset.path {str(path)!r} does not exist; set builtin = true to generate the built-in cohort "
+                   "there")
+    if not builtin and (spec.shape or spec.voxel_size):
+        entry.fail("dataset.shape and dataset.voxel_size set the built-in cohort's grid; they need builtin = true")
+    if spec.count is not None and spec.count < 1:
+        entry.fail(f"dataset.count must be at least 1, got {spec.count}")
+    if builtin:
+        if spec.subjects < 10:
+            entry.fail(f"dataset.subjects must be at least 10 for the built-in cohort, got {spec.subjects}")
+        try:
+            builtin_cohort(spec).validate()
+        except MedrobustError as err:
+            entry.fail(f"dataset: {str(err).replace('--voxel-size', 'voxel_size').replace('--', '')}")
+
+    return spec
+
+
+def _models(table: _Table) -> list[ModelSpec]:
+    items = table.take("models", "list")
+    if not items:
+        table.fail("models must list at least one model")
+    models, labels = [], set()
+    for i, item in enumerate(items):
+        entry = _Table(item, f"models[{i}]", table.source)
+        name = _choice(entry.take("name", "str"), list_models(), entry.name("name"), entry)
+        checkpoint = entry.take("checkpoint", "str", None)
+        spec = ModelSpec(name=name, label=entry.take("label", "str", name),
+                         checkpoint=Path(checkpoint) if checkpoint else None,
+                         train_if_missing=entry.take("train_if_missing", "bool", True))
+        entry.done()
+        if spec.label in labels:
+            entry.fail(f"{entry.name('label')} {spec.label!r} is used twice; give each model its own label")
+        labels.add(spec.label)
+        if spec.checkpoint is not None and not spec.checkpoint.with_suffix(".json").is_file():
+            entry.fail(f"{entry.name('checkpoint')}: no checkpoint at {str(spec.checkpoint)!r} "
+                       "(needs <stem>.safetensors and <stem>.json); leave checkpoint out to train one")
+        models.append(spec)
+    return models
+
+
+def _attacks(table: _Table) -> list[AttackSpec]:
+    items = table.take("attacks", "list")
+    if not items:
+        table.fail("attacks must list at least one attack")
+    attacks = []
+    for i, item in enumerate(items):
+        entry = _Table(item, f"attacks[{i}]", table.source)
+        name = _choice(entry.take("name", "str"), list_attacks(), entry.name("name"), entry)
+        budgets = entry.data.pop("budgets", None)
+        budgets = tuple(_budgets(budgets, entry.name("budgets"), entry)) if budgets is not None else None
+        accepted = [p for p in inspect.signature(attack_entrypoint(name).__init__).parameters
+                    if p not in RUN_LEVEL_ATTACK_ARGS]
+        unknown = [key for key in entry.data if key not in accepted]
+        if unknown:
+            entry.fail(f"unknown key {entry.name(unknown[0])!r}; {name} takes {', '.join(accepted) or 'no arguments'}"
+                       f" (budget, objective, threat model and seed are set for the whole run)")
+        attacks.append(AttackSpec(name=name, params=dict(entry.data), budgets=budgets))
+    return attacks
+
+
+def parse_config(data: dict, source: str = "config") -> RunConfig:
+    """Validate a config already read from TOML into a RunConfig."""
+    table = _Table(data, "", source)
+    objectives = [_choice(o, OBJECTIVES, "objective", table) for o in table.take_list("objective", "str", "older")]
+    threat_models = [_choice(t, THREAT_MODELS, "threat_model", table)
+                     for t in table.take_list("threat_model", "str", "fixed")]
+    target_age = table.take("target_age", "number", None)
+    if "target" in objectives and target_age is None:
+        table.fail("objective 'target' needs target_age (years)")
+    budgets_raw = table.data.pop("budgets", None)
+    training_table = _Table(table.take("training", "table", {}), "training", source)
+    training_values = {f.name: training_table.take(f.name, "number" if f.type in ("float",) else
+                                                   "str" if f.type == "str" else "int", f.default)
+                       for f in fields(TrainingConfig)}
+    training_table.done()
+    training = TrainingConfig(**training_values)
+    try:
+        training.validate()
+    except MedrobustError as err:
+        table.fail(f"training: {str(err).replace('--', '').replace('-', '_')}")
+    config = RunConfig(
+        source=Path(source), out=Path(table.take("out", "str", f"runs/{Path(source).stem}")),
+        dataset=_dataset(table), models=_models(table), attacks=_attacks(table),
+        budgets=_budgets(budgets_raw, "budgets", table) if budgets_raw is not None else [],
+        objectives=objectives, threat_models=threat_models, target_age=target_age,
+        seed=table.take("seed", "int", 0), device=table.take("device", "str", "auto"),
+        batch_size=table.take("batch_size", "int", 8), brain_mask=table.take("brain_mask", "bool", False),
+        training=training, raw=data)
+    table.done()
+    if config.batch_size < 1:
+        table.fail(f"batch_size must be at least 1, got {config.batch_size}")
+    _check_attacks(config, table)
+    return config
+
+
+def _check_attacks(config: RunConfig, table: _Table) -> None:
+    """Build every attack once on a stand-in model, so a bad argument value fails now, not an hour in."""
+    stand_in = torch.nn.Identity()
+    for i, spec in enumerate(config.attacks):
+        budgets = spec.budgets if spec.budgets is not None else config.budgets
+        if not budgets:
+            table.fail(f"attacks[{i}] ({spec.name}) has no budget: add [[budgets]] or attacks[{i}].budgets")
+        supported = attack_entrypoint(spec.name).norms
+        if not any(b.norm in supported for b in budgets):
+            table.fail(f"attacks[{i}] ({spec.name}) supports norms {', '.join(supported)}; no budget uses one")
+        if spec.budgets is not None:
+            for budget in spec.budgets:
+                if budget.norm not in supported:
+                    table.fail(f"attacks[{i}].budgets: {spec.name} does not support norm {budget.norm!r}")
+        for budget in budgets:
+            if budget.norm not in supported:
+                continue
+            try:
+                create_attack(spec.name, stand_in, budget=budget, objective=config.objectives[0],
+                              target_age=config.target_age, threat_model=config.threat_models[0], seed=config.seed,
+                              **spec.params)
+            except (MedrobustError, TypeError, ValueError) as err:
+                table.fail(f"attacks[{i}] ({spec.name}): {err}")
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a TOML run configuration."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MedrobustError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise MedrobustError(f"config file {path} is unreadable ({err})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise MedrobustError(f"{path}: not valid TOML ({err})") from None
+    return parse_config(data, str(path))
