@@ -1,0 +1,332 @@
+"""The attack contract: ``Attack`` owns the plumbing every attack shares, ``AttackResult`` is what it returns.
+
+An attack subclass sets ``name`` and ``norms`` and implements ``perturb(state)``; the base validates the
+arguments, freezes the model, builds the per-call ``AttackState`` (budget radius, bounds, objective, counters,
+best iterate) and turns the final iterate into an ``AttackResult``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from medrobust.attacks.budget import NORMS, Budget, as_budget
+from medrobust.attacks.objectives import check_objective, objective_score
+from medrobust.errors import MedrobustError
+
+# fixed: context features keep their clean values (the paper's setting). recomputed and perturbed come later.
+THREAT_MODELS = ("fixed",)
+# image: stay inside each clean image's own [min, max]; none: no intensity bounds.
+CLIPS = ("image", "none")
+
+
+@dataclass
+class AttackResult:
+    """One attacked batch.
+
+    ``images``: the adversarial images (detached, dtype and device of the input); ``features``: the context
+    features the adversarial prediction used (the clean ones under ``fixed``); predictions [B] in years;
+    ``forward``/``backward``: model passes spent, the clean and final predictions included; ``steps``:
+    gradient steps taken.
+    """
+
+    images: Tensor
+    features: Tensor | None
+    clean_prediction: Tensor
+    adversarial_prediction: Tensor
+    forward: int
+    backward: int
+    steps: int
+
+
+class AttackState:
+    """One call's clean batch, bounds, counters and best iterate: what ``Attack.perturb`` works with.
+
+    Iterates are adversarial images rather than perturbations so that the image scored is, bit for bit, the
+    image returned. Everything here runs without a host synchronisation: per-sample choices use torch.where.
+    """
+
+    def __init__(self, attack: Attack, images: Tensor, features: Tensor | None, ages: Tensor | None,
+                 mask: Tensor | None) -> None:
+        self.attack = attack
+        self.images = images
+        self.features = features
+        self.ages = ages
+        self.mask = mask
+        self.forward = 0
+        self.backward = 0
+        self.steps = 0
+        # Created per call from the seed, so two calls with the same inputs give identical output.
+        self.generator = torch.Generator(device=images.device).manual_seed(attack.seed)
+        self._view = (-1,) + (1,) * (images.dim() - 1)
+        self.radius = attack.budget.radius(images)
+        self.lower = self.upper = None
+        if attack.clip == "image":
+            flat = images.flatten(1)
+            self.lower = flat.amin(dim=1).view(self._view)
+            self.upper = flat.amax(dim=1).view(self._view)
+        self.clean_prediction = self.predict(images)
+        self.best_images = images
+        self.best_prediction = self.clean_prediction
+        self.best_score = self.score(self.clean_prediction)
+
+    def predict(self, images: Tensor) -> Tensor:
+        """The model's prediction [B] for ``images`` (features as the threat model says), without gradient."""
+        self.forward += 1
+        with torch.no_grad():
+            return self.attack.model(images, self.features)
+
+    def score(self, prediction: Tensor) -> Tensor:
+        """The attack's objective [B] for a prediction: higher is better for the attacker."""
+        attack = self.attack
+        return objective_score(attack.objective, prediction, self.clean_prediction, self.ages, attack.target_age)
+
+    def gradient(self, adversarial: Tensor) -> Tensor:
+        """Gradient of the objective with respect to the image at ``adversarial`` (one step: a forward and a
+        backward pass). The iterate's score comes for free and is recorded for ``keep_best``."""
+        # The gradient w.r.t. the adversarial image equals that w.r.t. the perturbation; parameters are frozen,
+        # so autograd computes nothing else.
+        leaf = adversarial.detach().requires_grad_(True)
+        prediction = self.attack.model(leaf, self.features)
+        score = self.score(prediction)
+        (grad,) = torch.autograd.grad(score.sum(), leaf)
+        self.forward += 1
+        self.backward += 1
+        self.steps += 1
+        self.record(adversarial, prediction.detach(), score.detach())
+        return grad
+
+    def ascend(self, adversarial: Tensor, grad: Tensor, fraction: float) -> Tensor:
+        """Step of ``fraction`` of the radius along the steepest-ascent direction of the budget's norm
+        (sign of the gradient for l-inf, the normalized gradient for l2), then projected."""
+        grad = self._masked(grad)
+        if self.attack.budget.norm == "linf":
+            direction = grad.sign()
+        else:
+            direction = grad / self._l2(grad)
+        return self.project(adversarial + fraction * self.radius.view(self._view) * direction)
+
+    def random_start(self) -> Tensor:
+        """A random point of the budget ball around the clean images (uniform for l-inf; for l2 a uniform
+        direction at radius r * u^(1/d), d the number of voxels that may move), projected."""
+        images = self.images
+        draw = {"generator": self.generator, "dtype": images.dtype, "device": images.device}
+        radius = self.radius.view(self._view)
+        if self.attack.budget.norm == "linf":
+            return self.project(images + (2 * torch.rand(images.shape, **draw) - 1) * radius)
+        direction = self._masked(torch.randn(images.shape, **draw))
+        dims = self._masked(torch.ones_like(images)).flatten(1).sum(dim=1)
+        fraction = torch.rand(images.shape[0], **draw) ** (1 / dims.clamp_min(1))
+        return self.project(images + (fraction * self.radius).view(self._view) * direction / self._l2(direction))
+
+    def project(self, adversarial: Tensor) -> Tensor:
+        """The nearest allowed image: perturbation zero outside the mask, within the budget, then clipped
+        into the clean image's range (clipping only shrinks each voxel's move, so the norm stays in budget)."""
+        delta = self._masked(adversarial - self.images)
+        radius = self.radius.view(self._view)
+        if self.attack.budget.norm == "linf":
+            delta = torch.clamp(delta, -radius, radius)
+        else:
+            delta = delta * (radius / self._l2(delta)).clamp(max=1)
+        adversarial = self.images + delta
+        # fl(x + delta) may land half an ulp farther from x than delta (in float32 at the paper's epsilon, a few
+        # 1e-5 of the radius): stepping such voxels one ulp back toward x keeps every realized move within
+        # |delta|, so the budget holds for the image returned, not only for delta.
+        overshoot = (adversarial - self.images).abs() > delta.abs()
+        adversarial = torch.where(overshoot, torch.nextafter(adversarial, self.images), adversarial)
+        if self.lower is not None:
+            adversarial = torch.clamp(adversarial, self.lower, self.upper)
+        return adversarial
+
+    def record(self, adversarial: Tensor, prediction: Tensor, score: Tensor) -> None:
+        """Keep, per sample, the iterate with the highest score so far (when the attack keeps the best)."""
+        if not self.attack.keep_best:
+            return
+        better = score > self.best_score
+        self.best_score = torch.where(better, score, self.best_score)
+        self.best_prediction = torch.where(better, prediction, self.best_prediction)
+        self.best_images = torch.where(better.view(self._view), adversarial.detach(), self.best_images)
+
+    def finish(self, adversarial: Tensor) -> AttackResult:
+        """The result for the final iterate, or for the best iterate per sample under ``keep_best``; one
+        forward pass predicts (and scores) the final iterate."""
+        prediction = self.predict(adversarial)
+        if self.attack.keep_best:
+            self.record(adversarial, prediction, self.score(prediction))
+            adversarial, prediction = self.best_images, self.best_prediction
+        return AttackResult(
+            images=adversarial.detach(),
+            features=self.features,
+            clean_prediction=self.clean_prediction,
+            adversarial_prediction=prediction,
+            forward=self.forward,
+            backward=self.backward,
+            steps=self.steps,
+        )
+
+    def _l2(self, tensor: Tensor) -> Tensor:
+        # Per sample over all non-batch dimensions, shaped to broadcast; tiny instead of 0 so 0 / 0 stays 0.
+        norm = torch.linalg.vector_norm(tensor.flatten(1), ord=2, dim=1)
+        return norm.clamp_min(torch.finfo(tensor.dtype).tiny).view(self._view)
+
+    def _masked(self, tensor: Tensor) -> Tensor:
+        if self.mask is None:
+            return tensor
+        return torch.where(self.mask, tensor, torch.zeros_like(tensor))
+
+
+class Attack:
+    """Base of every attack: ``attack(images, features, ages, mask) -> AttackResult``.
+
+    ``budget``: a Budget, a dict of its fields or None (l-inf, 1e-3 of each image's range). ``objective``: what
+    to maximize per sample (see ``OBJECTIVES``); ``target_age`` is required by, and only by, ``target``.
+    ``threat_model``: ``fixed`` (context features keep their clean values). ``clip``: ``image`` keeps each
+    adversarial image inside its clean image's [min, max], ``none`` does not clip. ``keep_best``: return, per
+    sample, the best image seen (the clean one included) rather than the last iterate. ``seed``: of the
+    random draws, for bit-identical repeats.
+
+    Subclasses set ``name`` (the registry name) and ``norms`` (the budget norms they support), add their own
+    keyword arguments (all defaulted, stored as attributes of the same name so that ``params()`` finds them)
+    and implement ``perturb``.
+    """
+
+    name: ClassVar[str] = ""
+    norms: ClassVar[tuple[str, ...]] = NORMS
+
+    def __init__(
+        self,
+        model: nn.Module,
+        budget: Budget | dict | None = None,
+        objective: str = "older",
+        target_age: float | None = None,
+        threat_model: str = "fixed",
+        clip: str = "image",
+        keep_best: bool = True,
+        seed: int = 0,
+    ) -> None:
+        label = self.name or type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise MedrobustError(f"attack '{label}' needs a torch.nn.Module model, got {type(model).__name__}")
+        if threat_model not in THREAT_MODELS:
+            raise MedrobustError(
+                f"threat_model must be one of {', '.join(THREAT_MODELS)}, got {threat_model!r}"
+            )
+        meta = getattr(model, "meta", None)
+        if meta is not None and not getattr(meta, "uses_image", True):
+            model_name = getattr(meta, "name", type(model).__name__)
+            raise MedrobustError(
+                f"model '{model_name}' does not use the image, so under threat_model '{threat_model}' (clean "
+                f"context features) an image attack cannot change its prediction; attack an image model"
+            )
+        self.budget = as_budget(budget)
+        if self.budget.norm not in self.norms:
+            raise MedrobustError(
+                f"attack '{label}' supports budget norms {', '.join(self.norms)}, got {self.budget.norm!r}"
+            )
+        self.target_age = check_objective(objective, target_age)
+        if clip not in CLIPS:
+            raise MedrobustError(f"clip must be one of {', '.join(CLIPS)}, got {clip!r}")
+        if not isinstance(keep_best, bool):
+            raise MedrobustError(f"keep_best must be True or False, got {keep_best!r}")
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+            raise MedrobustError(f"seed must be an integer >= 0, got {seed!r}")
+        self.model = model
+        self.objective = objective
+        self.threat_model = threat_model
+        self.clip = clip
+        self.keep_best = keep_best
+        self.seed = int(seed)
+
+    def params(self) -> dict:
+        """Every constructor argument but the model, defaults filled in, JSON-native (budget as a dict).
+
+        Read from the constructor signatures of the class and its bases, so a new attack's own arguments are
+        included without it listing them again; results derive their content ids from this.
+        """
+        names: list[str] = []
+        for cls in reversed(type(self).__mro__):
+            init = cls.__dict__.get("__init__")
+            if cls is object or init is None:
+                continue
+            for parameter in inspect.signature(init).parameters.values():
+                variadic = parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+                if not variadic and parameter.name not in ("self", "model") and parameter.name not in names:
+                    names.append(parameter.name)
+        params = {name: getattr(self, name) for name in names}
+        params["budget"] = self.budget.as_dict()
+        return params
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{key}={value!r}" for key, value in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+    def __call__(
+        self,
+        images: Tensor,
+        features: Tensor | None = None,
+        ages: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> AttackResult:
+        """Attack a batch: ``images`` float [B, ...] (2D or 3D, any intensity range, any device), ``features``
+        [B, F] or None passed to the model unchanged, ``ages`` [B] true ages (objective ``error``), ``mask``
+        bool or float broadcastable to ``images``: the perturbation is zero wherever it is zero/False."""
+        images = _check_images(images)
+        mask = _check_mask(mask, images)
+        if ages is not None:
+            ages = torch.as_tensor(ages, device=images.device)
+            if ages.shape != images.shape[:1]:
+                raise MedrobustError(
+                    f"ages must hold one true age per image, shape [{images.shape[0]}], got {list(ages.shape)}"
+                )
+        model = self.model
+        flags = [parameter.requires_grad for parameter in model.parameters()]
+        modes = [module.training for module in model.modules()]
+        try:
+            # Frozen parameters: autograd computes and accumulates no parameter gradient at all.
+            model.requires_grad_(False)
+            model.eval()
+            # A caller's torch.no_grad() (an evaluation loop) must not switch the attack's gradients off.
+            with torch.enable_grad():
+                state = AttackState(self, images, features, ages, mask)
+                return state.finish(self.perturb(state))
+        finally:
+            for parameter, flag in zip(model.parameters(), flags, strict=True):
+                parameter.requires_grad_(flag)
+            for module, mode in zip(model.modules(), modes, strict=True):
+                module.training = mode
+
+    def perturb(self, state: AttackState) -> Tensor:
+        """The attack itself: return the final adversarial images [B, ...], inside the budget (build iterates
+        with ``state.project``/``state.ascend``, take gradients with ``state.gradient``)."""
+        raise NotImplementedError
+
+
+def _check_images(images: Tensor) -> Tensor:
+    if not isinstance(images, Tensor) or not images.is_floating_point():
+        raise MedrobustError(f"images must be a float tensor [B, ...], got {getattr(images, 'dtype', images)!r}")
+    if images.dim() < 2 or images.numel() == 0:
+        raise MedrobustError(f"images must be a non-empty batch [B, ...], got shape {list(images.shape)}")
+    # One check at the boundary: a NaN would poison the radius and every iterate silently.
+    if not torch.isfinite(images).all():
+        raise MedrobustError("images contain NaN or inf values; fix or drop those images before attacking")
+    return images.detach()
+
+
+def _check_mask(mask: Tensor | None, images: Tensor) -> Tensor | None:
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask, device=images.device)
+    try:
+        fits = torch.broadcast_shapes(mask.shape, images.shape) == images.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise MedrobustError(
+            f"mask of shape {list(mask.shape)} does not broadcast to the images' shape {list(images.shape)}"
+        )
+    return (mask != 0).expand(images.shape)
