@@ -242,22 +242,25 @@ class Attack:
         self.keep_best = keep_best
         self.seed = int(seed)
 
-    def params(self) -> dict:
-        """Every constructor argument but the model, defaults filled in, JSON-native (budget as a dict).
-
-        Read from the constructor signatures of the class and its bases, so a new attack's own arguments are
-        included without it listing them again; results derive their content ids from this.
-        """
+    @classmethod
+    def argument_names(cls) -> list[str]:
+        """Every constructor argument but the model, read from the signatures of the class and its bases, so a
+        new attack's own arguments are included without it listing them again."""
         names: list[str] = []
-        for cls in reversed(type(self).__mro__):
-            init = cls.__dict__.get("__init__")
-            if cls is object or init is None:
+        for klass in reversed(cls.__mro__):
+            init = klass.__dict__.get("__init__")
+            if klass is object or init is None:
                 continue
             for parameter in inspect.signature(init).parameters.values():
                 variadic = parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
                 if not variadic and parameter.name not in ("self", "model") and parameter.name not in names:
                     names.append(parameter.name)
-        params = {name: getattr(self, name) for name in names}
+        return names
+
+    def params(self) -> dict:
+        """Every constructor argument but the model, defaults filled in, JSON-native (budget as a dict); results
+        derive their content ids from this."""
+        params = {name: getattr(self, name) for name in self.argument_names()}
         params["budget"] = self.budget.as_dict()
         return params
 

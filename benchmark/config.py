@@ -28,7 +28,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 # Constructor arguments an attack entry may not set: the run sets them for every attack alike.
-RUN_LEVEL_ATTACK_ARGS = ("self", "model", "budget", "objective", "target_age", "threat_model", "seed")
+RUN_LEVEL_ATTACK_ARGS = ("budget", "objective", "target_age", "threat_model", "seed")
 
 
 @dataclass(frozen=True)
@@ -254,8 +254,7 @@ def _attacks(table: _Table) -> list[AttackSpec]:
         name = _choice(entry.take("name", "str"), list_attacks(), entry.name("name"), entry)
         budgets = entry.data.pop("budgets", None)
         budgets = tuple(_budgets(budgets, entry.name("budgets"), entry)) if budgets is not None else None
-        accepted = [p for p in inspect.signature(attack_entrypoint(name).__init__).parameters
-                    if p not in RUN_LEVEL_ATTACK_ARGS]
+        accepted = [p for p in attack_entrypoint(name).argument_names() if p not in RUN_LEVEL_ATTACK_ARGS]
         unknown = [key for key in entry.data if key not in accepted]
         if unknown:
             entry.fail(f"unknown key {entry.name(unknown[0])!r}; {name} takes {', '.join(accepted) or 'no arguments'}"

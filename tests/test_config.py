@@ -89,11 +89,19 @@ def test_good_config_expands(tmp_path):
     assert config.dataset.shape == (32, 32, 32) and config.training.epochs == 1
 
 
+def test_attack_entries_take_the_base_arguments_too(tmp_path):
+    text = GOOD.replace('name = "fgsm"', 'name = "fgsm"\nclip = "none"\nkeep_best = false')
+    config = load_config(write(tmp_path, text))
+    assert config.attacks[0].params == {"clip": "none", "keep_best": False}
+
+
 BAD = [
     # (replace this, with this, the error must mention)
     ('seed = 1', 'seed = 1\ncolour = "red"', "unknown key 'colour'"),
     ('subjects = 24', 'subjects = 24\nsize = 3', "unknown key 'dataset.size'"),
     ('name = "pgd"', 'name = "pgd"\nstepz = 3', "unknown key 'attacks[1].stepz'"),
+    ('name = "pgd"', 'name = "pgd"\nseed = 3', "unknown key 'attacks[1].seed'"),
+    ('name = "pgd"', 'name = "pgd"\nclip = "never"', "clip must be one of"),
     ('seed = 1', 'seed = "one"', "seed must be an integer"),
     ('batch_size = 4', 'batch_size = 0', "batch_size must be at least 1"),
     ('count = 3', 'count = "all"', "dataset.count must be an integer"),
