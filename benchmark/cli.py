@@ -173,3 +173,7 @@ def report_cmd(run_dir, out) -> None:
     from medrobust.reports import write_report
 
     click.echo(f"leaderboard: {write_report(Path(run_dir), Path(out) if out else None)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -63,6 +63,8 @@ def describe_environment(device: torch.device) -> dict[str, object]:
         "device": str(device),
         "device_name": device_name,
         "cpu_threads": torch.get_num_threads(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "tf32": device.type == "cuda" and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32),
         "packages": package_versions(),
         **git_state(),
     }

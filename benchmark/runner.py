@@ -193,6 +193,13 @@ def run(config: RunConfig, progress: bool = True, echo=tqdm.write) -> RunSummary
     """Run every pending cell of `config` and record it in `<out>/results.sqlite`."""
     began = time.perf_counter()
     device = resolve_device(config.device)
+    if device.type == "cuda":
+        # fp32 means fp32, and a re-run repeats: no TF32 in convolutions or matrix products (it moves predictions
+        # by hundredths of a year), and deterministic cuDNN algorithms (the default 3D convolution backward is not).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
     config.out.mkdir(parents=True, exist_ok=True)
     root = ensure_dataset(config, progress)
     checkpoints = ensure_models(config, str(device), progress, echo)

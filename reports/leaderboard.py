@@ -102,7 +102,7 @@ def deviation_figure(table: pd.DataFrame) -> Figure | None:
     """Mean |deviation| (years) vs epsilon, one line per model, one panel per attack x norm (and epsilon unit):
     the analogue of Li et al. 2020's figure. None when ``table`` (from `leaderboard_table`) is empty.
 
-    An epsilon axis is logarithmic where all its epsilons are > 0 and span more than a decade. Where cells also
+    An epsilon axis is logarithmic where all its epsilons are > 0, with ticks at the epsilons. Where cells also
     differ in threat model or objective, those set the line style, so no line averages over them.
     """
     if table.empty:
@@ -112,7 +112,9 @@ def deviation_figure(table: pd.DataFrame) -> Figure | None:
     models = sorted(data["model"].astype(str).unique())
     # A grid like seaborn's relplot(row=attack, col=norm): one row per attack, one column per norm (and unit).
     attacks = sorted(data["attack"].unique())
-    budgets = sorted(set(zip(data["norm"], data["unit"], strict=True)))
+    # l-inf before l2 (the paper's order), then any other norm.
+    budgets = sorted(set(zip(data["norm"], data["unit"], strict=True)),
+                     key=lambda b: (("linf", "l2").index(b[0]) if b[0] in ("linf", "l2") else 2, b))
     figure = Figure(figsize=(4.2 * len(budgets) + 2.0, 3.4 * len(attacks)), layout="constrained")
     axes = figure.subplots(len(attacks), len(budgets), squeeze=False)
     drawn = []
@@ -121,9 +123,12 @@ def deviation_figure(table: pd.DataFrame) -> Figure | None:
         # errorbar=None: repeated cells (seeds) are averaged without a bootstrap band, so the figure is reproducible.
         sns.lineplot(data=panel, x="epsilon", y="mean_abs_deviation", hue="model", hue_order=models, errorbar=None,
                      legend=not drawn, ax=ax, **style)
-        epsilons = panel["epsilon"]
-        if (epsilons > 0).all() and epsilons.max() > 10 * epsilons.min():
-            ax.set_xscale("log")
+        epsilons = sorted(panel["epsilon"].unique())
+        if epsilons[0] > 0 and len(epsilons) > 1:
+            ax.set_xscale("log")  # budgets are usually geometric (the paper's 5e-4, 1e-3, 2e-3)
+        # Ticks at the budgets themselves, labelled as the leaderboard writes them.
+        ax.set_xticks(epsilons, [format_epsilon(e) for e in epsilons])
+        ax.minorticks_off()
         ax.set(title=f"{attack}, {norm}", xlabel=f"epsilon ({UNIT_LABELS.get(unit, unit)})",
                ylabel="mean |deviation| (years)")
         drawn.append(ax)
