@@ -15,7 +15,7 @@ from medrobust.config import load_config
 from medrobust.models import load_checkpoint
 from medrobust.runner import expand_cells
 from medrobust.store import ResultStore
-from medrobust.training import load_prepared
+from medrobust.training import load_prepared, resolve_device
 
 CONFIG = """
 out = "{out}"
@@ -88,7 +88,8 @@ def test_run_trains_missing_models_and_fills_the_store(demo_run):
     assert len(samples) == N_CELLS * 3 and cells["id"].is_unique
     assert set(cells["model"]) == {"cnn3d", "hybrid", "<script>alert(1)</script>"}
     environment = runs[0]["environment"]
-    assert environment["torch"] == torch.__version__ and environment["device"] == "cpu"
+    # The config says device "auto": CUDA where present (the suite also runs on GPU machines), else the CPU.
+    assert environment["torch"] == torch.__version__ and environment["device"] == str(resolve_device("auto"))
     assert "medrobust" in environment["packages"]
     for _, cell in cells.iterrows():
         rows = samples[samples["cell_id"] == cell["id"]]
