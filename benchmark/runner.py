@@ -244,10 +244,10 @@ def run(config: RunConfig, progress: bool = True, echo=tqdm.write) -> RunSummary
         summary = RunSummary(out=config.out, store=store.path, cells=len(cells), skipped=skipped, done=0)
         batches = {label: -(-len(subsets[_grid(m)].subject_ids) // config.batch_size) for label, m in models.items()}
         bar = tqdm(total=sum(batches[c.model] for c in pending), unit="batch", disable=not progress or not pending)
-        for cell in pending:
+        for number, cell in enumerate(pending, start=1):
             model = models[cell.model]
             data = subsets[_grid(model)]
-            bar.set_description(cell.describe())
+            bar.set_description(f"cell {number}/{len(pending)} {cell.describe()}")
             started = time.perf_counter()
             try:
                 metrics, rows = run_cell(cell, model, data, config, device, bar)

@@ -115,13 +115,19 @@ def inputs(case: str, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor |
     return images.to(device), features, torch.tensor(AGES, device=device), mask.to(device)
 
 
+# Quick settings of an attack for the contract suite, where its defaults would make the suite slow (an attack
+# with a ``steps`` argument gets 3 steps unless listed here).
+CONTRACT_SETTINGS: dict[str, dict] = {}
+
+
 def contract_attack(name: str, model: nn.Module, norm: str, objective: str) -> Attack:
-    """The attack with the contract's budget and objective; a few steps where it has a ``steps`` argument."""
+    """The attack with the contract's budget and objective, and its quick settings."""
     kwargs = {"budget": BUDGETS[norm], "objective": objective}
     if objective == "target":
         kwargs["target_age"] = TARGET_AGE
     if "steps" in create_attack(name, model).params():
         kwargs["steps"] = 3
+    kwargs.update(CONTRACT_SETTINGS.get(name, {}))
     return create_attack(name, model, **kwargs)
 
 
