@@ -153,7 +153,8 @@ def run_cmd(config_path, report, quiet) -> None:
 
     config = load_config(config_path)
     summary = run(config, progress=not quiet)
-    click.echo(f"{summary.done} cells run, {summary.skipped} already finished, {len(summary.failed)} failed "
+    click.echo(f"{summary.done} cells run, {summary.skipped} already finished, {len(summary.failed)} failed, "
+               f"{summary.unreliable} possibly unreliable "
                f"({summary.seconds:.0f} s); results: {summary.store}")
     if report:
         from medrobust.reports import write_report

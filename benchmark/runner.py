@@ -25,6 +25,7 @@ from medrobust.errors import MedrobustError
 from medrobust.metrics import cell_metrics
 from medrobust.models import BrainAgeModel, load_checkpoint
 from medrobust.preprocess import PreparedDataset
+from medrobust.sanity import reliability_flags
 from medrobust.splits import load_or_create_splits
 from medrobust.store import ResultStore
 from medrobust.training import TRAINING_ORDER, TrainRequest, load_prepared, resolve_device, train
@@ -64,6 +65,7 @@ class RunSummary:
     skipped: int
     done: int
     failed: list[tuple[str, str]] = field(default_factory=list)  # (cell description, error)
+    unreliable: int = 0  # cells the sanity checks flag
     seconds: float = 0.0
 
 
@@ -263,6 +265,13 @@ def run(config: RunConfig, progress: bool = True, echo=tqdm.write) -> RunSummary
             echo(f"{cell.describe()}: mean |deviation| {metrics['mean_abs_deviation']:.2f} y, adversarial MAE "
                  f"{metrics['adversarial_mae']:.2f} y (clean {metrics['clean_mae']:.2f} y), {seconds:.1f} s")
         bar.close()
+        # The checks compare cells with each other, so they are redone over the whole store each time.
+        flags = reliability_flags(store.cells())
+        store.write_reliability(flags)
+        summary.unreliable = len(flags)
+        names = {cell.id: cell.describe() for cell in cells}
+        for cell_id, reasons in sorted(flags.items()):
+            echo(f"possibly unreliable: {names.get(cell_id, 'cell ' + cell_id)}: {'; '.join(reasons)}")
         store.finish_run(run_id)
     summary.seconds = time.perf_counter() - began
     return summary

@@ -57,6 +57,10 @@ CREATE TABLE IF NOT EXISTS samples (
     l2_rel REAL NOT NULL,
     PRIMARY KEY (cell_id, subject)
 );
+CREATE TABLE IF NOT EXISTS reliability (
+    cell_id TEXT PRIMARY KEY REFERENCES cells(id),
+    reasons TEXT NOT NULL
+);
 """
 
 
@@ -130,6 +134,19 @@ class ResultStore:
             raise
         db.execute("COMMIT")
 
+    def write_reliability(self, flags: dict[str, list[str]]) -> None:
+        """Replace the sanity-check verdicts (reasons per possibly unreliable cell) in one transaction."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM reliability")
+            db.executemany("INSERT INTO reliability (cell_id, reasons) VALUES (?, ?)",
+                           [(cell_id, json.dumps(reasons)) for cell_id, reasons in sorted(flags.items())])
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
     def runs(self) -> list[dict]:
         """Every invocation, oldest first, with its config and environment parsed."""
         query = "SELECT id, started_at, finished_at, config, environment FROM runs ORDER BY started_at, rowid"
@@ -137,13 +154,16 @@ class ResultStore:
                 for i, s, f, c, e in self._db.execute(query)]
 
     def cells(self) -> pd.DataFrame:
-        """One row per cell: id, run_id, status, error, seconds, finished_at, then every spec and metric key as a
-        column (a nested value such as the attack's params stays a dict)."""
-        query = "SELECT id, run_id, status, error, seconds, finished_at, spec, metrics FROM cells ORDER BY rowid"
+        """One row per cell: id, run_id, status, error, seconds, finished_at, reliability (the sanity checks'
+        reasons to distrust it; empty when it passed them), then every spec and metric key as a column (a nested
+        value such as the attack's params stays a dict)."""
+        query = ("SELECT c.id, c.run_id, c.status, c.error, c.seconds, c.finished_at, r.reasons, c.spec, c.metrics "
+                 "FROM cells c LEFT JOIN reliability r ON r.cell_id = c.id ORDER BY c.rowid")
         records = []
-        for cell_id, run_id, status, error, seconds, finished_at, spec, metrics in self._db.execute(query):
+        for cell_id, run_id, status, error, seconds, finished_at, reasons, spec, metrics in self._db.execute(query):
             records.append({"id": cell_id, "run_id": run_id, "status": status, "error": error, "seconds": seconds,
-                            "finished_at": finished_at, **json.loads(spec), **json.loads(metrics)})
+                            "finished_at": finished_at, "reliability": json.loads(reasons) if reasons else [],
+                            **json.loads(spec), **json.loads(metrics)})
         return pd.DataFrame.from_records(records)
 
     def samples(self, cell_id: str | None = None) -> pd.DataFrame:

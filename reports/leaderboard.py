@@ -44,7 +44,7 @@ _CELL_COLUMNS = (("model", "model", "text"), ("attack", "attack", "text"), ("nor
 LEADERBOARD_COLUMNS = _CELL_COLUMNS + (
     ("clean_mae", "clean MAE (y)", "years"), ("adversarial_mae", "adversarial MAE (y)", "years"),
     ("mean_abs_deviation", "mean |deviation| (y)", "years"), ("success_5y", "success@5y", "percent"),
-    ("seconds", "runtime (s)", "seconds"))
+    ("seconds", "runtime (s)", "seconds"), ("reliability", "checks", "checks"))
 AGE_BIN_COLUMNS = _CELL_COLUMNS + tuple((f"abs_mean_deviation_{key}", f"{label} y", "years")
                                         for key, label in zip(AGE_BIN_KEYS, AGE_BIN_LABELS, strict=True))
 
@@ -72,6 +72,7 @@ _FORMATS = {
     "years": lambda value: f"{value:.2f}",
     "percent": lambda value: f"{100 * value:.0f} %",
     "seconds": lambda value: f"{value:.1f}",
+    "checks": lambda reasons: "possibly unreliable" if reasons else "ok",
 }
 
 
@@ -95,6 +96,8 @@ def leaderboard_table(cells: pd.DataFrame, source: str | Path = STORE_FILENAME) 
     done[counts] = done[counts].astype("int64")
     if "params" in done:
         done["params"] = done["params"].map(_as_json)
+    if "reliability" in done:  # the sanity checks' reasons, one text ("" when the cell passed them)
+        done["reliability"] = done["reliability"].map(lambda reasons: "; ".join(reasons) if reasons else "")
     return done
 
 
@@ -171,6 +174,8 @@ def _table_cell(row: pd.Series, column: str, kind: str) -> _Cell:
         return _Cell(text, None, str(_as_json(row.get("params")) or ""))
     if column == "model":
         return _Cell(text, None, str(row.get("model_name") or ""))
+    if kind == "checks":  # hover for the reasons
+        return _Cell(text, None, value or "passed: beats noise, at least fgsm, grows with epsilon (where comparable)")
     return _Cell(text, None if kind == "text" else float(value))
 
 

@@ -1,0 +1,81 @@
+"""Sanity checks over a run's finished cells, after RobustBench's habit of flagging unreliable evaluations.
+
+A real attack must beat random noise of the same norm and budget; a stronger attack (PGD, APGD, BIM, C&W) must
+reach at least what a one-step FGSM reaches; and an attack's effect must not shrink as its budget grows. A cell
+that breaks one of these is marked "possibly unreliable" (masked gradients or a broken attack), with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+
+# Tolerance of every comparison, in years: absolute, plus a fraction of the larger value.
+ABS_TOLERANCE = 0.05
+REL_TOLERANCE = 0.02
+# Attacks that take many gradient steps and must do at least as well as a single FGSM step.
+STRONG_ATTACKS = ("pgd", "bim", "apgd", "cw")
+WEAK_ATTACK = "fgsm"
+BASELINE_ATTACK = "noise"
+# What a cell achieved for its objective, in years, larger = stronger attack (the objective `target` has no
+# stored summary of its own and is left unchecked).
+_STRENGTH = {
+    "older": lambda cell: cell["mean_deviation"],
+    "younger": lambda cell: -cell["mean_deviation"],
+    "deviation": lambda cell: cell["mean_abs_deviation"],
+    "error": lambda cell: cell["adversarial_mae"],
+}
+# What must match for two cells to be compared: the same model, data, objective and threat model.
+_SETTING = ("model", "checkpoint_sha256", "data_fingerprint", "subjects_sha256", "objective", "threat_model")
+_BUDGET = ("norm", "unit", "epsilon")
+
+
+def _below(value: float, reference: float) -> bool:
+    """``value`` falls short of ``reference`` by more than the tolerance."""
+    return value < reference - ABS_TOLERANCE - REL_TOLERANCE * max(abs(value), abs(reference))
+
+
+def _attack_config(params: object) -> str:
+    """An attack's arguments without its budget: cells of one attack configuration at several budgets."""
+    params = dict(params) if isinstance(params, dict) else {}
+    params.pop("budget", None)
+    return json.dumps(params, sort_keys=True)
+
+
+def reliability_flags(cells: pd.DataFrame) -> dict[str, list[str]]:
+    """Reasons per cell id for the cells of ``cells`` (a store's ``cells()`` frame) that fail a check."""
+    if cells.empty or "status" not in cells:
+        return {}
+    done = cells[(cells["status"] == "done") & cells["objective"].isin(list(_STRENGTH))].copy()
+    if done.empty:
+        return {}
+    done["strength"] = [_STRENGTH[row["objective"]](row) for _, row in done.iterrows()]
+    done["attack_config"] = done["params"].map(_attack_config)
+    flags: dict[str, list[str]] = {}
+
+    def flag(cell_id: str, reason: str) -> None:
+        flags.setdefault(cell_id, []).append(reason)
+
+    for _, group in done.groupby(list(_SETTING + _BUDGET), dropna=False):
+        noise = group[group["attack"] == BASELINE_ATTACK]["strength"]
+        weak = group[group["attack"] == WEAK_ATTACK]["strength"]
+        for _, cell in group.iterrows():
+            # Beating noise needs no margin beyond rounding: a model that barely reacts to its image (a small
+            # deviation) is not an unreliable evaluation; an attack no better than noise is.
+            if cell["attack"] != BASELINE_ATTACK and len(noise) and cell["strength"] <= noise.max() + 1e-3:
+                flag(cell["id"], f"does not beat random noise of the same budget ({cell['strength']:.2f} y vs "
+                                 f"noise {noise.max():.2f} y)")
+            if cell["attack"] in STRONG_ATTACKS and len(weak) and _below(cell["strength"], weak.max()):
+                flag(cell["id"], f"weaker than fgsm at the same budget ({cell['strength']:.2f} y vs "
+                                 f"{weak.max():.2f} y)")
+    for _, group in done.groupby(list(_SETTING + ("attack", "attack_config", "norm", "unit")), dropna=False):
+        best_so_far, best_epsilon = -math.inf, None
+        for _, cell in group.sort_values("epsilon").iterrows():
+            if best_epsilon is not None and cell["epsilon"] > best_epsilon and _below(cell["strength"], best_so_far):
+                flag(cell["id"], f"weaker than the same attack at the smaller epsilon {best_epsilon:g} "
+                                 f"({cell['strength']:.2f} y vs {best_so_far:.2f} y)")
+            if cell["strength"] > best_so_far:
+                best_so_far, best_epsilon = cell["strength"], cell["epsilon"]
+    return flags

@@ -1,0 +1,73 @@
+"""Sanity checks over finished cells: beats noise, many-step attacks at least FGSM, effect grows with epsilon."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from medrobust.sanity import reliability_flags
+from medrobust.store import ResultStore
+
+SETTING = {"model": "cnn3d", "checkpoint_sha256": "w", "data_fingerprint": "d", "subjects_sha256": "s",
+           "objective": "older", "threat_model": "fixed", "status": "done", "norm": "linf", "unit": "range"}
+
+
+def cell(cell_id: str, attack: str, epsilon: float, deviation: float, **extra) -> dict:
+    params = {"steps": 4, "budget": {"epsilon": epsilon}} if attack != "fgsm" else {"budget": {"epsilon": epsilon}}
+    return {**SETTING, "id": cell_id, "attack": attack, "epsilon": epsilon, "params": params,
+            "mean_deviation": deviation, "mean_abs_deviation": abs(deviation), "adversarial_mae": 5 + deviation,
+            **extra}
+
+
+def test_consistent_cells_pass():
+    cells = pd.DataFrame([cell("n1", "noise", 1e-3, 0.01), cell("f1", "fgsm", 1e-3, 3.0),
+                          cell("p1", "pgd", 1e-3, 3.5), cell("p2", "pgd", 2e-3, 7.0), cell("f2", "fgsm", 2e-3, 6.0)])
+    assert reliability_flags(cells) == {}
+
+
+def test_an_attack_no_better_than_noise_is_flagged():
+    cells = pd.DataFrame([cell("n1", "noise", 1e-3, 0.5), cell("p1", "pgd", 1e-3, 0.4)])
+    flags = reliability_flags(cells)
+    assert list(flags) == ["p1"] and "random noise" in flags["p1"][0]
+
+
+def test_a_many_step_attack_weaker_than_fgsm_is_flagged_within_tolerance():
+    cells = pd.DataFrame([cell("f1", "fgsm", 1e-3, 3.0), cell("p1", "pgd", 1e-3, 2.0),
+                          cell("f2", "fgsm", 2e-3, 6.0), cell("p2", "pgd", 2e-3, 5.99)])  # 0.01 y: within tolerance
+    flags = reliability_flags(cells)
+    assert list(flags) == ["p1"] and "weaker than fgsm" in flags["p1"][0]
+
+
+def test_an_effect_that_shrinks_with_epsilon_is_flagged():
+    cells = pd.DataFrame([cell("p1", "pgd", 1e-3, 4.0), cell("p2", "pgd", 2e-3, 3.0), cell("p3", "pgd", 5e-3, 9.0)])
+    flags = reliability_flags(cells)
+    assert list(flags) == ["p2"] and "smaller epsilon 0.001" in flags["p2"][0]
+
+
+def test_only_comparable_cells_are_compared():
+    other_model = {"model": "hybrid", "checkpoint_sha256": "v"}
+    younger = {"objective": "younger"}
+    cells = pd.DataFrame([cell("f1", "fgsm", 1e-3, 3.0), cell("p1", "pgd", 1e-3, 1.0, **other_model),
+                          cell("p2", "pgd", 2e-3, -2.0, **younger), cell("p3", "pgd", 1e-3, -1.0, **younger),
+                          cell("x1", "pgd", 2e-3, 0.5, params={"steps": 10, "budget": {}}),
+                          cell("t1", "pgd", 1e-3, 0.0, objective="target")])
+    # Another model, another objective (younger: -2 y at 2e-3 is stronger than -1 y), another attack
+    # configuration and an unchecked objective: nothing to compare, nothing flagged.
+    assert reliability_flags(cells) == {}
+
+
+def test_failed_cells_and_an_empty_store_are_ignored():
+    assert reliability_flags(pd.DataFrame()) == {}
+    failed = {**cell("p1", "pgd", 1e-3, 0.0), "status": "failed"}
+    assert reliability_flags(pd.DataFrame([cell("n1", "noise", 1e-3, 1.0), failed])) == {}
+
+
+def test_the_store_keeps_the_latest_verdicts(tmp_path):
+    with ResultStore(tmp_path) as store:
+        run_id = store.start_run({}, {})
+        store.write_cell("a", run_id, {"model": "m"}, {}, [], 1.0)
+        store.write_cell("b", run_id, {"model": "m"}, {}, [], 1.0)
+        store.write_reliability({"a": ["does not beat random noise"]})
+        assert dict(zip(store.cells()["id"], store.cells()["reliability"], strict=True)) == {
+            "a": ["does not beat random noise"], "b": []}
+        store.write_reliability({})
+        assert list(store.cells()["reliability"]) == [[], []]
