@@ -1,0 +1,207 @@
+"""Universal perturbation (Li et al. 2020): one perturbation shared by a whole set of images, fitted over
+mini-batches and applied to any batch, held-out subjects included."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from medrobust.attacks._registry import register_attack
+from medrobust.attacks.base import Attack, AttackResult, AttackState, _check_images, _check_mask
+from medrobust.attacks.budget import is_finite_real
+from medrobust.attacks.objectives import objective_score
+from medrobust.errors import MedrobustError
+
+# sign: the paper's vote, each image's gradient sign summed over the set; pgd: the gradient of the set's summed
+# objective. Either way one step per epoch over the set, along the sign (l-inf) or the l2-normalized direction.
+ALGORITHMS = ("sign", "pgd")
+
+
+@register_attack
+class Universal(Attack):
+    """One perturbation for a whole set of images: ``fit(batches)`` fits it over mini-batches, ``apply(...)``
+    attacks any batch with it; calling the attack on a batch fits on that batch and applies to it.
+
+    Each of ``steps`` steps is one epoch over the set: per mini-batch a forward and a backward pass at the
+    current perturbation, summing ``sign`` (each image's gradient sign: the paper's algorithm) or ``pgd`` (the
+    gradient); then the shared perturbation moves ``step_size`` times the radius along the sign (l-inf) or
+    the normalized sum (l2) and is projected into the ball. The radius is the smallest over the fitting set
+    (unit ``range`` or ``std`` give each image its own), so every fitting image's budget holds; at ``apply``
+    each image gets the shared perturbation masked, projected into its own ball (a no-op unless its radius is
+    smaller than the fitted one) and, under ``clip="image"``, clipped to its range (``clip="none"`` is the
+    paper's unclipped perturbation).
+
+    ``keep_best``: ``fit`` returns the iterate with the highest objective summed over the set (the final one
+    costs a forward-only epoch), and ``apply`` returns per sample the better of the clean and the perturbed
+    image. ``keep_best=False`` is the strict universal evaluation.
+    """
+
+    name = "universal"
+    norms = ("linf", "l2")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *args,
+        algorithm: str = "sign",
+        steps: int = 8,
+        step_size: float = 0.25,
+        **kwargs,
+    ) -> None:
+        super().__init__(model, *args, **kwargs)
+        if algorithm not in ALGORITHMS:
+            raise MedrobustError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+        if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
+            raise MedrobustError(f"steps must be an integer >= 1 (epochs over the set), got {steps!r}")
+        if not is_finite_real(step_size) or step_size <= 0:
+            raise MedrobustError(f"step_size must be a finite number > 0 (a fraction of the radius), "
+                                 f"got {step_size!r}")
+        self.algorithm = algorithm
+        self.steps = int(steps)
+        self.step_size = float(step_size)
+        self.perturbation: Tensor | None = None
+        self.fit_radius: Tensor | None = None
+        # Passes of the last fit (forward, backward, steps): a call on a batch adds them to its result.
+        self.fit_counters = (0, 0, 0)
+
+    def __call__(self, images: Tensor, features: Tensor | None = None, ages: Tensor | None = None,
+                 mask: Tensor | None = None) -> AttackResult:
+        """Fit the perturbation on this batch and apply it to the same batch; the counters include the fit."""
+        self.fit([(images, features, ages, mask)])
+        result = self.apply(images, features, ages, mask)
+        forward, backward, steps = self.fit_counters
+        return dataclasses.replace(result, forward=result.forward + forward, backward=result.backward + backward,
+                                   steps=result.steps + steps)
+
+    def apply(self, images: Tensor, features: Tensor | None = None, ages: Tensor | None = None,
+              mask: Tensor | None = None) -> AttackResult:
+        """Attack a batch with the fitted perturbation (two forward passes: clean and adversarial)."""
+        if self.perturbation is None:
+            raise MedrobustError("the universal perturbation is not fitted yet: call fit(batches) first")
+        if tuple(images.shape[1:]) != tuple(self.perturbation.shape[1:]):
+            raise MedrobustError(f"images of shape {list(images.shape[1:])} per sample do not match the fitted "
+                                 f"perturbation's {list(self.perturbation.shape[1:])}")
+        return super().__call__(images, features, ages, mask)
+
+    def perturb(self, state: AttackState) -> Tensor:
+        delta = self.perturbation.to(dtype=state.images.dtype, device=state.images.device)
+        return state.project(state.images + delta)
+
+    def fit(self, batches: Iterable) -> Tensor:
+        """Fit the shared perturbation over ``batches``, a re-iterable (a list, a DataLoader) of ``(images,
+        features, ages, mask)`` mini-batches read once per step; each is moved to the model's device, where the
+        perturbation lives. Returns the perturbation [1, ...] (also kept as ``self.perturbation``)."""
+        if iter(batches) is batches:
+            raise MedrobustError("batches must be re-iterable (a list or a DataLoader), not an iterator or "
+                                 "generator: the universal attack reads the set once per step")
+        with _evaluating(self.model):
+            self.perturbation = self._fit(batches)
+        return self.perturbation
+
+    def _fit(self, batches: Iterable) -> Tensor:
+        # Where the model's parameters are (a model without any takes the batches where they are).
+        device = next((parameter.device for parameter in self.model.parameters()), None)
+        delta = best = radius = best_total = None
+        forward = backward = 0
+        # keep_best scores the final iterate too: one more, forward-only, epoch.
+        for step in range(self.steps + int(self.keep_best)):
+            ascend = step < self.steps
+            direction = total = None
+            for images, features, ages, mask in _mini_batches(batches, device):
+                if delta is None:
+                    delta = best = torch.zeros_like(images[:1])
+                    best_total = torch.tensor(-math.inf, dtype=images.dtype, device=images.device)
+                if images.shape[1:] != delta.shape[1:]:
+                    raise MedrobustError(f"every mini-batch must have the same image shape, got "
+                                         f"{list(images.shape[1:])} after {list(delta.shape[1:])}")
+                if step == 0:
+                    smallest = self.budget.radius(images).amin()
+                    radius = smallest if radius is None else torch.minimum(radius, smallest)
+                clean = None
+                if self.objective == "deviation":
+                    forward += 1
+                    with torch.no_grad():
+                        clean = self.model(images, features)
+                adversarial = images + _masked(delta, mask)
+                if self.clip == "image":
+                    flat = images.flatten(1)
+                    view = (-1,) + (1,) * (images.dim() - 1)
+                    adversarial = torch.clamp(adversarial, flat.amin(1).view(view), flat.amax(1).view(view))
+                leaf = adversarial.requires_grad_(ascend)
+                score = objective_score(self.objective, self.model(leaf, features), clean, ages, self.target_age)
+                forward += 1
+                total = score.detach().sum() if total is None else total + score.detach().sum()
+                if ascend:
+                    (grad,) = torch.autograd.grad(score.sum(), leaf)
+                    backward += 1
+                    grad = _masked(grad, mask)
+                    vote = (grad.sign() if self.algorithm == "sign" else grad).sum(dim=0, keepdim=True)
+                    direction = vote if direction is None else direction + vote
+            if delta is None:
+                raise MedrobustError("batches is empty: the universal attack needs at least one mini-batch")
+            if self.keep_best:
+                # On the device, no host synchronisation: the iterate whose summed objective is the highest.
+                better = total > best_total
+                best_total = torch.where(better, total, best_total)
+                best = torch.where(better, delta, best)
+            if ascend:
+                delta = self._ascend(delta, direction, radius)
+        self.fit_radius = radius
+        self.fit_counters = (forward, backward, self.steps)
+        return (best if self.keep_best else delta).detach()
+
+    def _ascend(self, delta: Tensor, direction: Tensor, radius: Tensor) -> Tensor:
+        step = self.step_size * radius
+        if self.budget.norm == "linf":
+            return torch.clamp(delta + step * direction.sign(), -radius, radius)
+        delta = delta + step * direction / _l2(direction)
+        return delta * (radius / _l2(delta)).clamp(max=1)
+
+
+def _l2(tensor: Tensor) -> Tensor:
+    # tiny instead of 0, so that a zero direction stays zero.
+    return torch.linalg.vector_norm(tensor).clamp_min(torch.finfo(tensor.dtype).tiny)
+
+
+def _masked(tensor: Tensor, mask: Tensor | None) -> Tensor:
+    return tensor if mask is None else torch.where(mask, tensor, torch.zeros_like(tensor))
+
+
+def _mini_batches(batches: Iterable, device: torch.device | None) -> Iterator[tuple]:
+    """Each mini-batch validated as ``Attack.__call__`` validates a batch and moved to ``device``."""
+    for batch in batches:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 4:
+            raise MedrobustError("each mini-batch must be a tuple (images, features, ages, mask); pass None "
+                                 "for features, ages or mask where there are none")
+        images, features, ages, mask = batch
+        images = _check_images(images)
+        device = images.device if device is None else device
+        images = images.to(device)
+        mask = _check_mask(mask, images)
+        if features is not None:
+            features = features.to(device)
+        ages = None if ages is None else torch.as_tensor(ages, device=device)
+        if ages is not None and ages.shape != images.shape[:1]:
+            raise MedrobustError(f"ages must hold one true age per image, {images.shape[0]} here, got shape "
+                                 f"{list(ages.shape)}")
+        yield images, features, ages, mask
+
+
+@contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode with gradients on, its modes restored after. Its parameters need no freezing:
+    ``torch.autograd.grad`` with respect to the images computes no parameter gradient."""
+    modes = [module.training for module in model.modules()]
+    model.eval()
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for module, mode in zip(model.modules(), modes, strict=True):
+            module.training = mode
