@@ -1,7 +1,9 @@
-"""PGD (Madry et al. 2018): projected steepest ascent, l-inf or l2, from an optional random start."""
+"""PGD (Madry et al. 2018): projected steepest ascent, l-inf or l2, from an optional random start, with random
+restarts and a step-size schedule."""
 
 from __future__ import annotations
 
+import math
 import numbers
 
 from torch import Tensor, nn
@@ -11,6 +13,16 @@ from medrobust.attacks.base import Attack, AttackState
 from medrobust.attacks.budget import is_finite_real
 from medrobust.errors import MedrobustError
 
+# constant: every step is step_size; cosine and linear decay from step_size towards 0 over the steps.
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def check_count(name: str, value: object) -> int:
+    """``value`` as an int if it is an integer >= 1 (not a bool), else a MedrobustError naming ``name``."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise MedrobustError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
 
 @register_attack
 class PGD(Attack):
@@ -19,10 +31,18 @@ class PGD(Attack):
     projection into the mask, budget and intensity range; ``random_start`` begins at a random point of the
     budget ball instead of the clean image.
 
-    ``steps=4, step_size=0.25, random_start=False`` with an l-inf budget in unit ``range`` is exactly the
-    paper's l-inf attack (Li et al. 2020): iterative FGSM, 4 steps of epsilon * R / 4, no random start.
+    ``schedule`` scales the step size over the steps (``step_fractions``): ``constant``; ``linear``, step t of T
+    is step_size * (1 - t / T); ``cosine``, step_size * (1 + cos(pi t / T)) / 2 (t from 0: the first step is
+    step_size, the last a small positive fraction of it). ``restarts`` runs the whole ascent that many times,
+    each from a new random start drawn from the same seeded generator, and returns per sample the best image
+    over all restarts (through ``keep_best``, so restarts need ``keep_best=True`` and ``random_start=True``).
 
-    Costs one forward and one backward pass per step, plus the clean and the final prediction.
+    ``steps=4, step_size=0.25, random_start=False`` with an l-inf budget in unit ``range`` is exactly the
+    paper's l-inf attack (Li et al. 2020): iterative FGSM, 4 steps of epsilon * R / 4, no random start (the
+    ``bim`` attack).
+
+    Costs one forward and one backward pass per step and restart, one forward per restart but the last (to
+    score its final iterate), plus the clean and the final prediction.
     """
 
     name = "pgd"
@@ -35,23 +55,48 @@ class PGD(Attack):
         steps: int = 10,
         step_size: float = 0.25,
         random_start: bool = True,
+        restarts: int = 1,
+        schedule: str = "constant",
         **kwargs,
     ) -> None:
         super().__init__(model, *args, **kwargs)
-        if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
-            raise MedrobustError(f"steps must be an integer >= 1, got {steps!r}")
+        self.steps = check_count("steps", steps)
         # A fraction of the budget radius, so one setting serves every epsilon and unit.
         if not is_finite_real(step_size) or step_size <= 0:
             raise MedrobustError(f"step_size must be a finite number > 0 (a fraction of the radius), "
                                  f"got {step_size!r}")
         if not isinstance(random_start, bool):
             raise MedrobustError(f"random_start must be True or False, got {random_start!r}")
-        self.steps = int(steps)
+        self.restarts = check_count("restarts", restarts)
+        if self.restarts > 1 and not random_start:
+            raise MedrobustError(f"restarts={restarts} needs random_start=True: without a random start every "
+                                 f"restart repeats the first")
+        if self.restarts > 1 and not self.keep_best:
+            raise MedrobustError(f"restarts={restarts} needs keep_best=True: the best image over the restarts "
+                                 f"is the best iterate that keep_best keeps")
+        if schedule not in SCHEDULES:
+            raise MedrobustError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         self.step_size = float(step_size)
         self.random_start = random_start
+        self.schedule = schedule
+
+    def step_fractions(self) -> list[float]:
+        """The step length of each step as a fraction of the radius (host floats, computed once per call)."""
+        steps = self.steps
+        if self.schedule == "linear":
+            return [self.step_size * (1 - t / steps) for t in range(steps)]
+        if self.schedule == "cosine":
+            return [self.step_size * (1 + math.cos(math.pi * t / steps)) / 2 for t in range(steps)]
+        return [self.step_size] * steps
 
     def perturb(self, state: AttackState) -> Tensor:
-        adversarial = state.random_start() if self.random_start else state.images
-        for _ in range(self.steps):
-            adversarial = state.ascend(adversarial, state.gradient(adversarial), self.step_size)
+        fractions = self.step_fractions()
+        for restart in range(self.restarts):
+            adversarial = state.random_start() if self.random_start else state.images
+            for fraction in fractions:
+                adversarial = state.ascend(adversarial, state.gradient(adversarial), fraction)
+            if restart < self.restarts - 1:
+                # The last restart's final iterate is scored by finish(); the others' are scored here.
+                prediction = state.predict(adversarial)
+                state.record(adversarial, prediction, state.score(prediction))
         return adversarial

@@ -1,0 +1,135 @@
+"""APGD, the Auto-PGD of AutoAttack (Croce & Hein 2020), for our regression objectives, l-inf and l2."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from medrobust.attacks._registry import register_attack
+from medrobust.attacks.base import Attack, AttackState
+from medrobust.attacks.pgd import check_count
+from medrobust.errors import MedrobustError
+
+# The paper's constants: momentum alpha, the fraction rho of a window's steps that must raise the objective
+# for the step size to stay, and the first step size (2 epsilon) as a fraction of the radius.
+MOMENTUM = 0.75
+SUCCESS_RATE = 0.75
+INITIAL_STEP = 2.0
+
+
+def checkpoints(steps: int) -> list[int]:
+    """The iterations at which APGD may halve its step size: w_j = ceil(p_j * steps) for the paper's
+    p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), keeping those in [1, steps - 1]
+    (the last iterate is never followed by a step) once each; for 100 steps 22, 41, 57, 70, 80, 87, 93, 99."""
+    # In hundredths, so that 0.22 * 100 is 22 and not 22.000000000000004 rounded up to 23.
+    previous, current = 0, 22
+    points: list[int] = []
+    while current <= 100:
+        point = -(-current * steps // 100)
+        if 0 < point < steps and (not points or point > points[-1]):
+            points.append(point)
+        previous, current = current, current + max(current - previous - 3, 6)
+    return points
+
+
+def halve_step(increases: Tensor, window: int, best: Tensor, best_at_last_check: Tensor,
+               halved_at_last_check: Tensor) -> Tensor:
+    """Per sample [B], whether APGD halves its step size at a checkpoint closing a window of ``window``
+    iterations: the objective rose from one iterate to the next in fewer than rho = 0.75 of them
+    (``increases`` counts those rises), or the step was not halved at the previous checkpoint and the best
+    objective has not improved since."""
+    return (increases < SUCCESS_RATE * window) | (~halved_at_last_check & (best <= best_at_last_check))
+
+
+@register_attack
+class APGD(Attack):
+    """Auto-PGD (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of
+    diverse parameter-free attacks", the first attack of AutoAttack), maximizing our per-sample objective
+    instead of a classification loss; written from the paper.
+
+    From x0 (the clean image, or with ``random_start`` a random point of the budget ball) each step goes
+    z = P(x_k + eta * s(grad)) (s the sign for l-inf, the normalized gradient for l2, P the projection into
+    mask, budget and range), then x_{k+1} = P(x_k + alpha (z - x_k) + (1 - alpha)(x_k - x_{k-1})) with
+    momentum alpha = 0.75 (1 on the first step). The step size eta starts at 2 epsilon and is per sample:
+    at the checkpoints (``checkpoints``) it is halved (``halve_step``) where the objective rose in fewer
+    than 75 % of the window's steps or where it was not halved at the previous checkpoint and the best
+    objective has not improved since; a halved sample restarts from its best iterate, with that iterate's
+    gradient and no momentum (the paper leaves the momentum after a restart open). All per-sample choices
+    are tensors (torch.where), so the loop never waits for the device.
+
+    ``steps`` counts gradient evaluations (AutoAttack's 100 iterations by default); the iterate after the
+    last step is scored by the final prediction. With ``keep_best`` (the default, as AutoAttack returns its
+    best point) the best image seen is returned, else the last iterate.
+
+    Costs one forward and one backward pass per step, plus the clean and the final prediction.
+    """
+
+    name = "apgd"
+    norms = ("linf", "l2")
+
+    def __init__(self, model: nn.Module, *args, steps: int = 100, random_start: bool = True, **kwargs) -> None:
+        super().__init__(model, *args, **kwargs)
+        self.steps = check_count("steps", steps)
+        if not isinstance(random_start, bool):
+            raise MedrobustError(f"random_start must be True or False, got {random_start!r}")
+        self.random_start = random_start
+
+    def perturb(self, state: AttackState) -> Tensor:
+        return self.search(state)[0]
+
+    def search(self, state: AttackState) -> tuple[Tensor, Tensor]:
+        """The final iterate and each sample's final step size [B] as a fraction of the radius (2 halved once
+        per halving)."""
+        # state.gradient scores each iterate but returns only the gradient; the halving rule needs the score
+        # of every iterate, so the prediction is read off the model's forward pass as it happens.
+        seen: dict[str, Tensor] = {}
+        hook = self.model.register_forward_hook(lambda module, args, output: seen.__setitem__("prediction", output))
+        try:
+            return self._search(state, lambda: state.score(seen["prediction"].detach()))
+        finally:
+            hook.remove()
+
+    def _search(self, state: AttackState, last_score) -> tuple[Tensor, Tensor]:
+        view = (-1,) + (1,) * (state.images.dim() - 1)
+        x = state.random_start() if self.random_start else state.images
+        grad = state.gradient(x)
+        score = last_score()
+        previous = x
+        best, best_x, best_grad = score, x, grad
+        step = torch.full_like(score, INITIAL_STEP)
+        increases = torch.zeros_like(score)
+        best_at_last_check = best
+        halved_at_last_check = torch.zeros_like(score, dtype=torch.bool)
+        last_check = 0
+        checks = set(checkpoints(self.steps))
+        for k in range(1, self.steps):
+            x, previous = _advance(state, x, previous, grad, step.view(view), 1.0 if k == 1 else MOMENTUM), x
+            grad = state.gradient(x)
+            new_score = last_score()
+            increases = increases + (new_score > score)
+            score = new_score
+            improved = score > best
+            best = torch.where(improved, score, best)
+            best_x = torch.where(improved.view(view), x, best_x)
+            best_grad = torch.where(improved.view(view), grad, best_grad)
+            if k in checks:
+                halve = halve_step(increases, k - last_check, best, best_at_last_check, halved_at_last_check)
+                step = torch.where(halve, step / 2, step)
+                restart = halve.view(view)
+                x = torch.where(restart, best_x, x)
+                grad = torch.where(restart, best_grad, grad)
+                previous = torch.where(restart, best_x, previous)
+                score = torch.where(halve, best, score)
+                increases = torch.zeros_like(increases)
+                best_at_last_check, halved_at_last_check, last_check = best, halve, k
+        x = _advance(state, x, previous, grad, step.view(view), 1.0 if self.steps == 1 else MOMENTUM)
+        return x, step
+
+
+def _advance(state: AttackState, x: Tensor, previous: Tensor, grad: Tensor, step: Tensor, alpha: float) -> Tensor:
+    """One APGD update: the projected gradient step z, then the momentum combination, projected."""
+    z = state.ascend(x, grad, step)
+    if alpha == 1.0:
+        return z
+    # x + alpha (z - x) + (1 - alpha)(x - previous), as one lerp from 2x - previous towards z.
+    return state.project(torch.lerp(x + (x - previous), z, alpha))

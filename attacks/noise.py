@@ -1,0 +1,67 @@
+"""Random noise of exactly the budget's norm: the baseline every real attack must beat."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from medrobust.attacks._registry import register_attack
+from medrobust.attacks.base import Attack, AttackState
+from medrobust.attacks.budget import perturbation_norms
+from medrobust.attacks.pgd import check_count
+from medrobust.errors import MedrobustError
+
+# uniform: a random sign per voxel; gaussian: a standard normal draw per voxel. Either is then scaled.
+DISTRIBUTIONS = ("uniform", "gaussian")
+
+
+@register_attack
+class Noise(Attack):
+    """Random noise scaled to exactly the budget's norm r: each of ``draws`` draws is a random sign per voxel
+    (``distribution="uniform"``) or a standard normal value per voxel (``"gaussian"``), zero outside the mask,
+    scaled per image so that its l-inf or l2 norm is r. Uniform under l-inf moves every voxel of the mask by
+    +-r (a random corner of the ball); Gaussian under l2 is a uniformly random direction on the l2 sphere.
+    The noisy image is then clipped into the clean image's range like every attack's, which shrinks the
+    moves of voxels near the range's ends, so with ``clip="image"`` the realized norm can be below r.
+
+    Each draw d is tried with both signs, x + d and x - d (antithetic pairs: as likely as any draw, and where
+    the model is locally linear one of the two never lowers the objective); with ``keep_best`` the best of
+    the 2 x ``draws`` noisy images, or the clean image where all are worse, is returned. The draws come from
+    the call's seeded generator.
+
+    Each noisy image is scored through ``state.gradient`` (one forward and one backward pass, the gradient
+    unused) because the attack contract counts at least one backward pass; so ``steps`` counts noisy images.
+    """
+
+    name = "noise"
+    norms = ("linf", "l2")
+
+    def __init__(self, model: nn.Module, *args, distribution: str = "uniform", draws: int = 1, **kwargs) -> None:
+        super().__init__(model, *args, **kwargs)
+        if distribution not in DISTRIBUTIONS:
+            raise MedrobustError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {distribution!r}")
+        self.distribution = distribution
+        self.draws = check_count("draws", draws)
+
+    def draw(self, state: AttackState) -> Tensor:
+        """One noise draw [B, ...] of exactly the budget's norm per image, zero outside the mask, before
+        projection and clipping."""
+        images = state.images
+        if self.distribution == "uniform":
+            heads = torch.rand(images.shape, generator=state.generator, device=images.device) < 0.5
+            noise = heads.to(images.dtype) * 2 - 1
+        else:
+            noise = torch.randn(images.shape, generator=state.generator, dtype=images.dtype, device=images.device)
+        if state.mask is not None:
+            noise = noise * state.mask
+        norm = perturbation_norms(noise)[self.budget.norm]
+        scale = state.radius / norm.clamp_min(torch.finfo(noise.dtype).tiny)
+        return noise * scale.view((-1,) + (1,) * (noise.dim() - 1))
+
+    def perturb(self, state: AttackState) -> Tensor:
+        for _ in range(self.draws):
+            noise = self.draw(state)
+            for sign in (1.0, -1.0):
+                adversarial = state.project(state.images + sign * noise)
+                state.gradient(adversarial)
+        return adversarial
