@@ -1,0 +1,86 @@
+"""Plumbing of the attacks that run another library's implementation (ART, torchattacks): the optional import,
+and the attacked model as the image-only regressor those libraries call."""
+
+from __future__ import annotations
+
+import importlib
+import numbers
+from types import ModuleType
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from medrobust.attacks.base import Attack, AttackState
+from medrobust.attacks.budget import is_finite_real
+from medrobust.errors import MedrobustError
+
+
+class ExternalAttack(Attack):
+    """Base of an attack whose steps another library computes. ``package`` is the library's import name and
+    ``install`` how to install it; the library is optional, so it is imported only when such an attack is built
+    or run, and a missing one is a ``MedrobustError`` that says how to install it."""
+
+    package: ClassVar[str] = ""
+    install: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module, *args, **kwargs) -> None:
+        super().__init__(model, *args, **kwargs)
+        # Importing here makes a missing library fail when a config is checked, not an hour into a run.
+        self.backend()
+
+    def backend(self) -> ModuleType:
+        """The library's top-level module."""
+        try:
+            return importlib.import_module(self.package)
+        except ImportError as err:
+            raise MedrobustError(
+                f"attack '{self.name}' needs the optional package {self.package!r}, which cannot be imported "
+                f"({err}); install it with: {self.install}"
+            ) from None
+
+
+def check_steps(steps: int, step_size: float) -> tuple[int, float]:
+    """``steps`` and ``step_size`` as ``pgd`` takes them: an integer >= 1, and a finite fraction of the radius
+    > 0; a ``MedrobustError`` names the bad one."""
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
+        raise MedrobustError(f"steps must be an integer >= 1, got {steps!r}")
+    if not is_finite_real(step_size) or step_size <= 0:
+        raise MedrobustError(f"step_size must be a finite number > 0 (a fraction of the radius), got {step_size!r}")
+    return int(steps), float(step_size)
+
+
+class ImageOnlyModel(nn.Module):
+    """The attacked model as the regressor ART and torchattacks call: ``forward(images) -> prediction [B]``.
+
+    It binds the call's context features (the batch's clean ones, under the ``fixed`` threat model), so they stay
+    fixed whatever the library does. It evaluates the model at the projection of the library's iterate into the
+    mask, budget and range (``AttackState.project``: at most a few ulps from an iterate the library already
+    projected and clipped), with the gradient passed straight through inside the mask and zero outside it, so a
+    library that knows no mask never moves a voxel outside it. Each call is counted (a forward pass, and a backward
+    pass when its output carries a gradient: the libraries differentiate every such call) and its iterate is
+    scored for ``keep_best``, exactly as ``AttackState.gradient`` does for our own attacks.
+    """
+
+    def __init__(self, state: AttackState) -> None:
+        super().__init__()
+        self.model = state.attack.model
+        self.state = state
+        # torchattacks puts a model that was in training mode back into it after the attack.
+        self.train(False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        state = self.state
+        images = images.to(state.images.dtype)
+        passthrough = images - images.detach()  # zero valued, identity gradient
+        if state.mask is not None:
+            passthrough = torch.where(state.mask, passthrough, torch.zeros_like(passthrough))
+        attacked = state.project(images.detach()) + passthrough
+        prediction = self.model(attacked, state.features)
+        state.forward += 1
+        if prediction.requires_grad:
+            state.backward += 1
+            state.steps += 1
+        detached = prediction.detach()
+        state.record(attacked.detach(), detached, state.score(detached))
+        return prediction
