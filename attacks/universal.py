@@ -113,7 +113,8 @@ class Universal(Attack):
         for step in range(self.steps + int(self.keep_best)):
             ascend = step < self.steps
             direction = total = None
-            for images, features, ages, mask in _mini_batches(batches, device):
+            # Each mini-batch is validated once, in the first epoch.
+            for images, features, ages, mask in _mini_batches(batches, device, check=step == 0):
                 if delta is None:
                     delta = best = torch.zeros_like(images[:1])
                     best_total = torch.tensor(-math.inf, dtype=images.dtype, device=images.device)
@@ -128,11 +129,12 @@ class Universal(Attack):
                     forward += 1
                     with torch.no_grad():
                         clean = self.model(images, features)
-                adversarial = images + _masked(delta, mask)
+                # Masking the shared [1, ...] perturbation (or per image, for per-image masks) before adding.
+                adversarial = images + (delta if mask is None else torch.where(mask, delta, 0.0))
                 if self.clip == "image":
-                    flat = images.flatten(1)
+                    low, high = torch.aminmax(images.flatten(1), dim=1)
                     view = (-1,) + (1,) * (images.dim() - 1)
-                    adversarial = torch.clamp(adversarial, flat.amin(1).view(view), flat.amax(1).view(view))
+                    adversarial.clamp_(low.view(view), high.view(view))
                 leaf = adversarial.requires_grad_(ascend)
                 score = objective_score(self.objective, self.model(leaf, features), clean, ages, self.target_age)
                 forward += 1
@@ -140,8 +142,7 @@ class Universal(Attack):
                 if ascend:
                     (grad,) = torch.autograd.grad(score.sum(), leaf)
                     backward += 1
-                    grad = _masked(grad, mask)
-                    vote = (grad.sign() if self.algorithm == "sign" else grad).sum(dim=0, keepdim=True)
+                    vote = _summed(grad.sign() if self.algorithm == "sign" else grad, mask)
                     direction = vote if direction is None else direction + vote
             if delta is None:
                 raise MedrobustError("batches is empty: the universal attack needs at least one mini-batch")
@@ -169,25 +170,35 @@ def _l2(tensor: Tensor) -> Tensor:
     return torch.linalg.vector_norm(tensor).clamp_min(torch.finfo(tensor.dtype).tiny)
 
 
-def _masked(tensor: Tensor, mask: Tensor | None) -> Tensor:
-    return tensor if mask is None else torch.where(mask, tensor, torch.zeros_like(tensor))
+def _summed(tensor: Tensor, mask: Tensor | None) -> Tensor:
+    """``tensor`` [B, ...] summed over the batch, zero outside the mask; a mask shared by the batch is applied
+    to the sum, a pass over [1, ...] instead of [B, ...]."""
+    if mask is not None and mask.shape[0] > 1:
+        tensor = torch.where(mask, tensor, 0.0)
+    total = tensor.sum(dim=0, keepdim=True)
+    return total if mask is None or mask.shape[0] > 1 else torch.where(mask, total, 0.0)
 
 
-def _mini_batches(batches: Iterable, device: torch.device | None) -> Iterator[tuple]:
-    """Each mini-batch validated as ``Attack.__call__`` validates a batch and moved to ``device``."""
+def _mini_batches(batches: Iterable, device: torch.device | None, check: bool) -> Iterator[tuple]:
+    """Each mini-batch moved to ``device``, its mask as a bool tensor with the images' number of dimensions (not
+    expanded); ``check`` validates it as ``Attack.__call__`` validates a batch."""
     for batch in batches:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 4:
+        if check and (not isinstance(batch, (tuple, list)) or len(batch) != 4):
             raise MedrobustError("each mini-batch must be a tuple (images, features, ages, mask); pass None "
                                  "for features, ages or mask where there are none")
         images, features, ages, mask = batch
-        images = _check_images(images)
+        images = (_check_images(images) if check else images.detach())
         device = images.device if device is None else device
         images = images.to(device)
-        mask = _check_mask(mask, images)
+        if mask is not None:
+            if check:
+                _check_mask(mask, images)
+            mask = torch.as_tensor(mask, device=device) != 0
+            mask = mask.view((1,) * (images.dim() - mask.dim()) + tuple(mask.shape))
         if features is not None:
             features = features.to(device)
         ages = None if ages is None else torch.as_tensor(ages, device=device)
-        if ages is not None and ages.shape != images.shape[:1]:
+        if check and ages is not None and ages.shape != images.shape[:1]:
             raise MedrobustError(f"ages must hold one true age per image, {images.shape[0]} here, got shape "
                                  f"{list(ages.shape)}")
         yield images, features, ages, mask
