@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -16,6 +15,7 @@ from medrobust.attacks._registry import register_attack
 from medrobust.attacks.base import Attack, AttackResult, AttackState, _check_images, _check_mask
 from medrobust.attacks.budget import is_finite_real
 from medrobust.attacks.objectives import objective_score
+from medrobust.attacks.pgd import check_count
 from medrobust.errors import MedrobustError
 
 # sign: the paper's vote, each image's gradient sign summed over the set; pgd: the gradient of the set's summed
@@ -57,13 +57,11 @@ class Universal(Attack):
         super().__init__(model, *args, **kwargs)
         if algorithm not in ALGORITHMS:
             raise MedrobustError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
-        if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
-            raise MedrobustError(f"steps must be an integer >= 1 (epochs over the set), got {steps!r}")
         if not is_finite_real(step_size) or step_size <= 0:
             raise MedrobustError(f"step_size must be a finite number > 0 (a fraction of the radius), "
                                  f"got {step_size!r}")
         self.algorithm = algorithm
-        self.steps = int(steps)
+        self.steps = check_count("steps", steps)
         self.step_size = float(step_size)
         self.perturbation: Tensor | None = None
         self.fit_radius: Tensor | None = None
