@@ -117,7 +117,9 @@ def inputs(case: str, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor |
 
 # Quick settings of an attack for the contract suite, where its defaults would make the suite slow (an attack
 # with a ``steps`` argument gets 3 steps unless listed here).
-CONTRACT_SETTINGS: dict[str, dict] = {}
+CONTRACT_SETTINGS: dict[str, dict] = {
+    "cw": {"iterations": 3, "search_steps": 2},
+}
 
 
 def contract_attack(name: str, model: nn.Module, norm: str, objective: str) -> Attack:
