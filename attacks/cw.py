@@ -4,7 +4,6 @@ binary search over the constant c, per sample."""
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor, nn
@@ -12,13 +11,13 @@ from torch import Tensor, nn
 from medrobust.attacks._registry import register_attack
 from medrobust.attacks.base import Attack, AttackState
 from medrobust.attacks.budget import is_finite_real
+from medrobust.attacks.pgd import check_count
 from medrobust.errors import MedrobustError
 
 # paper: Li et al. 2020's settings; fast: a few seconds instead of minutes, for smoke runs and demos.
 PRESETS = {"paper": {"iterations": 400, "search_steps": 10}, "fast": {"iterations": 50, "search_steps": 4}}
-# Adam's moment decays and epsilon (torch.optim.Adam's defaults).
-BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
+# Devices with torch.optim.Adam's fused kernel (one kernel per update, no host synchronisation).
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
 
 
 def next_constant(constant: Tensor, lower: Tensor, upper: Tensor, success: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -76,10 +75,7 @@ class CW(Attack):
             raise MedrobustError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
         counts = {"iterations": iterations, "search_steps": search_steps}
         for key, value in counts.items():
-            if value is None:
-                counts[key] = PRESETS[preset][key]
-            elif not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise MedrobustError(f"{key} must be an integer >= 1 (or None for the preset's), got {value!r}")
+            counts[key] = PRESETS[preset][key] if value is None else check_count(key, value)
         for key, value in {"learning_rate": learning_rate, "initial_constant": initial_constant}.items():
             if not is_finite_real(value) or value <= 0:
                 raise MedrobustError(f"{key} must be a finite number > 0, got {value!r}")
@@ -100,13 +96,15 @@ class CW(Attack):
         span = upper - lower
         info = torch.finfo(images.dtype)
         # Voxels on a bound would start at w = +-inf: one epsilon inside keeps w finite, and tanh(w0) is used as
-        # the start so that the perturbation is exactly zero there (and outside the mask, where w never moves).
+        # the start so that the perturbation is exactly zero there (and outside the mask, where w never moves
+        # because its gradient is zero there).
         position = ((images - lower) / span.clamp_min(info.tiny) * 2 - 1).clamp(-1 + info.eps, 1 - info.eps)
         start = torch.atanh(position)
         tanh_start = torch.tanh(start)
         half_span = span / 2
-        inverse_square_range = 1 / (span * span).clamp_min(info.tiny).flatten()
-        radius = state.radius.view(view)
+        # d(||x' - x||^2 / R^2) / dx' = 2 (x' - x) / R^2, per sample.
+        distance_slope = 2 / (span * span).clamp_min(info.tiny).flatten()
+        radius = state.radius
 
         clean_score = state.score(state.clean_prediction)
         if self.objective == "target":
@@ -117,48 +115,64 @@ class CW(Attack):
         bracket_low = torch.zeros_like(clean_score)
         bracket_high = torch.full_like(clean_score, math.inf)
 
+        fused = images.device.type in FUSED_ADAM_DEVICES
         adversarial = images
         for _ in range(self.search_steps):
+            # Each search step restarts from the clean image with fresh Adam moments.
             w = start.clone().requires_grad_(True)
-            first_moment = torch.zeros_like(images)
-            second_moment = torch.zeros_like(images)
+            optimizer = torch.optim.Adam([w], lr=self.learning_rate, fused=fused)
             step_best = torch.full_like(clean_score, -math.inf)
-            for iteration in range(1, self.iterations + 1):
-                delta = half_span * (torch.tanh(w) - tanh_start)
-                if mask is not None:
-                    delta = torch.where(mask, delta, torch.zeros_like(delta))
-                # The exact in-budget image from state.project is what the model sees; its gradient flows through
-                # the differentiable form of the same projection.
-                projected = images + self._shrink(delta, radius, info.tiny)
-                adversarial = torch.clamp(state.project(images + delta.detach()), lower, upper)
-                prediction = self.model(adversarial + (projected - projected.detach()), state.features)
-                score = state.score(prediction)
-                distance = delta.flatten(1).pow(2).sum(dim=1) * inverse_square_range
-                (grad,) = torch.autograd.grad((distance - constant * score).sum(), w)
-                state.forward += 1
-                state.backward += 1
-                state.steps += 1
-                score = score.detach()
-                state.record(adversarial, prediction.detach(), score)
+            for _ in range(self.iterations):
+                with torch.no_grad():
+                    tanh = torch.tanh(w)
+                    delta = half_span * (tanh - tanh_start)
+                    # The model sees the iterate projected into the budget: every forward scores an allowed image.
+                    adversarial = torch.clamp(state.project(images + delta), lower, upper)
+                scaled_grad, score = self._scaled_gradient(state, adversarial, constant)
                 step_best = torch.maximum(step_best, score)
                 with torch.no_grad():
-                    _adam_step(w, grad, first_moment, second_moment, iteration, self.learning_rate)
+                    w.grad = self._loss_gradient(delta, scaled_grad, tanh, radius, distance_slope, half_span, mask)
+                optimizer.step()
             constant, bracket_low, bracket_high = next_constant(
                 constant, bracket_low, bracket_high, step_best >= threshold
             )
         return adversarial
 
-    def _shrink(self, delta: Tensor, radius: Tensor, tiny: float) -> Tensor:
-        # Differentiable projection of a perturbation onto the budget ball: clamp (l-inf) or scale down (l2).
+    def _scaled_gradient(self, state: AttackState, adversarial: Tensor, constant: Tensor) -> tuple[Tensor, Tensor]:
+        """c times the objective's gradient at ``adversarial``, and its score [B], recorded for ``keep_best``: one
+        forward and one backward pass. (``state.gradient`` does not return the score, which the search needs.)"""
+        leaf = adversarial.detach().requires_grad_(True)
+        prediction = self.model(leaf, state.features)
+        score = state.score(prediction)
+        # Samples are independent, so weighting the backward pass by c [B] scales each sample's gradient by its c.
+        (scaled_grad,) = torch.autograd.grad(score, leaf, grad_outputs=constant)
+        state.forward += 1
+        state.backward += 1
+        state.steps += 1
+        score = score.detach()
+        state.record(adversarial, prediction.detach(), score)
+        return scaled_grad, score
+
+    def _loss_gradient(self, delta: Tensor, scaled_grad: Tensor, tanh: Tensor, radius: Tensor,
+                       distance_slope: Tensor, half_span: Tensor, mask: Tensor | None) -> Tensor:
+        """Gradient with respect to w of ||x' - x||^2 / R^2 - c * objective(P(x')), P the projection into the
+        budget ball, from c * (gradient of the objective at P(x')): the chain rule through P and the tanh box."""
+        view = half_span.shape
         if self.budget.norm == "linf":
-            return torch.minimum(torch.maximum(delta, -radius), radius)
-        norm = torch.linalg.vector_norm(delta.flatten(1), dim=1).clamp_min(tiny)
-        return delta * (radius / norm.view(radius.shape)).clamp(max=1)
-
-
-def _adam_step(w: Tensor, grad: Tensor, first: Tensor, second: Tensor, iteration: int, learning_rate: float) -> None:
-    # torch.optim.Adam's update, in place; the bias corrections are Python floats (iteration is a Python int).
-    first.mul_(BETAS[0]).add_(grad, alpha=1 - BETAS[0])
-    second.mul_(BETAS[1]).addcmul_(grad, grad, value=1 - BETAS[1])
-    denominator = (second / (1 - BETAS[1] ** iteration)).sqrt_().add_(ADAM_EPS)
-    w.addcdiv_(first, denominator, value=-learning_rate / (1 - BETAS[0] ** iteration))
+            # P clamps each voxel: where it binds, the objective does not move with that voxel.
+            inside = delta.abs() <= radius.view(view)
+            grad = distance_slope.view(view) * delta - torch.where(inside, scaled_grad, torch.zeros_like(scaled_grad))
+        else:
+            # Outside the ball P(d) = r d / n (n = ||d||), whose Jacobian is (r / n) (I - d d^T / n^2).
+            tiny = torch.finfo(delta.dtype).tiny
+            norm = torch.linalg.vector_norm(delta.flatten(1), dim=1)
+            outside = norm > radius
+            shrink = torch.where(outside, radius / norm.clamp_min(tiny), 1)
+            radial = torch.linalg.vecdot(delta.flatten(1), scaled_grad.flatten(1)) / norm.square().clamp_min(tiny)
+            along_delta = distance_slope + torch.where(outside, shrink * radial, 0)
+            grad = torch.addcmul(along_delta.view(view) * delta, scaled_grad, -shrink.view(view))
+        # dx'/dw = (R / 2) (1 - tanh(w)^2).
+        grad = grad * (half_span * (1 - tanh * tanh))
+        if mask is not None:
+            grad = torch.where(mask, grad, torch.zeros_like(grad))
+        return grad
