@@ -131,5 +131,6 @@ def _advance(state: AttackState, x: Tensor, previous: Tensor, grad: Tensor, step
     z = state.ascend(x, grad, step)
     if alpha == 1.0:
         return z
-    # x + alpha (z - x) + (1 - alpha)(x - previous), as one lerp from 2x - previous towards z.
-    return state.project(torch.lerp(x + (x - previous), z, alpha))
+    # x + alpha (z - x) + (1 - alpha)(x - previous) in two kernels: 2x - previous (a lerp with weight 2 from
+    # previous through x), then a lerp from it towards z.
+    return state.project(torch.lerp(torch.lerp(previous, x, 2.0), z, alpha))

@@ -55,7 +55,8 @@ class Noise(Attack):
         if state.mask is not None:
             noise = noise * state.mask
         norm = perturbation_norms(noise)[self.budget.norm]
-        scale = state.radius / norm.clamp_min(torch.finfo(noise.dtype).tiny)
+        # An image whose mask is empty draws no noise (0, not 0 * r / tiny, which can overflow to inf * 0).
+        scale = torch.where(norm > 0, state.radius / norm, torch.zeros_like(norm))
         return noise * scale.view((-1,) + (1,) * (noise.dim() - 1))
 
     def perturb(self, state: AttackState) -> Tensor:

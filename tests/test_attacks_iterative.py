@@ -234,3 +234,13 @@ def test_noise_refuses_bad_arguments() -> None:
         create_attack("noise", model, distribution="laplace")
     with pytest.raises(MedrobustError, match="draws must be an integer >= 1"):
         create_attack("noise", model, draws=0)
+
+
+def test_noise_leaves_an_image_with_an_empty_mask_alone_at_a_large_radius() -> None:
+    images, mask = brain_batch((8, 8, 8))
+    mask = mask.expand_as(images).clone()
+    mask[1] = False
+    result = create_attack("noise", LinearModel(images.shape[1:]), budget={"epsilon": 10.0, "unit": "abs"},
+                           clip="none")(images, mask=mask)
+    assert torch.isfinite(result.images).all()
+    assert torch.equal(result.images[1], images[1]) and not torch.equal(result.images[0], images[0])
