@@ -15,12 +15,16 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from medrobust.attacks.budget import NORMS, Budget, as_budget
+from medrobust.attacks.budget import NORMS, Budget, as_budget, is_finite_real
 from medrobust.attacks.objectives import check_objective, objective_score
 from medrobust.errors import MedrobustError
 
-# fixed: context features keep their clean values (the paper's setting). recomputed and perturbed come later.
-THREAT_MODELS = ("fixed",)
+# fixed: context features keep their clean values (the paper's setting). perturbed: the attacker also moves each
+# regional volume within its own relative budget, jointly with the image. (recomputed comes later.)
+THREAT_MODELS = ("fixed", "perturbed")
+# Under "perturbed", the features an attacker may move: regional volumes (a segmentation's output), not the
+# subject's sex or the scanner's field strength.
+PERTURBABLE_PREFIX = "vol_"
 # image: stay inside each clean image's own [min, max]; none: no intensity bounds.
 CLIPS = ("image", "none")
 
@@ -55,7 +59,10 @@ class AttackState:
                  mask: Tensor | None) -> None:
         self.attack = attack
         self.images = images
-        self.features = features
+        self.clean_features = features
+        self.features = features  # the current iterate's features: the clean ones unless the threat model moves them
+        self.feature_radius = _feature_radius(attack, features)
+        self._feature_grad: Tensor | None = None
         self.ages = ages
         self.mask = mask
         self.forward = 0
@@ -72,6 +79,7 @@ class AttackState:
             self.upper = flat.amax(dim=1).view(self._view)
         self.clean_prediction = self.predict(images)
         self.best_images = images
+        self.best_features = features
         self.best_prediction = self.clean_prediction
         self.best_score = self.score(self.clean_prediction)
 
@@ -92,9 +100,16 @@ class AttackState:
         # The gradient w.r.t. the adversarial image equals that w.r.t. the perturbation; parameters are frozen,
         # so autograd computes nothing else.
         leaf = adversarial.detach().requires_grad_(True)
-        prediction = self.attack.model(leaf, self.features)
-        score = self.score(prediction)
-        (grad,) = torch.autograd.grad(score.sum(), leaf)
+        if self.feature_radius is None:
+            prediction = self.attack.model(leaf, self.features)
+            score = self.score(prediction)
+            (grad,) = torch.autograd.grad(score.sum(), leaf)
+        else:  # the features' gradient comes from the same backward pass
+            feature_leaf = self.features.detach().requires_grad_(True)
+            prediction = self.attack.model(leaf, feature_leaf)
+            score = self.score(prediction)
+            grad, self._feature_grad = torch.autograd.grad(score.sum(), (leaf, feature_leaf), allow_unused=True)
+            grad = torch.zeros_like(leaf) if grad is None else grad  # a model that ignores the image
         self.forward += 1
         self.backward += 1
         self.steps += 1
@@ -104,12 +119,25 @@ class AttackState:
     def ascend(self, adversarial: Tensor, grad: Tensor, fraction: float) -> Tensor:
         """Step of ``fraction`` of the radius along the steepest-ascent direction of the budget's norm
         (sign of the gradient for l-inf, the normalized gradient for l2), then projected."""
+        self._ascend_features(fraction)
         grad = self._masked(grad)
         if self.attack.budget.norm == "linf":
             direction = grad.sign()
         else:
             direction = grad / self._l2(grad)
         return self.project(adversarial + fraction * self.radius.view(self._view) * direction)
+
+    def _ascend_features(self, fraction: float) -> None:
+        """Under ``perturbed``: a signed step of ``fraction`` of each feature's radius, kept in its box."""
+        if self.feature_radius is None or self._feature_grad is None:
+            return
+        if isinstance(fraction, Tensor):  # a per-sample step shaped like the images: one value per sample
+            fraction = fraction.reshape(fraction.shape[0], -1)[:, :1]
+        step = fraction * self.feature_radius * self._feature_grad.sign()
+        moved = self.features + step
+        clean, radius = self.clean_features, self.feature_radius
+        self.features = torch.where(radius > 0, torch.clamp(moved, clean - radius, clean + radius), clean).detach()
+        self._feature_grad = None
 
     def random_start(self) -> Tensor:
         """A random point of the budget ball around the clean images (uniform for l-inf; for l2 a uniform
@@ -151,17 +179,20 @@ class AttackState:
         self.best_score = torch.where(better, score, self.best_score)
         self.best_prediction = torch.where(better, prediction, self.best_prediction)
         self.best_images = torch.where(better.view(self._view), adversarial.detach(), self.best_images)
+        if self.feature_radius is not None:  # the features that went with that image
+            self.best_features = torch.where(better.view(-1, 1), self.features, self.best_features)
 
     def finish(self, adversarial: Tensor) -> AttackResult:
         """The result for the final iterate, or for the best iterate per sample under ``keep_best``; one
         forward pass predicts (and scores) the final iterate."""
         prediction = self.predict(adversarial)
+        features = self.features
         if self.attack.keep_best:
             self.record(adversarial, prediction, self.score(prediction))
-            adversarial, prediction = self.best_images, self.best_prediction
+            adversarial, prediction, features = self.best_images, self.best_prediction, self.best_features
         return AttackResult(
             images=adversarial.detach(),
-            features=self.features,
+            features=features,
             clean_prediction=self.clean_prediction,
             adversarial_prediction=prediction,
             forward=self.forward,
@@ -180,23 +211,40 @@ class AttackState:
         return torch.where(self.mask, tensor, torch.zeros_like(tensor))
 
 
+def _feature_radius(attack: Attack, features: Tensor | None) -> Tensor | None:
+    """Per sample and feature, how far ``perturbed`` may move a feature: ``feature_budget`` x |clean value| for
+    the regional volumes, 0 for the rest (and for missing values); None when the features stay fixed."""
+    if attack.threat_model != "perturbed" or features is None:
+        return None
+    names = getattr(getattr(attack.model, "meta", None), "feature_names", None)
+    movable = torch.ones(features.shape[1], dtype=torch.bool, device=features.device)
+    if names is not None:
+        movable = torch.tensor([str(n).startswith(PERTURBABLE_PREFIX) for n in names], device=features.device)
+    radius = attack.feature_budget * features.abs()
+    return torch.where(movable & torch.isfinite(features), radius, torch.zeros_like(radius))
+
+
 class Attack:
     """Base of every attack: ``attack(images, features, ages, mask) -> AttackResult``.
 
     ``budget``: a Budget, a dict of its fields or None (l-inf, 1e-3 of each image's range). ``objective``: what
     to maximize per sample (see ``OBJECTIVES``); ``target_age`` is required by, and only by, ``target``.
-    ``threat_model``: ``fixed`` (context features keep their clean values). ``clip``: ``image`` keeps each
+    ``threat_model``: ``fixed`` (context features keep their clean values) or, for the attacks that list it in
+    ``threat_models``, ``perturbed`` (the regional volumes move too, each within ``feature_budget`` x its clean
+    value, by a signed step at every image step, optimized jointly). ``clip``: ``image`` keeps each
     adversarial image inside its clean image's [min, max], ``none`` does not clip. ``keep_best``: return, per
     sample, the best image seen (the clean one included) rather than the last iterate. ``seed``: of the
     random draws, for bit-identical repeats.
 
-    Subclasses set ``name`` (the registry name) and ``norms`` (the budget norms they support), add their own
+    Subclasses set ``name`` (the registry name), ``norms`` (the budget norms they support) and, where they step
+    through ``AttackState.ascend``, ``threat_models`` (the threat models they support), add their own
     keyword arguments (all defaulted, stored as attributes of the same name so that ``params()`` finds them)
     and implement ``perturb``.
     """
 
     name: ClassVar[str] = ""
     norms: ClassVar[tuple[str, ...]] = NORMS
+    threat_models: ClassVar[tuple[str, ...]] = ("fixed",)
 
     def __init__(
         self,
@@ -208,6 +256,7 @@ class Attack:
         clip: str = "image",
         keep_best: bool = True,
         seed: int = 0,
+        feature_budget: float = 0.05,
     ) -> None:
         label = self.name or type(self).__name__
         if not isinstance(model, nn.Module):
@@ -216,8 +265,14 @@ class Attack:
             raise MedrobustError(
                 f"threat_model must be one of {', '.join(THREAT_MODELS)}, got {threat_model!r}"
             )
+        if threat_model not in self.threat_models:
+            raise MedrobustError(f"attack '{label}' supports threat models {', '.join(self.threat_models)}, "
+                                 f"got threat_model {threat_model!r}")
+        if not is_finite_real(feature_budget) or feature_budget < 0:
+            raise MedrobustError(f"feature_budget must be a finite number >= 0 (a fraction of each feature's value), "
+                                 f"got {feature_budget!r}")
         meta = getattr(model, "meta", None)
-        if meta is not None and not getattr(meta, "uses_image", True):
+        if meta is not None and not getattr(meta, "uses_image", True) and threat_model == "fixed":
             model_name = getattr(meta, "name", type(model).__name__)
             raise MedrobustError(
                 f"model '{model_name}' does not use the image, so under threat_model '{threat_model}' (clean "
@@ -241,6 +296,7 @@ class Attack:
         self.clip = clip
         self.keep_best = keep_best
         self.seed = int(seed)
+        self.feature_budget = float(feature_budget)
 
     @classmethod
     def argument_names(cls) -> list[str]:

@@ -18,6 +18,7 @@ class FGSM(Attack):
 
     name = "fgsm"
     norms = ("linf", "l2")
+    threat_models = ("fixed", "perturbed")
 
     def perturb(self, state: AttackState) -> Tensor:
         return state.ascend(state.images, state.gradient(state.images), 1.0)

@@ -47,6 +47,7 @@ class PGD(Attack):
 
     name = "pgd"
     norms = ("linf", "l2")
+    threat_models = ("fixed", "perturbed")
 
     def __init__(
         self,

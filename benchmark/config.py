@@ -306,6 +306,10 @@ def _check_attacks(config: RunConfig, table: _Table) -> None:
         if not budgets:
             table.fail(f"attacks[{i}] ({spec.name}) has no budget: add [[budgets]] or attacks[{i}].budgets")
         supported = attack_entrypoint(spec.name).norms
+        threat_models = [t for t in config.threat_models if t in attack_entrypoint(spec.name).threat_models]
+        if not threat_models:
+            table.fail(f"attacks[{i}] ({spec.name}) supports threat models "
+                       f"{', '.join(attack_entrypoint(spec.name).threat_models)}; threat_model lists none of them")
         if not any(b.norm in supported for b in budgets):
             table.fail(f"attacks[{i}] ({spec.name}) supports norms {', '.join(supported)}; no budget uses one")
         if spec.budgets is not None:
@@ -317,7 +321,7 @@ def _check_attacks(config: RunConfig, table: _Table) -> None:
                 continue
             try:
                 create_attack(spec.name, stand_in, budget=budget, objective=config.objectives[0],
-                              target_age=config.target_age, threat_model=config.threat_models[0], seed=config.seed,
+                              target_age=config.target_age, threat_model=threat_models[0], seed=config.seed,
                               **spec.params)
             except (MedrobustError, TypeError, ValueError) as err:
                 table.fail(f"attacks[{i}] ({spec.name}): {err}")

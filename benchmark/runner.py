@@ -125,16 +125,21 @@ def evaluation_subset(config: RunConfig, root: Path, all_ids: list[str], data: P
     return data.subset(sorted(random.Random(config.dataset.split_seed).sample(ids, count)))
 
 
-def expand_cells(config: RunConfig, base_spec: dict[str, dict]) -> list[Cell]:
-    """Every (model, attack, budget, objective, threat model) of the config, with its spec."""
+def expand_cells(config: RunConfig, base_spec: dict[str, dict], uses_features: dict[str, bool] | None = None
+                 ) -> list[Cell]:
+    """Every (model, attack, budget, objective, threat model) of the config, with its spec. An attack meets only
+    the budgets and threat models it supports; a model without context features (``uses_features`` False) only
+    the threat model ``fixed``, the others being the same for it."""
     cells = []
     for spec in config.models:
         for attack in config.attacks:
-            supported = attack_entrypoint(attack.name).norms
-            budgets = [b for b in (attack.budgets or config.budgets) if b.norm in supported]
+            entry = attack_entrypoint(attack.name)
+            budgets = [b for b in (attack.budgets or config.budgets) if b.norm in entry.norms]
+            threat_models = [t for t in config.threat_models if t in entry.threat_models
+                             and (t == "fixed" or (uses_features or {}).get(spec.label, True))]
             for budget in budgets:
                 for objective in config.objectives:
-                    for threat_model in config.threat_models:
+                    for threat_model in threat_models:
                         cell = Cell(spec.label, attack, budget, objective, threat_model)
                         cell.spec = {**base_spec[spec.label], "attack": attack.name, **budget.as_dict(),
                                      "objective": objective, "threat_model": threat_model}
@@ -159,6 +164,7 @@ def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: Ru
     rows: list[dict] = []
     counters = {"forward": 0, "backward": 0, "steps": 0}
     attack_seconds = 0.0
+    feature_change: list[torch.Tensor] = []
     for start in range(0, len(data.subject_ids), config.batch_size):
         batch = slice(start, start + config.batch_size)
         images = data.images[batch].to(device)
@@ -170,6 +176,9 @@ def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: Ru
         norms = perturbation_norms(result.images - images)
         image_range = (images.flatten(1).amax(1) - images.flatten(1).amin(1)).clamp_min(1e-12)
         # One host transfer per batch (it also waits for the device, so the attack time is honest on CUDA).
+        if features is not None:  # how far the threat model moved the context features (0 under "fixed")
+            moved = ((result.features - features).abs() / features.abs().clamp_min(1e-12)).nan_to_num(0.0)
+            feature_change.append(moved.amax(dim=1).detach().double().cpu())
         host = {k: v.detach().double().cpu() for k, v in {
             "clean_prediction": result.clean_prediction, "adversarial_prediction": result.adversarial_prediction,
             "linf": norms["linf"], "l2": norms["l2"], "linf_rel": norms["linf"] / image_range,
@@ -188,6 +197,8 @@ def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: Ru
                                                                "adversarial_prediction", "linf", "l2", "linf_rel",
                                                                "l2_rel")))
     metrics.update(counters, attack_seconds=attack_seconds)
+    if feature_change:  # the largest relative change of any context feature, averaged over subjects
+        metrics["mean_feature_change_rel"] = float(torch.cat(feature_change).mean())
     return metrics, rows
 
 
@@ -230,7 +241,7 @@ def run(config: RunConfig, progress: bool = True, echo=tqdm.write) -> RunSummary
             "brain_mask": config.brain_mask, "seed": config.seed, "batch_size": config.batch_size,
             "device": str(device)}
 
-    cells = expand_cells(config, base_spec)
+    cells = expand_cells(config, base_spec, {label: m.meta.uses_features for label, m in models.items()})
     for cell in cells:  # the attack's full argument list (defaults included) belongs to the cell's identity
         try:
             cell.spec["params"] = _attack_for(cell, models[cell.model], config).params()

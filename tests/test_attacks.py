@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import math
@@ -40,8 +41,18 @@ TARGET_AGE = 30.0
 # Budgets in the paper's unit (fraction of each image's range, here 9): big enough to move a tiny model.
 BUDGETS = {"linf": {"norm": "linf", "epsilon": 0.02}, "l2": {"norm": "l2", "epsilon": 0.5}}
 MODEL_CASES = ["cnn3d", "hybrid_e2e", "conv2d"]
-ALL_ATTACKS = list_attacks()
-ATTACK_NORMS = [(name, norm) for name in ALL_ATTACKS for norm in attack_entrypoint(name).norms]
+def _available(name: str):
+    """The attack's name, skipped with its install line where it needs an optional package that is missing."""
+    entry = attack_entrypoint(name)
+    package = getattr(entry, "package", "")
+    missing = bool(package) and importlib.util.find_spec(package) is None
+    reason = f"needs {package}: {getattr(entry, 'install', '')}"
+    return pytest.param(name, marks=pytest.mark.skipif(missing, reason=reason))
+
+
+ALL_ATTACKS = [_available(name) for name in list_attacks()]
+ATTACK_NORMS = [pytest.param(p.values[0], norm, marks=p.marks) for p in ALL_ATTACKS
+                for norm in attack_entrypoint(p.values[0]).norms]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -199,11 +210,12 @@ def check_contract(name: str, case: str, norm: str, objective: str, device: str)
 
 
 def test_builtins_are_registered() -> None:
-    assert {"fgsm", "pgd"} <= set(ALL_ATTACKS)
+    assert {"fgsm", "pgd"} <= set(list_attacks())
     assert list_attacks("pg*") == ["pgd"]
     assert attack_entrypoint("pgd") is PGD
     assert NORMS == ("linf", "l2") and UNITS == ("abs", "range", "std")
-    assert OBJECTIVES == ("older", "younger", "deviation", "target", "error") and THREAT_MODELS == ("fixed",)
+    assert OBJECTIVES == ("older", "younger", "deviation", "target", "error")
+    assert THREAT_MODELS == ("fixed", "perturbed")
 
 
 # ---------------------------------------------------------------- contract suite: every registered attack
@@ -240,7 +252,8 @@ def test_the_realized_perturbation_stays_in_budget_at_the_papers_epsilon(name: s
     # for the perturbation actually returned, not just for the delta before it was added.
     model = build("cnn3d")
     images, _, _, mask = inputs("cnn3d")
-    attack = create_attack(name, model, budget={"norm": norm, "epsilon": 1e-3}, clip="none")
+    attack = create_attack(name, model, budget={"norm": norm, "epsilon": 1e-3}, clip="none",
+                           **CONTRACT_SETTINGS.get(name, {}))
     result = attack(images, mask=mask)
     realized = perturbation_norms(result.images - images)[norm]
     radius = attack.budget.radius(images)
@@ -279,7 +292,7 @@ def test_a_model_that_ignores_the_image_cannot_be_attacked_under_fixed(name: str
 def test_unknown_attack_lists_the_known_names() -> None:
     with pytest.raises(MedrobustError, match="carlini_nonexistent") as info:
         create_attack("carlini_nonexistent", build("conv2d"))
-    for name in ALL_ATTACKS:
+    for name in list_attacks():
         assert name in str(info.value)
 
 

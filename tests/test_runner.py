@@ -21,6 +21,7 @@ CONFIG = """
 out = "{out}"
 batch_size = 2
 seed = 3
+threat_model = ["fixed", "perturbed"]
 
 [dataset]
 builtin = true
@@ -60,7 +61,8 @@ name = "pgd"
 steps = 2
 random_start = false
 """
-N_CELLS = 3 * 2 * 3  # models x attacks x budgets
+# models x attacks x budgets under "fixed", and the two hybrids again under "perturbed" (cnn3d has no features)
+N_CELLS = 3 * 2 * 3 + 2 * 2 * 3
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +108,13 @@ def test_run_trains_missing_models_and_fills_the_store(demo_run):
         assert cell["params"]["budget"]["epsilon"] == cell["epsilon"]
         # "older": the attack never made the prediction younger.
         assert (rows["deviation"] >= -1e-4).all()
+        # The context features move only under "perturbed", and then within their 5 % budget.
+        if cell["model"] == "cnn3d":
+            assert cell["threat_model"] == "fixed" and math.isnan(cell.get("mean_feature_change_rel", math.nan))
+        elif cell["threat_model"] == "fixed":
+            assert cell["mean_feature_change_rel"] == 0
+        else:
+            assert 0 < cell["mean_feature_change_rel"] <= 0.05 * (1 + 1e-5)
 
 
 def test_clean_predictions_match_the_checkpoint(demo_run):
@@ -145,9 +154,10 @@ def test_cell_ids_depend_on_what_decides_the_result(demo_run):
     config = load_config(config_path)
     base = {"cnn3d": {"model": "cnn3d", "x": 1}, "hybrid": {"model": "hybrid", "x": 1},
             "<script>alert(1)</script>": {"model": "e2e", "x": 1}}
-    cells = expand_cells(config, base)
+    uses_features = {"cnn3d": False, "hybrid": True, "<script>alert(1)</script>": True}
+    cells = expand_cells(config, base, uses_features)
     assert len(cells) == N_CELLS and len({c.id for c in cells}) == N_CELLS
-    again = expand_cells(config, base)
+    again = expand_cells(config, base, uses_features)
     assert [c.id for c in cells] == [c.id for c in again]
     # Where a result is stored or which device ran it does not change its identity; the data does.
     cell = cells[0]
@@ -182,14 +192,14 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(demo_run, tmp_path, mon
     with ResultStore(out, create=False) as store:
         cells = store.cells()
     failed = cells[cells["status"] == "failed"]
-    assert len(failed) == 3 and set(failed["attack"]) == {"pgd"}
+    assert len(failed) == 6 and set(failed["attack"]) == {"pgd"}  # 3 budgets x 2 threat models
     assert (failed["error"] == "RuntimeError: simulated failure").all()
-    assert (cells["status"] == "done").sum() == N_CELLS - 3
+    assert (cells["status"] == "done").sum() == N_CELLS - 6
     # Once the cause is gone, a re-run does only the failed cells.
     monkeypatch.setattr(runner, "run_cell", original)
     result = CliRunner().invoke(main, ["run", str(config), "--quiet", "--no-report"])
     assert result.exit_code == 0, result.output
-    assert f"3 cells run, {N_CELLS - 3} already finished, 0 failed" in result.output
+    assert f"6 cells run, {N_CELLS - 6} already finished, 0 failed" in result.output
 
 
 def test_report_page_and_csv(demo_run):

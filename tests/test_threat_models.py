@@ -1,0 +1,93 @@
+"""Threat models for models with context features: fixed keeps them, perturbed moves the volumes in budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medrobust.attacks import Budget, attack_entrypoint, create_attack, list_attacks
+from medrobust.errors import MedrobustError
+from medrobust.models import create_model
+
+NAMES = ["sex", "field_strength", "vol_hippocampus", "vol_ventricles", "vol_white_matter"]
+GRID = (32, 32, 32)
+BUDGET = Budget("linf", 2e-3, "range")
+
+
+def hybrid() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model("hybrid_e2e", feature_names=NAMES, input_shape=GRID, voxel_size=(6.0, 6.0, 6.0))
+    model.set_target_scaling(50.0, 15.0)
+    model.set_feature_scaling([0.5, 2.0, 8.0, 30.0, 450.0], [0.5, 0.7, 1.0, 10.0, 50.0])
+    return model.eval()
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(3, 1, *GRID, generator=generator) * 1.5
+    features = torch.tensor([[1.0, 3.0, 7.5, 25.0, 470.0], [0.0, 1.5, 8.5, 40.0, 430.0], [1.0, 3.0, 9.0, 20.0, 500.0]])
+    return images, features
+
+
+def test_perturbed_moves_only_the_volumes_and_within_their_budget():
+    model = hybrid()
+    images, features = batch()
+    attack = create_attack("pgd", model, budget=BUDGET, threat_model="perturbed", feature_budget=0.05, steps=3,
+                           random_start=False)
+    result = attack(images, features)
+    change = result.features - features
+    assert torch.equal(change[:, :2], torch.zeros_like(change[:, :2]))  # sex and field strength stay
+    assert change[:, 2:].abs().gt(0).any()
+    assert (change.abs() <= 0.05 * features.abs() * (1 + 1e-6)).all()
+    with torch.no_grad():  # the reported prediction is the model's on the returned image AND features
+        assert torch.allclose(result.adversarial_prediction, model(result.images, result.features), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "bim"])
+def test_perturbed_is_at_least_as_strong_as_fixed(name):
+    model = hybrid()
+    images, features = batch()
+    kwargs = {"budget": BUDGET, "random_start": False} if name == "pgd" else {"budget": BUDGET}
+    fixed = create_attack(name, model, threat_model="fixed", **kwargs)(images, features)
+    perturbed = create_attack(name, model, threat_model="perturbed", **kwargs)(images, features)
+    assert torch.equal(fixed.features, features)
+    assert perturbed.adversarial_prediction.mean() > fixed.adversarial_prediction.mean()  # objective "older"
+
+
+def test_a_zero_feature_budget_is_the_fixed_threat_model():
+    model = hybrid()
+    images, features = batch()
+    fixed = create_attack("pgd", model, budget=BUDGET, steps=3)(images, features)
+    zero = create_attack("pgd", model, budget=BUDGET, steps=3, threat_model="perturbed",
+                         feature_budget=0.0)(images, features)
+    assert torch.equal(fixed.images, zero.images) and torch.equal(zero.features, features)
+    assert torch.equal(fixed.adversarial_prediction, zero.adversarial_prediction)
+
+
+def test_a_features_only_model_can_be_attacked_when_its_features_may_move():
+    torch.manual_seed(0)
+    model = create_model("features_mlp", feature_names=NAMES, input_shape=GRID, voxel_size=(6.0, 6.0, 6.0))
+    model.set_target_scaling(50.0, 15.0)
+    model.set_feature_scaling([0.5, 2.0, 8.0, 30.0, 450.0], [0.5, 0.7, 1.0, 10.0, 50.0])
+    images, features = batch()
+    with pytest.raises(MedrobustError, match="does not use the image"):
+        create_attack("pgd", model, budget=BUDGET)
+    result = create_attack("pgd", model, budget=BUDGET, threat_model="perturbed", steps=3,
+                           random_start=False)(images, features)
+    assert torch.equal(result.images, images)  # nothing to gain from the image
+    assert (result.adversarial_prediction > result.clean_prediction).all()
+
+
+def test_attacks_that_cannot_move_features_refuse_the_perturbed_threat_model():
+    model = hybrid()
+    refusing = [name for name in list_attacks() if "perturbed" not in attack_entrypoint(name).threat_models]
+    assert "cw" in refusing or "cw" not in list_attacks()
+    for name in refusing:
+        with pytest.raises(MedrobustError, match="supports threat models"):
+            create_attack(name, model, threat_model="perturbed")
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True, "5%"])
+def test_feature_budget_is_validated(bad):
+    with pytest.raises(MedrobustError, match="feature_budget"):
+        create_attack("pgd", hybrid(), threat_model="perturbed", feature_budget=bad)
