@@ -12,7 +12,8 @@ from torch import Tensor
 
 from medrobust.errors import MedrobustError
 
-NORMS = ("linf", "l2")
+# l0 counts the voxels that change: its epsilon is a number of voxels, in unit abs.
+NORMS = ("linf", "l2", "l0")
 # abs: intensity units; range: a fraction of each image's max - min (the paper's unit); std: of each image's std.
 UNITS = ("abs", "range", "std")
 
@@ -29,16 +30,21 @@ class Budget:
     """How far an attack may move each image: ``norm`` of the perturbation at most ``epsilon`` in ``unit``.
 
     ``Budget("linf", 1e-3, "range")`` is the paper's l-inf budget: every voxel moves by at most 0.1 % of
-    that image's intensity range.
+    that image's intensity range. ``Budget("l0", 360)``: at most 360 voxels change (a fractional epsilon is
+    rounded down). ``unit`` None is ``range``, or ``abs`` for ``l0``, the only unit a voxel count has.
     """
 
     norm: str = "linf"
     epsilon: float = 1e-3
-    unit: str = "range"
+    unit: str | None = None
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise MedrobustError(f"budget norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.unit is None:
+            object.__setattr__(self, "unit", "abs" if self.norm == "l0" else "range")
+        if self.norm == "l0" and self.unit != "abs":
+            raise MedrobustError(f"budget unit of norm 'l0' must be 'abs' (epsilon counts voxels), got {self.unit!r}")
         if not is_finite_real(self.epsilon) or self.epsilon < 0:
             raise MedrobustError(f"budget epsilon must be a finite number >= 0, got {self.epsilon!r}")
         if self.unit not in UNITS:
@@ -47,10 +53,12 @@ class Budget:
         object.__setattr__(self, "epsilon", float(self.epsilon))
 
     def radius(self, images: Tensor) -> Tensor:
-        """The absolute radius [B] for each image of a batch [B, ...], in the images' dtype and device."""
+        """The absolute radius [B] for each image of a batch [B, ...] (for l0 a voxel count), in the images' dtype
+        and device."""
         flat = images.detach().flatten(1)
         if self.unit == "abs":
-            return torch.full((flat.shape[0],), self.epsilon, dtype=flat.dtype, device=flat.device)
+            epsilon = math.floor(self.epsilon) if self.norm == "l0" else self.epsilon
+            return torch.full((flat.shape[0],), epsilon, dtype=flat.dtype, device=flat.device)
         if self.unit == "range":
             return self.epsilon * (flat.amax(dim=1) - flat.amin(dim=1))
         # Population std (divides by N), as the z-score normalization in preprocessing computes it.

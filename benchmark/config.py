@@ -157,7 +157,7 @@ def _budgets(items: Any, where: str, table: _Table) -> list[Budget]:
     budgets = []
     for i, item in enumerate(items):
         entry = _Table(item, f"{where}[{i}]", table.source)
-        norm, unit = entry.take("norm", "str"), entry.take("unit", "str", "range")
+        norm, unit = entry.take("norm", "str"), entry.take("unit", "str", None)  # None: the norm's default unit
         raw = entry.data.pop("epsilon", None)
         if raw is None:
             entry.fail(f"{entry.name('epsilon')} is required")

@@ -40,6 +40,7 @@ AGES = [25.0, 71.0]
 TARGET_AGE = 30.0
 # Budgets in the paper's unit (fraction of each image's range, here 9): big enough to move a tiny model.
 BUDGETS = {"linf": {"norm": "linf", "epsilon": 0.02}, "l2": {"norm": "l2", "epsilon": 0.5}}
+BUDGETS["l0"] = {"norm": "l0", "epsilon": 8}  # voxels
 MODEL_CASES = ["cnn3d", "hybrid_e2e", "conv2d"]
 def _available(name: str):
     """The attack's name, skipped with its install line where it needs an optional package that is missing."""
@@ -130,6 +131,7 @@ def inputs(case: str, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor |
 # with a ``steps`` argument gets 3 steps unless listed here).
 CONTRACT_SETTINGS: dict[str, dict] = {
     "cw": {"iterations": 3, "search_steps": 2},
+    "l0": {"max_failures": 4, "rerank_every": 4},
 }
 
 
@@ -213,7 +215,7 @@ def test_builtins_are_registered() -> None:
     assert {"fgsm", "pgd"} <= set(list_attacks())
     assert list_attacks("pg*") == ["pgd"]
     assert attack_entrypoint("pgd") is PGD
-    assert NORMS == ("linf", "l2") and UNITS == ("abs", "range", "std")
+    assert NORMS == ("linf", "l2", "l0") and UNITS == ("abs", "range", "std")
     assert OBJECTIVES == ("older", "younger", "deviation", "target", "error")
     assert THREAT_MODELS == ("fixed", "perturbed")
 
@@ -275,7 +277,10 @@ def test_params_are_complete_json_and_rebuild_the_attack(name: str) -> None:
                 assert parameter.name in ("self", "model") or parameter.default is not parameter.empty
                 expected.add(parameter.name)
     assert set(params) == expected - {"self", "model"}
-    assert params["budget"] == {"norm": "linf", "epsilon": 1e-3, "unit": "range"}
+    # The base's default budget, or an l0 attack's own (the paper's smallest voxel count).
+    default = {"linf": {"norm": "linf", "epsilon": 1e-3, "unit": "range"}, "l0": {"norm": "l0", "epsilon": 360.0,
+                                                                                 "unit": "abs"}}
+    assert params["budget"] == default[attack.norms[0]]
     assert create_attack(name, model, **params).params() == params
 
 
@@ -308,7 +313,8 @@ def test_registering_a_taken_name_is_refused() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"norm": "l0"}, "norm"),
+        ({"norm": "l1"}, "norm"),
+        ({"norm": "l0", "unit": "range"}, "unit"),
         ({"norm": "L2"}, "norm"),
         ({"epsilon": math.nan}, "epsilon"),
         ({"epsilon": math.inf}, "epsilon"),
