@@ -61,6 +61,8 @@ class DatasetSpec:
     count: int | None = None
     split_seed: int = 0
     strict: bool = False
+    fit_split: str = "train"  # where a universal perturbation is fitted
+    fit_count: int | None = None  # None: as many as `count`
     shape: tuple[int, int, int] | None = None  # built-in cohort grid; default CohortSpec's
     voxel_size: tuple[float, float, float] | None = None
 
@@ -71,6 +73,7 @@ class RunConfig:
 
     source: Path
     out: Path
+    models_dir: Path  # where default checkpoints are read and missing ones trained
     dataset: DatasetSpec
     models: list[ModelSpec]
     attacks: list[AttackSpec]
@@ -200,6 +203,8 @@ def _dataset(table: _Table) -> DatasetSpec:
         path=path, builtin=builtin, subjects=entry.take("subjects", "int", 500),
         split=_choice(entry.take("split", "str", "test"), SPLIT_NAMES, "dataset.split", entry),
         count=entry.take("count", "int", None), split_seed=entry.take("split_seed", "int", 0),
+        fit_split=_choice(entry.take("fit_split", "str", "train"), SPLIT_NAMES, "dataset.fit_split", entry),
+        fit_count=entry.take("fit_count", "int", None),
         strict=entry.take("strict", "bool", False), shape=_triple(entry, "shape", "int"),
         voxel_size=_triple(entry, "voxel_size", "number"))
     entry.done()
@@ -208,8 +213,9 @@ def _dataset(table: _Table) -> DatasetSpec:
                    "there")
     if not builtin and (spec.shape or spec.voxel_size):
         entry.fail("dataset.shape and dataset.voxel_size set the built-in cohort's grid; they need builtin = true")
-    if spec.count is not None and spec.count < 1:
-        entry.fail(f"dataset.count must be at least 1, got {spec.count}")
+    for key in ("count", "fit_count"):
+        if getattr(spec, key) is not None and getattr(spec, key) < 1:
+            entry.fail(f"dataset.{key} must be at least 1, got {getattr(spec, key)}")
     if builtin:
         if spec.subjects < 10:
             entry.fail(f"dataset.subjects must be at least 10 for the built-in cohort, got {spec.subjects}")
@@ -283,8 +289,9 @@ def parse_config(data: dict, source: str = "config") -> RunConfig:
         training.validate()
     except MedrobustError as err:
         table.fail(f"training: {str(err).replace('--', '').replace('-', '_')}")
+    out = Path(table.take("out", "str", f"runs/{Path(source).stem}"))
     config = RunConfig(
-        source=Path(source), out=Path(table.take("out", "str", f"runs/{Path(source).stem}")),
+        source=Path(source), out=out, models_dir=Path(table.take("models_dir", "str", str(out / "models"))),
         dataset=_dataset(table), models=_models(table), attacks=_attacks(table),
         budgets=_budgets(budgets_raw, "budgets", table) if budgets_raw is not None else [],
         objectives=objectives, threat_models=threat_models, target_age=target_age,

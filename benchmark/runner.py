@@ -70,8 +70,8 @@ class RunSummary:
 
 
 def model_checkpoint(config: RunConfig, spec: ModelSpec) -> Path:
-    """Where a model's checkpoint is: the configured one, else <out>/models/<name>-seed<training seed>."""
-    return spec.checkpoint or config.out / "models" / f"{spec.name}-seed{config.training.seed}"
+    """Where a model's checkpoint is: the configured one, else <models_dir>/<name>-seed<training seed>."""
+    return spec.checkpoint or config.models_dir / f"{spec.name}-seed{config.training.seed}"
 
 
 def _exists(checkpoint: Path) -> bool:
@@ -103,8 +103,8 @@ def ensure_models(config: RunConfig, device: str, progress: bool = True, echo=tq
         if not _exists(trunk):
             missing.insert(0, "cnn3d")  # the two-stage hybrid is trained on a trained cnn3d
             trunk = None
-    echo(f"training {', '.join(missing)} on {config.dataset.path} (checkpoints into {config.out / 'models'})")
-    request = TrainRequest(data=config.dataset.path, models=missing, out=config.out / "models",
+    echo(f"training {', '.join(missing)} on {config.dataset.path} (checkpoints into {config.models_dir})")
+    request = TrainRequest(data=config.dataset.path, models=missing, out=config.models_dir,
                            config=config.training, trunk=trunk, split_seed=config.dataset.split_seed, device=device,
                            strict=config.dataset.strict, progress=progress)
     for trained in train(request):
@@ -113,16 +113,24 @@ def ensure_models(config: RunConfig, device: str, progress: bool = True, echo=tq
     return checkpoints
 
 
-def evaluation_subset(config: RunConfig, root: Path, all_ids: list[str], data: PreparedDataset) -> PreparedDataset:
-    """The configured split's usable subjects, `count` of them drawn with the split seed, in id order."""
-    split = load_or_create_splits(root, all_ids, config.dataset.split_seed)[config.dataset.split]
+def evaluation_subset(config: RunConfig, root: Path, all_ids: list[str], data: PreparedDataset,
+                      fitting: bool = False) -> PreparedDataset:
+    """The configured split's usable subjects, `count` of them drawn with the split seed, in id order; with
+    ``fitting``, those of the split a universal perturbation is fitted on (`fit_split`, `fit_count`)."""
+    name, key = ("fit_split", "fit_count") if fitting else ("split", "count")
+    split = load_or_create_splits(root, all_ids, config.dataset.split_seed)[getattr(config.dataset, name)]
     usable = set(data.subject_ids)
     ids = [s for s in split if s in usable]
-    count = config.dataset.count or len(ids)
+    count = getattr(config.dataset, key) or (config.dataset.count if fitting else None) or len(ids)
     if count > len(ids):
-        raise MedrobustError(f"{config.source}: dataset.count = {count} but the {config.dataset.split} split of "
-                             f"{root} has {len(ids)} usable subjects; lower dataset.count")
+        raise MedrobustError(f"{config.source}: dataset.{key} = {count} but the {getattr(config.dataset, name)} "
+                             f"split of {root} has {len(ids)} usable subjects; lower dataset.{key}")
     return data.subset(sorted(random.Random(config.dataset.split_seed).sample(ids, count)))
+
+
+def _fits(attack_name: str) -> bool:
+    """Whether the attack fits one perturbation on a set (universal) rather than attacking each batch."""
+    return callable(getattr(attack_entrypoint(attack_name), "fit", None))
 
 
 def expand_cells(config: RunConfig, base_spec: dict[str, dict], uses_features: dict[str, bool] | None = None
@@ -157,28 +165,34 @@ def _attack_for(cell: Cell, model: BrainAgeModel, config: RunConfig):
                          **cell.attack.params)
 
 
-def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: RunConfig, device: torch.device,
-             bar: tqdm | None = None) -> tuple[dict, list[dict]]:
-    """Attack every subject of `data` in batches; returns (cell metrics, per-subject rows)."""
-    attack = _attack_for(cell, model, config)
+def _batches(data: PreparedDataset, model: BrainAgeModel, config: RunConfig, device: torch.device | None):
+    """(rows slice, images, features, ages, mask) per batch of `data`, on `device` (None: left in host memory)."""
+    def move(tensor):
+        return tensor if device is None else tensor.to(device)
+
+    for start in range(0, len(data.subject_ids), config.batch_size):
+        rows = slice(start, start + config.batch_size)
+        yield (rows, move(data.images[rows]), move(data.features[rows]) if model.meta.uses_features else None,
+               move(data.ages[rows]), move(data.masks[rows]) if config.brain_mask else None)
+
+
+def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: RunConfig, device: torch.device,
+                     bar: tqdm | None = None) -> tuple[dict, list[dict]]:
+    """Run ``call`` (an attack, or a fitted universal perturbation's ``apply``) over every subject of `data`;
+    returns (metrics, per-subject rows)."""
     rows: list[dict] = []
     counters = {"forward": 0, "backward": 0, "steps": 0}
     attack_seconds = 0.0
     feature_change: list[torch.Tensor] = []
-    for start in range(0, len(data.subject_ids), config.batch_size):
-        batch = slice(start, start + config.batch_size)
-        images = data.images[batch].to(device)
-        features = data.features[batch].to(device) if model.meta.uses_features else None
-        ages = data.ages[batch].to(device)
-        mask = data.masks[batch].to(device) if config.brain_mask else None
+    for batch, images, features, ages, mask in _batches(data, model, config, device):
         began = time.perf_counter()
-        result = attack(images, features=features, ages=ages, mask=mask)
+        result = call(images, features=features, ages=ages, mask=mask)
         norms = perturbation_norms(result.images - images)
         image_range = (images.flatten(1).amax(1) - images.flatten(1).amin(1)).clamp_min(1e-12)
-        # One host transfer per batch (it also waits for the device, so the attack time is honest on CUDA).
         if features is not None:  # how far the threat model moved the context features (0 under "fixed")
             moved = ((result.features - features).abs() / features.abs().clamp_min(1e-12)).nan_to_num(0.0)
             feature_change.append(moved.amax(dim=1).detach().double().cpu())
+        # One host transfer per batch (it also waits for the device, so the attack time is honest on CUDA).
         host = {k: v.detach().double().cpu() for k, v in {
             "clean_prediction": result.clean_prediction, "adversarial_prediction": result.adversarial_prediction,
             "linf": norms["linf"], "l2": norms["l2"], "linf_rel": norms["linf"] / image_range,
@@ -187,8 +201,8 @@ def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: Ru
         for key in counters:
             counters[key] += getattr(result, key)
         for i, subject in enumerate(data.subject_ids[batch]):
-            true_age = float(data.ages[start + i])
-            row = {"subject": subject, "true_age": true_age, **{k: float(v[i]) for k, v in host.items()}}
+            row = {"subject": subject, "true_age": float(data.ages[batch.start + i]),
+                   **{k: float(v[i]) for k, v in host.items()}}
             row["deviation"] = row["adversarial_prediction"] - row["clean_prediction"]
             rows.append(row)
         if bar is not None:
@@ -199,6 +213,30 @@ def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: Ru
     metrics.update(counters, attack_seconds=attack_seconds)
     if feature_change:  # the largest relative change of any context feature, averaged over subjects
         metrics["mean_feature_change_rel"] = float(torch.cat(feature_change).mean())
+    return metrics, rows
+
+
+# Metrics of a universal perturbation on the subjects it was fitted on, reported beside the held-out ones.
+FIT_METRICS = ("n", "clean_mae", "adversarial_mae", "mean_abs_deviation", "mean_deviation", "success_5y")
+
+
+def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: RunConfig, device: torch.device,
+             bar: tqdm | None = None, fit_data: PreparedDataset | None = None) -> tuple[dict, list[dict]]:
+    """Attack every subject of `data` in batches; returns (cell metrics, per-subject rows). A universal
+    perturbation is fitted once on `fit_data` (its batches stay in host memory until used), then applied to
+    `data` (the held-out subjects whose rows are stored); its effect on the fitting subjects is in `fit_*`."""
+    attack = _attack_for(cell, model, config)
+    if fit_data is None or not _fits(cell.attack.name):
+        return _attack_subjects(attack, data, model, config, device, bar)
+    began = time.perf_counter()
+    attack.fit([batch[1:] for batch in _batches(fit_data, model, config, None)])
+    fit_seconds = time.perf_counter() - began
+    metrics, rows = _attack_subjects(attack.apply, data, model, config, device, bar)
+    on_fit, _ = _attack_subjects(attack.apply, fit_data, model, config, device)
+    for key, count in zip(("forward", "backward", "steps"), attack.fit_counters, strict=True):
+        metrics[key] += count
+    metrics["attack_seconds"] += fit_seconds
+    metrics.update({f"fit_{key}": on_fit[key] for key in FIT_METRICS})
     return metrics, rows
 
 
@@ -220,13 +258,18 @@ def run(config: RunConfig, progress: bool = True, echo=tqdm.write) -> RunSummary
     models: dict[str, BrainAgeModel] = {}
     base_spec: dict[str, dict] = {}
     subsets: dict[tuple, PreparedDataset] = {}  # per model grid
+    fit_sets: dict[tuple, PreparedDataset] = {}  # per model grid, where a universal attack is configured
+    fitting = any(_fits(attack.name) for attack in config.attacks)
     fingerprint = None
     for spec in config.models:
         model, sidecar = load_checkpoint(checkpoints[spec.label], device)
         grid = _grid(model)
         if grid not in subsets:
             index, _, prepared = load_prepared(root, *grid, strict=config.dataset.strict, progress=progress)
-            subsets[grid] = evaluation_subset(config, index.root, [s.subject_id for s in index.subjects], prepared)
+            all_ids = [s.subject_id for s in index.subjects]
+            subsets[grid] = evaluation_subset(config, index.root, all_ids, prepared)
+            if fitting:
+                fit_sets[grid] = evaluation_subset(config, index.root, all_ids, prepared, fitting=True)
             fingerprint = fingerprint or index.fingerprint()
         subset = subsets[grid]
         if model.meta.uses_features and list(model.meta.feature_names) != list(subset.feature_names):
@@ -243,6 +286,10 @@ def run(config: RunConfig, progress: bool = True, echo=tqdm.write) -> RunSummary
 
     cells = expand_cells(config, base_spec, {label: m.meta.uses_features for label, m in models.items()})
     for cell in cells:  # the attack's full argument list (defaults included) belongs to the cell's identity
+        if _fits(cell.attack.name):  # so do the subjects a universal perturbation is fitted on
+            fit_ids = fit_sets[_grid(models[cell.model])].subject_ids
+            cell.spec.update(fit_split=config.dataset.fit_split, fit_count=len(fit_ids),
+                             fit_subjects_sha256=hashlib.sha256(json.dumps(fit_ids).encode()).hexdigest())
         try:
             cell.spec["params"] = _attack_for(cell, models[cell.model], config).params()
         except MedrobustError as err:  # e.g. an image attack on a features-only model: a config mistake
@@ -263,7 +310,7 @@ def run(config: RunConfig, progress: bool = True, echo=tqdm.write) -> RunSummary
             bar.set_description(f"cell {number}/{len(pending)} {cell.describe()}")
             started = time.perf_counter()
             try:
-                metrics, rows = run_cell(cell, model, data, config, device, bar)
+                metrics, rows = run_cell(cell, model, data, config, device, bar, fit_sets.get(_grid(model)))
             except Exception as err:  # a broken cell is recorded with its reason; the grid goes on
                 error = f"{type(err).__name__}: {err}"
                 store.write_cell(cell.id, run_id, cell.spec, {}, [], time.perf_counter() - started, "failed", error)

@@ -216,3 +216,25 @@ def test_report_page_and_csv(demo_run):
     assert result.exit_code == 0 and str(page) in result.output
     result = CliRunner().invoke(main, ["report", str(root / "nothing-here")])
     assert result.exit_code == 2 and "no results store" in result.output
+
+
+def test_a_universal_perturbation_is_fitted_on_one_split_and_evaluated_on_held_out_subjects(demo_run, tmp_path):
+    root, config_path, _ = demo_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out" / "models", out / "models")  # no retraining
+    text = config_path.read_text().replace(str(root / "out"), str(out)).replace("count = 3", "count = 3\nfit_count = 4")
+    text = text[:text.index("[[attacks]]")] + '[[attacks]]\nname = "universal"\nsteps = 2\n'
+    config = tmp_path / "universal.toml"
+    config.write_text(text.replace('threat_model = ["fixed", "perturbed"]', ""))
+    result = CliRunner().invoke(main, ["run", str(config), "--quiet", "--no-report"])
+    assert result.exit_code == 0, result.output
+    with ResultStore(out, create=False) as store:
+        cells, samples = store.cells(), store.samples()
+    splits = __import__("json").loads((root / "cohort" / "splits-seed0.json").read_text())["splits"]
+    assert len(cells) == 3 * 3 and set(cells["attack"]) == {"universal"}
+    for _, cell in cells.iterrows():
+        assert cell["fit_split"] == "train" and cell["fit_count"] == 4 and cell["fit_n"] == 4
+        assert cell["n"] == 3 and cell["fit_subjects_sha256"]
+        assert cell["fit_mean_abs_deviation"] >= 0 and cell["backward"] > 0
+        held_out = samples[samples["cell_id"] == cell["id"]]["subject"]
+        assert set(held_out) <= set(splits["test"])  # the stored rows are the held-out subjects
