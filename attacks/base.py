@@ -73,6 +73,7 @@ class AttackState:
         self._view = (-1,) + (1,) * (images.dim() - 1)
         self.radius = attack.budget.radius(images)
         self.lower = self.upper = None
+        self._box: tuple[Tensor, Tensor] | None = None  # the l-inf box, built by the first projection
         if attack.clip == "image":
             flat = images.flatten(1)
             self.lower = flat.amin(dim=1).view(self._view)
@@ -155,12 +156,15 @@ class AttackState:
     def project(self, adversarial: Tensor) -> Tensor:
         """The nearest allowed image: perturbation zero outside the mask, within the budget, then clipped
         into the clean image's range (clipping only shrinks each voxel's move, so the norm stays in budget)."""
+        if self.attack.budget.norm == "linf":
+            # The l-inf ball, the mask and the range intersect to one box per voxel, built once per call: the
+            # projection is then a single clamp, which keeps a step's cost near its forward and backward pass.
+            if self._box is None:
+                self._box = self._linf_box()
+            return torch.clamp(adversarial, *self._box)
         delta = self._masked(adversarial - self.images)
         radius = self.radius.view(self._view)
-        if self.attack.budget.norm == "linf":
-            delta = torch.clamp(delta, -radius, radius)
-        else:
-            delta = delta * (radius / self._l2(delta)).clamp(max=1)
+        delta = delta * (radius / self._l2(delta)).clamp(max=1)
         adversarial = self.images + delta
         # fl(x + delta) may land half an ulp farther from x than delta (in float32 at the paper's epsilon, a few
         # 1e-5 of the radius): stepping such voxels one ulp back toward x keeps every realized move within
@@ -170,6 +174,20 @@ class AttackState:
         if self.lower is not None:
             adversarial = torch.clamp(adversarial, self.lower, self.upper)
         return adversarial
+
+    def _linf_box(self) -> tuple[Tensor, Tensor]:
+        """Per voxel, the lowest and highest allowed value under an l-inf budget: x -/+ r, moved one ulp toward x
+        where float rounding put it farther than r (so the budget holds for the image returned), inside the
+        clean range, and x itself outside the mask."""
+        images, radius = self.images, self.radius.view(self._view)
+        low, high = images - radius, images + radius
+        low = torch.where(images - low > radius, torch.nextafter(low, images), low)
+        high = torch.where(high - images > radius, torch.nextafter(high, images), high)
+        if self.lower is not None:
+            low, high = torch.maximum(low, self.lower), torch.minimum(high, self.upper)
+        if self.mask is not None:
+            low, high = torch.where(self.mask, low, images), torch.where(self.mask, high, images)
+        return low, high
 
     def record(self, adversarial: Tensor, prediction: Tensor, score: Tensor) -> None:
         """Keep, per sample, the iterate with the highest score so far (when the attack keeps the best)."""
