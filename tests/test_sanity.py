@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pandas as pd
+import torch
 
+from medrobust.attacks import create_attack
+from medrobust.metrics import cell_metrics
 from medrobust.sanity import reliability_flags
 from medrobust.store import ResultStore
 
@@ -71,3 +74,34 @@ def test_the_store_keeps_the_latest_verdicts(tmp_path):
             "a": ["does not beat random noise"], "b": []}
         store.write_reliability({})
         assert list(store.cells()["reliability"]) == [[], []]
+
+
+class MaskedGradients(torch.nn.Module):
+    """A model whose input gradient is zero almost everywhere: it quantizes the image before a linear read-out,
+    the textbook case of gradient masking."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights = torch.nn.Parameter(torch.randn(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, image, features=None):
+        quantized = torch.round(image * 4) / 4  # zero gradient, but a real change of output under noise
+        return 40 + (quantized * self.weights).flatten(1).sum(1)
+
+
+def test_a_model_with_masked_gradients_is_flagged():
+    model = MaskedGradients()
+    images = torch.randn(6, 1, 8, 8, 8, generator=torch.Generator().manual_seed(1)) * 2
+    ages = torch.full((6,), 40.0)
+    budget = {"norm": "linf", "epsilon": 0.05, "unit": "range"}
+    rows = []
+    for name in ("noise", "fgsm", "pgd"):
+        kwargs = {"draws": 8} if name == "noise" else {}
+        result = create_attack(name, model, budget=budget, **kwargs)(images, ages=ages)
+        metrics = cell_metrics(ages, result.clean_prediction, result.adversarial_prediction, [0.0] * 6, [0.0] * 6,
+                               [0.0] * 6, [0.0] * 6)
+        rows.append({**cell(name, name, 0.05, 0.0), **metrics, "params": {"budget": budget}})
+    flags = reliability_flags(pd.DataFrame(rows))
+    # The gradient attacks cannot move a model that hides its gradient; noise can: both are flagged.
+    assert set(flags) == {"fgsm", "pgd"}
+    assert all("random noise" in reasons[0] for reasons in flags.values())
