@@ -19,6 +19,7 @@ from medrobust.attacks import OBJECTIVES, THREAT_MODELS, Budget, attack_entrypoi
 from medrobust.cohort import CohortSpec
 from medrobust.errors import MedrobustError
 from medrobust.models import list_models
+from medrobust.models.checkpoint import checkpoint_paths
 from medrobust.splits import SPLIT_NAMES
 from medrobust.training import TrainingConfig
 
@@ -243,7 +244,7 @@ def _models(table: _Table) -> list[ModelSpec]:
         if spec.label in labels:
             entry.fail(f"{entry.name('label')} {spec.label!r} is used twice; give each model its own label")
         labels.add(spec.label)
-        if spec.checkpoint is not None and not spec.checkpoint.with_suffix(".json").is_file():
+        if spec.checkpoint is not None and not all(path.is_file() for path in checkpoint_paths(spec.checkpoint)):
             entry.fail(f"{entry.name('checkpoint')}: no checkpoint at {str(spec.checkpoint)!r} "
                        "(needs <stem>.safetensors and <stem>.json); leave checkpoint out to train one")
         models.append(spec)

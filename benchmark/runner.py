@@ -24,6 +24,7 @@ from medrobust.environment import describe_environment
 from medrobust.errors import MedrobustError
 from medrobust.metrics import cell_metrics
 from medrobust.models import BrainAgeModel, load_checkpoint
+from medrobust.models.checkpoint import checkpoint_paths
 from medrobust.preprocess import PreparedDataset
 from medrobust.sanity import reliability_flags
 from medrobust.splits import load_or_create_splits
@@ -75,7 +76,7 @@ def model_checkpoint(config: RunConfig, spec: ModelSpec) -> Path:
 
 
 def _exists(checkpoint: Path) -> bool:
-    return checkpoint.with_suffix(".json").is_file() and checkpoint.with_suffix(".safetensors").is_file()
+    return all(path.is_file() for path in checkpoint_paths(checkpoint))
 
 
 def ensure_dataset(config: RunConfig, progress: bool = True) -> Path:
