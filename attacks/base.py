@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -20,8 +21,9 @@ from medrobust.attacks.objectives import check_objective, objective_score
 from medrobust.errors import MedrobustError
 
 # fixed: context features keep their clean values (the paper's setting). perturbed: the attacker also moves each
-# regional volume within its own relative budget, jointly with the image. (recomputed comes later.)
-THREAT_MODELS = ("fixed", "perturbed")
+# regional volume within its own relative budget, jointly with the image. recomputed: the features follow from
+# the attacked image through a (differentiable) feature extractor given with the batch.
+THREAT_MODELS = ("fixed", "perturbed", "recomputed")
 # Under "perturbed", the features an attacker may move: regional volumes (a segmentation's output), not the
 # subject's sex or the scanner's field strength.
 PERTURBABLE_PREFIX = "vol_"
@@ -56,7 +58,11 @@ class AttackState:
     """
 
     def __init__(self, attack: Attack, images: Tensor, features: Tensor | None, ages: Tensor | None,
-                 mask: Tensor | None) -> None:
+                 mask: Tensor | None, extractor: Callable[[Tensor], Tensor] | None = None) -> None:
+        if attack.threat_model == "recomputed" and (extractor is None or features is None):
+            raise MedrobustError("threat_model 'recomputed' needs the clean context features and a feature "
+                                 "extractor (extractor=callable(images) -> features) with the batch")
+        self.extractor = extractor if attack.threat_model == "recomputed" else None
         self.attack = attack
         self.images = images
         self.clean_features = features
@@ -88,6 +94,8 @@ class AttackState:
         """The model's prediction [B] for ``images`` (features as the threat model says), without gradient."""
         self.forward += 1
         with torch.no_grad():
+            if self.extractor is not None:  # the features the attacked image would be measured to have
+                self.features = self.extractor(images)
             return self.attack.model(images, self.features)
 
     def score(self, prediction: Tensor) -> Tensor:
@@ -101,7 +109,13 @@ class AttackState:
         # The gradient w.r.t. the adversarial image equals that w.r.t. the perturbation; parameters are frozen,
         # so autograd computes nothing else.
         leaf = adversarial.detach().requires_grad_(True)
-        if self.feature_radius is None:
+        if self.extractor is not None:  # the gradient also flows through the recomputed features
+            features = self.extractor(leaf)
+            self.features = features.detach()
+            prediction = self.attack.model(leaf, features)
+            score = self.score(prediction)
+            (grad,) = torch.autograd.grad(score.sum(), leaf)
+        elif self.feature_radius is None:
             prediction = self.attack.model(leaf, self.features)
             score = self.score(prediction)
             (grad,) = torch.autograd.grad(score.sum(), leaf)
@@ -197,7 +211,7 @@ class AttackState:
         self.best_score = torch.where(better, score, self.best_score)
         self.best_prediction = torch.where(better, prediction, self.best_prediction)
         self.best_images = torch.where(better.view(self._view), adversarial.detach(), self.best_images)
-        if self.feature_radius is not None:  # the features that went with that image
+        if self.feature_radius is not None or self.extractor is not None:  # the features that went with the image
             self.best_features = torch.where(better.view(-1, 1), self.features, self.best_features)
 
     def finish(self, adversarial: Tensor) -> AttackResult:
@@ -348,10 +362,13 @@ class Attack:
         features: Tensor | None = None,
         ages: Tensor | None = None,
         mask: Tensor | None = None,
+        extractor: Callable[[Tensor], Tensor] | None = None,
     ) -> AttackResult:
         """Attack a batch: ``images`` float [B, ...] (2D or 3D, any intensity range, any device), ``features``
         [B, F] or None passed to the model unchanged, ``ages`` [B] true ages (objective ``error``), ``mask``
-        bool or float broadcastable to ``images``: the perturbation is zero wherever it is zero/False."""
+        bool or float broadcastable to ``images``: the perturbation is zero wherever it is zero/False;
+        ``extractor`` (threat model ``recomputed`` only): callable(images) -> features [B, F], differentiable,
+        giving the clean features on the clean images (e.g. ``medrobust.context.SoftVolumes``)."""
         images = _check_images(images)
         mask = _check_mask(mask, images)
         if ages is not None:
@@ -369,7 +386,7 @@ class Attack:
             model.eval()
             # A caller's torch.no_grad() (an evaluation loop) must not switch the attack's gradients off.
             with torch.enable_grad():
-                state = AttackState(self, images, features, ages, mask)
+                state = AttackState(self, images, features, ages, mask, extractor)
                 return state.finish(self.perturb(state))
         finally:
             for parameter, flag in zip(model.parameters(), flags, strict=True):

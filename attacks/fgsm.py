@@ -18,7 +18,7 @@ class FGSM(Attack):
 
     name = "fgsm"
     norms = ("linf", "l2")
-    threat_models = ("fixed", "perturbed")
+    threat_models = ("fixed", "perturbed", "recomputed")
 
     def perturb(self, state: AttackState) -> Tensor:
         return state.ascend(state.images, state.gradient(state.images), 1.0)

@@ -47,7 +47,7 @@ class PGD(Attack):
 
     name = "pgd"
     norms = ("linf", "l2")
-    threat_models = ("fixed", "perturbed")
+    threat_models = ("fixed", "perturbed", "recomputed")
 
     def __init__(
         self,

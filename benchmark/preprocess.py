@@ -25,7 +25,7 @@ from tqdm import tqdm
 # SubjectError lives in dataset.py (the bottom of the import chain) so that features.py can raise it too.
 from medrobust.dataset import DatasetIndex, SkippedSubject, SubjectError, SubjectRecord, file_sha256
 from medrobust.errors import MedrobustError
-from medrobust.features import context_feature_names, context_features, precomputed_volume_labels
+from medrobust.features import COVARIATE_NAMES, context_feature_names, context_features, precomputed_volume_labels
 
 NORMALIZATIONS = ("zscore_brain", "zscore", "minmax", "none")
 # Bump when the preprocessing code changes what it produces, so that old cache entries are not reused.
@@ -79,6 +79,7 @@ class PreparedSubject:
     image: torch.Tensor  # float32 [1, X, Y, Z], normalized
     mask: torch.Tensor  # bool [1, X, Y, Z]
     volumes: dict[int, float]  # mL per label (label != 0) on the native label map; {} without a label map
+    labels: torch.Tensor | None = None  # int16 [1, X, Y, Z]: the label map on the model grid; None without one
 
 
 @dataclass
@@ -92,6 +93,10 @@ class PreparedDataset:
     features: torch.Tensor  # float32 [N, F]
     feature_names: list[str]
     skipped: list[SkippedSubject] = field(default_factory=list)
+    # The label maps on the model grid (int16 [N, 1, X, Y, Z]; None unless every subject has one) and the label
+    # id of each regional-volume feature (None for sex and field strength): what a feature extractor needs.
+    labels: torch.Tensor | None = None
+    feature_labels: list[int | None] = field(default_factory=list)
 
     def subset(self, ids: list[str]) -> PreparedDataset:
         """The subjects `ids`, in that order (e.g. one split)."""
@@ -110,6 +115,8 @@ class PreparedDataset:
             features=self.features[rows],
             feature_names=list(self.feature_names),
             skipped=list(self.skipped),
+            labels=self.labels[rows] if self.labels is not None else None,
+            feature_labels=list(self.feature_labels),
         )
 
 
@@ -219,8 +226,10 @@ def prepare_subject(record: SubjectRecord, preprocessing: Preprocessing) -> Prep
         volumes = _label_volumes(dseg)
 
     image = resample_to_grid(t1, preprocessing.shape, preprocessing.voxel_size, order=1).astype(np.float32)
+    grid_labels = None
     if dseg is not None:
-        mask = resample_to_grid(dseg, preprocessing.shape, preprocessing.voxel_size, order=0) > 0
+        grid_labels = resample_to_grid(dseg, preprocessing.shape, preprocessing.voxel_size, order=0)
+        mask = grid_labels > 0
     else:
         mask = _threshold_mask(image)
     if not mask.any():
@@ -232,6 +241,8 @@ def prepare_subject(record: SubjectRecord, preprocessing: Preprocessing) -> Prep
         image=torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
         mask=torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))[None],
         volumes=volumes,
+        labels=torch.from_numpy(np.ascontiguousarray(grid_labels, dtype=np.int16))[None]
+        if grid_labels is not None else None,
     )
 
 
@@ -261,6 +272,8 @@ def _save_cached(path: Path, subject: PreparedSubject) -> None:
         "mask": subject.mask.contiguous(),
         "volume_labels": torch.tensor(labels, dtype=torch.int64),
         "volume_ml": torch.tensor([subject.volumes[label] for label in labels], dtype=torch.float64),
+        # Always present (empty without a label map), so an entry written before labels were kept is a miss.
+        "labels": subject.labels.contiguous() if subject.labels is not None else torch.zeros(0, dtype=torch.int16),
     }
     _atomic_write(path, lambda name: save_file(tensors, name))
 
@@ -272,11 +285,14 @@ def _load_cached(path: Path, preprocessing: Preprocessing) -> PreparedSubject | 
             image=tensors["image"],
             mask=tensors["mask"],
             volumes=dict(zip(tensors["volume_labels"].tolist(), tensors["volume_ml"].tolist(), strict=True)),
+            labels=tensors["labels"] if tensors["labels"].numel() else None,
         )
     except Exception:  # a damaged or foreign cache file is only a cache miss
         return None
     expected = (1, *preprocessing.shape)
     if tuple(subject.image.shape) != expected or tuple(subject.mask.shape) != expected:
+        return None
+    if subject.labels is not None and tuple(subject.labels.shape) != expected:
         return None
     return subject
 
@@ -371,4 +387,7 @@ def prepare_dataset(
         features=torch.from_numpy(np.stack([features for _, _, features in usable]).astype(np.float32)),
         feature_names=context_feature_names(index.label_names, labels),
         skipped=skipped,
+        labels=torch.stack([subject.labels for _, subject, _ in usable])
+        if all(subject.labels is not None for _, subject, _ in usable) else None,
+        feature_labels=[None] * len(COVARIATE_NAMES) + list(labels),
     )

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from medrobust.attacks import Budget, attack_entrypoint, create_attack, perturbation_norms
 from medrobust.cohort import synthesize
 from medrobust.config import AttackSpec, ModelSpec, RunConfig, builtin_cohort
+from medrobust.context import SoftVolumes
 from medrobust.environment import describe_environment
 from medrobust.errors import MedrobustError
 from medrobust.metrics import cell_metrics
@@ -178,16 +179,21 @@ def _batches(data: PreparedDataset, model: BrainAgeModel, config: RunConfig, dev
 
 
 def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: RunConfig, device: torch.device,
-                     bar: tqdm | None = None) -> tuple[dict, list[dict]]:
+                     bar: tqdm | None = None, recompute: bool = False) -> tuple[dict, list[dict]]:
     """Run ``call`` (an attack, or a fitted universal perturbation's ``apply``) over every subject of `data`;
-    returns (metrics, per-subject rows)."""
+    returns (metrics, per-subject rows). With ``recompute`` (threat model ``recomputed``) each batch comes with
+    a soft-volume extractor over its label maps."""
     rows: list[dict] = []
     counters = {"forward": 0, "backward": 0, "steps": 0}
     attack_seconds = 0.0
     feature_change: list[torch.Tensor] = []
     for batch, images, features, ages, mask in _batches(data, model, config, device):
         began = time.perf_counter()
-        result = call(images, features=features, ages=ages, mask=mask)
+        extra = {}
+        if recompute:
+            extra["extractor"] = SoftVolumes(data.labels[batch].to(images.device), data.feature_labels,
+                                             data.feature_names, images, features)
+        result = call(images, features=features, ages=ages, mask=mask, **extra)
         norms = perturbation_norms(result.images - images)
         image_range = (images.flatten(1).amax(1) - images.flatten(1).amin(1)).clamp_min(1e-12)
         if features is not None:  # how far the threat model moved the context features (0 under "fixed")
@@ -228,7 +234,7 @@ def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: Ru
     `data` (the held-out subjects whose rows are stored); its effect on the fitting subjects is in `fit_*`."""
     attack = _attack_for(cell, model, config)
     if fit_data is None or not _fits(cell.attack.name):
-        return _attack_subjects(attack, data, model, config, device, bar)
+        return _attack_subjects(attack, data, model, config, device, bar, cell.threat_model == "recomputed")
     began = time.perf_counter()
     attack.fit([batch[1:] for batch in _batches(fit_data, model, config, None)])
     fit_seconds = time.perf_counter() - began
@@ -273,6 +279,9 @@ def run(config: RunConfig, progress: bool = True, echo=tqdm.write) -> RunSummary
                 fit_sets[grid] = evaluation_subset(config, index.root, all_ids, prepared, fitting=True)
             fingerprint = fingerprint or index.fingerprint()
         subset = subsets[grid]
+        if "recomputed" in config.threat_models and model.meta.uses_features and subset.labels is None:
+            raise MedrobustError(f"{config.source}: threat_model 'recomputed' recomputes the regional volumes from "
+                                 f"each subject's label map, and some subjects of {root} have none (dseg)")
         if model.meta.uses_features and list(model.meta.feature_names) != list(subset.feature_names):
             raise MedrobustError(f"model {spec.label!r} ({checkpoints[spec.label]}) was trained on other context "
                                  f"features than {root} provides; retrain it on this dataset")

@@ -21,7 +21,7 @@ CONFIG = """
 out = "{out}"
 batch_size = 2
 seed = 3
-threat_model = ["fixed", "perturbed"]
+threat_model = ["fixed", "perturbed", "recomputed"]
 
 [dataset]
 builtin = true
@@ -61,8 +61,9 @@ name = "pgd"
 steps = 2
 random_start = false
 """
-# models x attacks x budgets under "fixed", and the two hybrids again under "perturbed" (cnn3d has no features)
-N_CELLS = 3 * 2 * 3 + 2 * 2 * 3
+# models x attacks x budgets under "fixed", and the two hybrids again under "perturbed" and "recomputed" (cnn3d
+# has no features)
+N_CELLS = 3 * 2 * 3 + 2 * 2 * 3 * 2
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +114,10 @@ def test_run_trains_missing_models_and_fills_the_store(demo_run):
             assert cell["threat_model"] == "fixed" and math.isnan(cell.get("mean_feature_change_rel", math.nan))
         elif cell["threat_model"] == "fixed":
             assert cell["mean_feature_change_rel"] == 0
-        else:
+        elif cell["threat_model"] == "perturbed":
             assert 0 < cell["mean_feature_change_rel"] <= 0.05 * (1 + 1e-5)
+        else:  # recomputed: the volumes measured on the attacked image moved
+            assert cell["mean_feature_change_rel"] > 0
 
 
 def test_clean_predictions_match_the_checkpoint(demo_run):
@@ -192,14 +195,14 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(demo_run, tmp_path, mon
     with ResultStore(out, create=False) as store:
         cells = store.cells()
     failed = cells[cells["status"] == "failed"]
-    assert len(failed) == 6 and set(failed["attack"]) == {"pgd"}  # 3 budgets x 2 threat models
+    assert len(failed) == 9 and set(failed["attack"]) == {"pgd"}  # 3 budgets x 3 threat models
     assert (failed["error"] == "RuntimeError: simulated failure").all()
-    assert (cells["status"] == "done").sum() == N_CELLS - 6
+    assert (cells["status"] == "done").sum() == N_CELLS - 9
     # Once the cause is gone, a re-run does only the failed cells.
     monkeypatch.setattr(runner, "run_cell", original)
     result = CliRunner().invoke(main, ["run", str(config), "--quiet", "--no-report"])
     assert result.exit_code == 0, result.output
-    assert f"6 cells run, {N_CELLS - 6} already finished, 0 failed" in result.output
+    assert f"9 cells run, {N_CELLS - 9} already finished, 0 failed" in result.output
 
 
 def test_report_page_and_csv(demo_run):
@@ -225,7 +228,7 @@ def test_a_universal_perturbation_is_fitted_on_one_split_and_evaluated_on_held_o
     text = config_path.read_text().replace(str(root / "out"), str(out)).replace("count = 3", "count = 3\nfit_count = 4")
     text = text[:text.index("[[attacks]]")] + '[[attacks]]\nname = "universal"\nsteps = 2\n'
     config = tmp_path / "universal.toml"
-    config.write_text(text.replace('threat_model = ["fixed", "perturbed"]', ""))
+    config.write_text(text.replace('threat_model = ["fixed", "perturbed", "recomputed"]', ""))
     result = CliRunner().invoke(main, ["run", str(config), "--quiet", "--no-report"])
     assert result.exit_code == 0, result.output
     with ResultStore(out, create=False) as store:

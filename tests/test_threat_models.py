@@ -91,3 +91,50 @@ def test_attacks_that_cannot_move_features_refuse_the_perturbed_threat_model():
 def test_feature_budget_is_validated(bad):
     with pytest.raises(MedrobustError, match="feature_budget"):
         create_attack("pgd", hybrid(), threat_model="perturbed", feature_budget=bad)
+
+
+def labelled_batch():
+    """Images whose label map has two tissue regions (ids 1, 2) and a ventricle (id 3), dark as on T1."""
+    images, features = batch()
+    labels = torch.zeros(3, 1, *GRID, dtype=torch.int16)
+    labels[:, :, 4:14] = 1
+    labels[:, :, 14:24] = 2
+    labels[:, :, 24:28, 8:24, 8:24] = 3
+    images = torch.where(labels == 3, images - 3.0, images + 1.0)
+    images = torch.where(labels == 0, torch.zeros_like(images), images)
+    return images, features, labels
+
+
+def extractor_for(images, features, labels):
+    from medrobust.context import SoftVolumes
+
+    # Features: sex, field strength, then the volumes of labels 1 ("hippocampus"), 3 ("ventricles"), 2.
+    return SoftVolumes(labels, [None, None, 1, 3, 2], NAMES, images, features)
+
+
+def test_soft_volumes_give_the_clean_features_on_the_clean_image_and_follow_intensity():
+    images, features, labels = labelled_batch()
+    extractor = extractor_for(images, features, labels)
+    assert torch.equal(extractor(images), features)
+    darker = images - 0.5 * (labels > 0)  # tissue loses volume, fluid gains
+    moved = extractor(darker)
+    assert (moved[:, 2] < features[:, 2]).all() and (moved[:, 4] < features[:, 4]).all()
+    assert (moved[:, 3] > features[:, 3]).all()
+    assert torch.equal(moved[:, :2], features[:, :2])
+    leaf = images.clone().requires_grad_(True)
+    extractor(leaf)[:, 2].sum().backward()
+    assert leaf.grad[labels == 1].abs().sum() > 0 and leaf.grad[labels == 2].abs().sum() == 0
+
+
+def test_recomputed_features_follow_the_attacked_image():
+    model = hybrid()
+    images, features, labels = labelled_batch()
+    extractor = extractor_for(images, features, labels)
+    attack = create_attack("pgd", model, budget=BUDGET, threat_model="recomputed", steps=3, random_start=False)
+    result = attack(images, features, extractor=extractor)
+    assert not torch.equal(result.features, features)  # the image attack moved the measured volumes
+    assert torch.allclose(result.features, extractor(result.images), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(result.adversarial_prediction, model(result.images, result.features), atol=1e-4)
+    with pytest.raises(MedrobustError, match="needs the clean context features and a feature extractor"):
+        attack(images, features)
