@@ -217,7 +217,7 @@ def test_builtins_are_registered() -> None:
     assert attack_entrypoint("pgd") is PGD
     assert NORMS == ("linf", "l2", "l0") and UNITS == ("abs", "range", "std")
     assert OBJECTIVES == ("older", "younger", "deviation", "target", "error")
-    assert THREAT_MODELS == ("fixed", "perturbed")
+    assert THREAT_MODELS == ("fixed", "perturbed", "recomputed")
 
 
 # ---------------------------------------------------------------- contract suite: every registered attack
@@ -370,7 +370,7 @@ class LinfOnly(Attack):
 @pytest.mark.parametrize(
     ("kwargs", "names"),
     [
-        ({"threat_model": "recomputed"}, ["threat_model", "'recomputed'"]),
+        ({"threat_model": "omniscient"}, ["threat_model", "'omniscient'"]),
         ({"objective": "sideways"}, ["objective", "'sideways'"]),
         ({"objective": "target"}, ["target_age"]),
         ({"objective": "target", "target_age": math.nan}, ["target_age", "nan"]),
