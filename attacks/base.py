@@ -263,7 +263,8 @@ class Attack:
     to maximize per sample (see ``OBJECTIVES``); ``target_age`` is required by, and only by, ``target``.
     ``threat_model``: ``fixed`` (context features keep their clean values) or, for the attacks that list it in
     ``threat_models``, ``perturbed`` (the regional volumes move too, each within ``feature_budget`` x its clean
-    value, by a signed step at every image step, optimized jointly). ``clip``: ``image`` keeps each
+    value, by a signed step at every image step, optimized jointly) and ``recomputed`` (the features are
+    measured again on each iterate by the ``extractor`` given with the call). ``clip``: ``image`` keeps each
     adversarial image inside its clean image's [min, max], ``none`` does not clip. ``keep_best``: return, per
     sample, the best image seen (the clean one included) rather than the last iterate. ``seed``: of the
     random draws, for bit-identical repeats.

@@ -247,6 +247,50 @@ def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: Ru
     return metrics, rows
 
 
+@dataclass
+class _Loaded:
+    """The run's models by label, their cells' shared spec, and the attacked (and fitting) subjects per grid."""
+
+    models: dict[str, BrainAgeModel] = field(default_factory=dict)
+    base_spec: dict[str, dict] = field(default_factory=dict)
+    subsets: dict[tuple, PreparedDataset] = field(default_factory=dict)
+    fit_sets: dict[tuple, PreparedDataset] = field(default_factory=dict)  # where a universal attack is configured
+
+
+def _load(config: RunConfig, root: Path, checkpoints: dict[str, Path], device: torch.device,
+          progress: bool) -> _Loaded:
+    """Load every model and prepare the subjects once per model grid, checking they fit together."""
+    loaded = _Loaded()
+    fitting = any(_fits(attack.name) for attack in config.attacks)
+    fingerprint = None
+    for spec in config.models:
+        model, sidecar = load_checkpoint(checkpoints[spec.label], device)
+        grid = _grid(model)
+        if grid not in loaded.subsets:
+            index, _, prepared = load_prepared(root, *grid, strict=config.dataset.strict, progress=progress)
+            all_ids = [s.subject_id for s in index.subjects]
+            loaded.subsets[grid] = evaluation_subset(config, index.root, all_ids, prepared)
+            if fitting:
+                loaded.fit_sets[grid] = evaluation_subset(config, index.root, all_ids, prepared, fitting=True)
+            fingerprint = fingerprint or index.fingerprint()
+        subset = loaded.subsets[grid]
+        if "recomputed" in config.threat_models and model.meta.uses_features and subset.labels is None:
+            raise MedrobustError(f"{config.source}: threat_model 'recomputed' recomputes the regional volumes from "
+                                 f"each subject's label map, and some subjects of {root} have none (dseg)")
+        if model.meta.uses_features and list(model.meta.feature_names) != list(subset.feature_names):
+            raise MedrobustError(f"model {spec.label!r} ({checkpoints[spec.label]}) was trained on other context "
+                                 f"features than {root} provides; retrain it on this dataset")
+        loaded.models[spec.label] = model
+        loaded.base_spec[spec.label] = {
+            "model": spec.label, "model_name": spec.name, "checkpoint": str(checkpoints[spec.label]),
+            "checkpoint_sha256": sidecar.get("weights_sha256"), "dataset": str(root), "data_fingerprint": fingerprint,
+            "split": config.dataset.split, "split_seed": config.dataset.split_seed, "count": len(subset.subject_ids),
+            "subjects_sha256": hashlib.sha256(json.dumps(subset.subject_ids).encode()).hexdigest(),
+            "brain_mask": config.brain_mask, "seed": config.seed, "batch_size": config.batch_size,
+            "device": str(device)}
+    return loaded
+
+
 def run(config: RunConfig, progress: bool = True, echo=tqdm.write) -> RunSummary:
     """Run every pending cell of `config` and record it in `<out>/results.sqlite`."""
     began = time.perf_counter()
@@ -262,39 +306,10 @@ def run(config: RunConfig, progress: bool = True, echo=tqdm.write) -> RunSummary
     root = ensure_dataset(config, progress)
     checkpoints = ensure_models(config, str(device), progress, echo)
 
-    models: dict[str, BrainAgeModel] = {}
-    base_spec: dict[str, dict] = {}
-    subsets: dict[tuple, PreparedDataset] = {}  # per model grid
-    fit_sets: dict[tuple, PreparedDataset] = {}  # per model grid, where a universal attack is configured
-    fitting = any(_fits(attack.name) for attack in config.attacks)
-    fingerprint = None
-    for spec in config.models:
-        model, sidecar = load_checkpoint(checkpoints[spec.label], device)
-        grid = _grid(model)
-        if grid not in subsets:
-            index, _, prepared = load_prepared(root, *grid, strict=config.dataset.strict, progress=progress)
-            all_ids = [s.subject_id for s in index.subjects]
-            subsets[grid] = evaluation_subset(config, index.root, all_ids, prepared)
-            if fitting:
-                fit_sets[grid] = evaluation_subset(config, index.root, all_ids, prepared, fitting=True)
-            fingerprint = fingerprint or index.fingerprint()
-        subset = subsets[grid]
-        if "recomputed" in config.threat_models and model.meta.uses_features and subset.labels is None:
-            raise MedrobustError(f"{config.source}: threat_model 'recomputed' recomputes the regional volumes from "
-                                 f"each subject's label map, and some subjects of {root} have none (dseg)")
-        if model.meta.uses_features and list(model.meta.feature_names) != list(subset.feature_names):
-            raise MedrobustError(f"model {spec.label!r} ({checkpoints[spec.label]}) was trained on other context "
-                                 f"features than {root} provides; retrain it on this dataset")
-        models[spec.label] = model
-        base_spec[spec.label] = {
-            "model": spec.label, "model_name": spec.name, "checkpoint": str(checkpoints[spec.label]),
-            "checkpoint_sha256": sidecar.get("weights_sha256"), "dataset": str(root), "data_fingerprint": fingerprint,
-            "split": config.dataset.split, "split_seed": config.dataset.split_seed, "count": len(subset.subject_ids),
-            "subjects_sha256": hashlib.sha256(json.dumps(subset.subject_ids).encode()).hexdigest(),
-            "brain_mask": config.brain_mask, "seed": config.seed, "batch_size": config.batch_size,
-            "device": str(device)}
+    loaded = _load(config, root, checkpoints, device, progress)
+    models, subsets, fit_sets = loaded.models, loaded.subsets, loaded.fit_sets
 
-    cells = expand_cells(config, base_spec, {label: m.meta.uses_features for label, m in models.items()})
+    cells = expand_cells(config, loaded.base_spec, {label: m.meta.uses_features for label, m in models.items()})
     for cell in cells:  # the attack's full argument list (defaults included) belongs to the cell's identity
         if _fits(cell.attack.name):  # so do the subjects a universal perturbation is fitted on
             fit_ids = fit_sets[_grid(models[cell.model])].subject_ids

@@ -248,7 +248,9 @@ def test_contract_on_cuda(name: str, norm: str, case: str, objective: str, deter
     check_contract(name, case, norm, objective, "cuda")
 
 
-@pytest.mark.parametrize(("name", "norm"), ATTACK_NORMS)
+# Float rounding of x + delta concerns the norms with a real-valued radius; an l0 budget counts voxels (and at
+# epsilon 1e-3 it would be zero voxels, a case that passes whatever the attack does).
+@pytest.mark.parametrize(("name", "norm"), [p for p in ATTACK_NORMS if p.values[1] != "l0"])
 def test_the_realized_perturbation_stays_in_budget_at_the_papers_epsilon(name: str, norm: str) -> None:
     # At 1e-3 of the range, float32 rounding of x + delta alone is ~1e-5 of the radius: the budget must hold
     # for the perturbation actually returned, not just for the delta before it was added.
