@@ -68,6 +68,10 @@ class DatasetSpec:
     voxel_size: tuple[float, float, float] | None = None
 
 
+# fp32; or the model's passes under torch.autocast in bfloat16 or float16 (the attack's iterates stay fp32).
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 @dataclass
 class RunConfig:
     """A validated run configuration."""
@@ -84,6 +88,7 @@ class RunConfig:
     target_age: float | None = None
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"  # fp32, or bf16/fp16 autocast (checked against fp32 on each cell's first batch)
     batch_size: int = 8
     brain_mask: bool = False
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -297,11 +302,14 @@ def parse_config(data: dict, source: str = "config") -> RunConfig:
         budgets=_budgets(budgets_raw, "budgets", table) if budgets_raw is not None else [],
         objectives=objectives, threat_models=threat_models, target_age=target_age,
         seed=table.take("seed", "int", 0), device=table.take("device", "str", "auto"),
-        batch_size=table.take("batch_size", "int", 8), brain_mask=table.take("brain_mask", "bool", False),
+        precision=table.take("precision", "str", "fp32"), batch_size=table.take("batch_size", "int", 8),
+        brain_mask=table.take("brain_mask", "bool", False),
         training=training, raw=data)
     table.done()
     if config.batch_size < 1:
         table.fail(f"batch_size must be at least 1, got {config.batch_size}")
+    if config.precision not in PRECISIONS:
+        table.fail(f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
     _check_attacks(config, table)
     return config
 
