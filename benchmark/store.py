@@ -2,15 +2,25 @@
 
 Tables: ``runs`` (config and environment of each invocation), ``cells`` (one row per cell: its parameters,
 status, timing and summary metrics) and ``samples`` (one row per subject of a cell). A cell and its samples are
-written in one transaction, so a store never holds half a cell.
+written in one transaction, so a store never holds half a cell, whenever the writing process dies.
+
+One process writes a store at a time: a writer holds an exclusive advisory lock (``flock``) on
+``results.sqlite.lock`` for as long as its store is open. The operating system drops the lock when the process
+ends, however it ends, so a killed run never leaves a stale lock; a second writer is refused at once
+(`StoreBusyError`). Readers (the report, ``medrobust status``) take no lock: WAL lets them read while a run writes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 import sqlite3
+import sys
 import uuid
 from collections.abc import Iterable
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,11 +29,21 @@ import pandas as pd
 from medrobust.errors import MedrobustError
 
 STORE_FILENAME = "results.sqlite"
-SCHEMA_VERSION = 1
+LOCK_SUFFIX = ".lock"  # the writer's lock file: results.sqlite.lock
+SCHEMA_VERSION = 2  # 2: samples gained l0, psnr and ssim (a version-1 store is migrated in place on opening)
 
-# Per-subject columns of the samples table, in order.
+# Per-subject columns of the samples table, in order: the one list the writer and the reader use. A sample
+# without one of the nullable columns (l0, psnr, ssim) stores NULL there.
 SAMPLE_COLUMNS = ("subject", "true_age", "clean_prediction", "adversarial_prediction", "deviation",
-                  "linf", "l2", "linf_rel", "l2_rel")
+                  "linf", "l2", "linf_rel", "l2_rel", "l0", "psnr", "ssim")
+# Columns added to samples after version 1, with their SQL types: what the migration adds.
+_ADDED_SAMPLE_COLUMNS = {"l0": "INTEGER", "psnr": "REAL", "ssim": "REAL"}
+
+# Cell-level values that differ between two runs of the same cell (where and when it ran, how long it took): left
+# out when two stores are compared. Metrics are free-form JSON; a metric that measures the run rather than the
+# model under attack (time, memory, the batch size a device could hold) belongs in RUN_DEPENDENT_METRICS.
+RUN_DEPENDENT_CELL_FIELDS = ("run_id", "seconds", "finished_at")
+RUN_DEPENDENT_METRICS = ("attack_seconds",)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,6 +75,9 @@ CREATE TABLE IF NOT EXISTS samples (
     l2 REAL NOT NULL,
     linf_rel REAL NOT NULL,
     l2_rel REAL NOT NULL,
+    l0 INTEGER,
+    psnr REAL,
+    ssim REAL,
     PRIMARY KEY (cell_id, subject)
 );
 CREATE TABLE IF NOT EXISTS reliability (
@@ -68,26 +91,118 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-class ResultStore:
-    """The SQLite results store of one run folder (``<run_dir>/results.sqlite``)."""
+class StoreBusyError(MedrobustError):
+    """Another process is writing the store (it holds the writer's lock); try again once it has finished."""
 
-    def __init__(self, run_dir: str | Path, create: bool = True) -> None:
+
+def lock_path(store_path: Path) -> Path:
+    """The writer's lock file beside a store file."""
+    return store_path.with_name(store_path.name + LOCK_SUFFIX)
+
+
+def _recorded_holder(path: Path) -> dict | None:
+    """The writer recorded in a lock file (pid, host, started_at, command), or None when none is."""
+    try:
+        holder = json.loads(path.read_text() or "null")
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+
+
+def lock_holder(store_path: Path) -> dict | None:
+    """The process writing the store as its lock file records it (pid, host, started_at, command), or None when
+    no writer is recorded or the one recorded is a process of this host that has ended (a killed run's lock is
+    gone with it). Reads the file only: it never takes the lock, so it never stands in a writer's way."""
+    holder = _recorded_holder(lock_path(store_path))
+    if holder is not None and holder.get("host") == socket.gethostname():
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:  # alive, another user's
+            pass
+    return holder
+
+
+class _WriterLock:
+    """The exclusive advisory lock of a store's one writer, held from acquisition to `release` (or the end of the
+    process). The lock file stays in place; its content names the holder while held and is emptied on release."""
+
+    def __init__(self, store_path: Path) -> None:
+        self.path = lock_path(store_path)
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            self._fd = None
+            holder = _recorded_holder(self.path)
+            who = (f"pid {holder['pid']} on {holder.get('host')}, started {holder.get('started_at')}" if holder
+                   else "a run that is just starting")
+            raise StoreBusyError(
+                f"{store_path} is being written by another medrobust run ({who}); a store has one writer at a "
+                f"time: wait for that run to finish (`medrobust status {store_path.parent}` shows where it is), "
+                f"stop it, or give this run another `out` folder") from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": _now(),
+                  "command": " ".join(sys.argv)}
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps(record).encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        os.ftruncate(self._fd, 0)  # no holder recorded once released (a killed holder's record stays: stale)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
+class ResultStore:
+    """The SQLite results store of one run folder (``<run_dir>/results.sqlite``).
+
+    ``writer``: take the store's writer lock for the store's lifetime (released by `close` or the end of the
+    process), raising `StoreBusyError` when another process holds it. Default: a writer when ``create`` (the
+    runner's ``ResultStore(out)``), a lock-free reader otherwise (``create=False``: the report, the status).
+    """
+
+    def __init__(self, run_dir: str | Path, create: bool = True, writer: bool | None = None) -> None:
         self.path = Path(run_dir) / STORE_FILENAME
         if not create and not self.path.is_file():
             raise MedrobustError(f"{run_dir} holds no results store ({STORE_FILENAME}); run `medrobust run` first")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _WriterLock(self.path) if (create if writer is None else writer) else None
         try:
             self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            self._check_schema()
         except sqlite3.DatabaseError as err:
+            self.close()
             raise MedrobustError(f"{self.path} is not a readable results store ({err})") from err
-        if row is None:
-            self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) > SCHEMA_VERSION:
-            raise MedrobustError(f"{self.path} has store schema {row[0]}; this medrobust reads up to {SCHEMA_VERSION}")
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_schema(self) -> None:
+        """Stamp a new store with the current schema version; migrate an older one in place, in one transaction
+        (a store already at the current version is only read)."""
+        db = self._db
+        query = "SELECT value FROM meta WHERE key = 'schema_version'"
+        row = db.execute(query).fetchone()
+        if row is not None and int(row[0]) == SCHEMA_VERSION:
+            return
+        with self._transaction():
+            row = db.execute(query).fetchone()  # again, inside the transaction: another process may have migrated
+            if row is not None and int(row[0]) > SCHEMA_VERSION:
+                raise MedrobustError(f"{self.path} has store schema {row[0]}; this medrobust reads up to "
+                                     f"{SCHEMA_VERSION}: upgrade medrobust to read it")
+            if row is not None:
+                present = {column[1] for column in db.execute("PRAGMA table_info(samples)")}
+                for column, kind in _ADDED_SAMPLE_COLUMNS.items():
+                    if column not in present:
+                        db.execute(f"ALTER TABLE samples ADD COLUMN {column} {kind}")
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     def __enter__(self) -> ResultStore:
         return self
@@ -96,8 +211,12 @@ class ResultStore:
         self.close()
 
     def close(self) -> None:
-        """Close the connection."""
-        self._db.close()
+        """Close the connection and release the writer's lock."""
+        db = getattr(self, "_db", None)
+        if db is not None:
+            db.close()
+        if self._lock is not None:
+            self._lock.release()
 
     def start_run(self, config: dict, environment: dict) -> str:
         """Record one invocation (its resolved config and environment); returns its id."""
@@ -110,42 +229,60 @@ class ResultStore:
         """Stamp the end time of an invocation."""
         self._db.execute("UPDATE runs SET finished_at = ? WHERE id = ?", (_now(), run_id))
 
+    @contextmanager
+    def _transaction(self):
+        """BEGIN IMMEDIATE ... COMMIT, rolled back whatever interrupts it (an error, KeyboardInterrupt)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def statuses(self) -> dict[str, str]:
+        """The status of every recorded cell: cell id -> 'done' or 'failed' (a cell not recorded is pending)."""
+        return dict(self._db.execute("SELECT id, status FROM cells ORDER BY rowid"))
+
     def finished_cells(self) -> set[str]:
         """Ids of the cells whose results are complete (status 'done')."""
-        return {row[0] for row in self._db.execute("SELECT id FROM cells WHERE status = 'done'")}
+        return {cell_id for cell_id, status in self.statuses().items() if status == "done"}
+
+    def failures(self) -> list[dict]:
+        """The cells recorded as failed, in the order they were written: id, run_id, error, seconds, finished_at
+        and the parsed spec (model, attack, budget, threat model...)."""
+        query = ("SELECT id, run_id, error, seconds, finished_at, spec FROM cells WHERE status = 'failed' "
+                 "ORDER BY rowid")
+        return [{"id": i, "run_id": r, "error": e, "seconds": t, "finished_at": f, "spec": json.loads(spec)}
+                for i, r, e, t, f, spec in self._db.execute(query)]
 
     def write_cell(self, cell_id: str, run_id: str, spec: dict, metrics: dict, samples: Iterable[dict],
                    seconds: float, status: str = "done", error: str | None = None) -> None:
-        """Write a cell and its per-subject rows in ONE transaction, replacing any earlier attempt at it."""
-        rows = [tuple(sample[c] for c in SAMPLE_COLUMNS) for sample in samples]
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        """Write a cell and its per-subject rows in ONE transaction, replacing any earlier attempt at it. A sample
+        lacking a nullable column (l0, psnr, ssim) stores NULL there; one lacking a required column fails the
+        whole write (NOT NULL), as does a key that is no column of the store."""
+        rows = []
+        for sample in samples:
+            unknown = set(sample) - set(SAMPLE_COLUMNS)
+            if unknown:
+                raise MedrobustError(f"cell {cell_id}: per-subject values {sorted(unknown)} have no column in the "
+                                     f"store (columns: {', '.join(SAMPLE_COLUMNS)})")
+            rows.append((cell_id, *(sample.get(column) for column in SAMPLE_COLUMNS)))
+        with self._transaction() as db:
             db.execute("DELETE FROM samples WHERE cell_id = ?", (cell_id,))
             db.execute("INSERT OR REPLACE INTO cells (id, run_id, status, spec, metrics, error, seconds, finished_at) "
                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (cell_id, run_id, status, json.dumps(spec, sort_keys=True),
                         json.dumps(metrics, sort_keys=True), error, seconds, _now()))
             db.executemany(f"INSERT INTO samples (cell_id, {', '.join(SAMPLE_COLUMNS)}) "
-                           f"VALUES (?, {', '.join('?' * len(SAMPLE_COLUMNS))})",
-                           [(cell_id, *row) for row in rows])
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+                           f"VALUES (?, {', '.join('?' * len(SAMPLE_COLUMNS))})", rows)
 
     def write_reliability(self, flags: dict[str, list[str]]) -> None:
         """Replace the sanity-check verdicts (reasons per possibly unreliable cell) in one transaction."""
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             db.execute("DELETE FROM reliability")
             db.executemany("INSERT INTO reliability (cell_id, reasons) VALUES (?, ?)",
                            [(cell_id, json.dumps(reasons)) for cell_id, reasons in sorted(flags.items())])
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     def runs(self) -> list[dict]:
         """Every invocation, oldest first, with its config and environment parsed."""

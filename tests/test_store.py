@@ -1,14 +1,22 @@
-"""The results store: schema, one transaction per cell, finished-cell bookkeeping, bad files."""
+"""The results store: schema and its migration, one transaction per cell, cell statuses, the writer's lock, bad
+files."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from medrobust.errors import MedrobustError
 from medrobust.metrics import cell_metrics
-from medrobust.store import SAMPLE_COLUMNS, ResultStore
+from medrobust.store import SAMPLE_COLUMNS, SCHEMA_VERSION, ResultStore, StoreBusyError, lock_holder, lock_path
 
 
 def _samples(n: int, shift: float = 1.0) -> list[dict]:
@@ -44,9 +52,13 @@ def test_a_failing_cell_write_leaves_nothing_behind(tmp_path):
     with ResultStore(tmp_path) as store:
         run_id = store.start_run({}, {})
         bad = _samples(3)
-        del bad[2]["l2"]  # the third row cannot be written: the whole cell must roll back
-        with pytest.raises(KeyError):
+        del bad[2]["l2"]  # the third row lacks a required value: the whole cell must roll back
+        with pytest.raises(sqlite3.IntegrityError, match="samples.l2"):
             store.write_cell("c1", run_id, {}, {}, bad, 1.0)
+        misspelt = _samples(3)
+        misspelt[1]["psnr_db"] = 30.0
+        with pytest.raises(MedrobustError, match=r"c1: per-subject values \['psnr_db'\] have no column"):
+            store.write_cell("c1", run_id, {}, {}, misspelt, 1.0)
         bad_value = _samples(3)
         bad_value[2]["true_age"] = None  # violates NOT NULL inside the transaction, after two rows went in
         with pytest.raises(sqlite3.IntegrityError):
@@ -73,3 +85,168 @@ def test_missing_or_foreign_store_is_a_clear_error(tmp_path):
     (tmp_path / "results.sqlite").write_bytes(b"this is not sqlite at all" * 100)
     with pytest.raises(MedrobustError, match="not a readable results store"):
         ResultStore(tmp_path)
+
+
+def test_nullable_sample_columns_store_null_when_missing(tmp_path):
+    with ResultStore(tmp_path) as store:
+        run_id = store.start_run({}, {})
+        rows = _samples(2)
+        rows[0].update(l0=412, psnr=38.5, ssim=0.991)  # the second subject has none of them
+        store.write_cell("c1", run_id, {}, {}, rows, 1.0)
+        stored = store.samples("c1")
+    assert list(stored.columns) == ["cell_id", *SAMPLE_COLUMNS]
+    assert stored.loc[0, "l0"] == 412 and stored.loc[0, "psnr"] == 38.5 and stored.loc[0, "ssim"] == 0.991
+    assert stored.loc[1, ["l0", "psnr", "ssim"]].isna().all()
+
+
+def test_statuses_and_failures(tmp_path):
+    with ResultStore(tmp_path) as store:
+        assert store.statuses() == {} and store.failures() == []
+        run_id = store.start_run({}, {})
+        spec = {"model": "hybrid", "attack": "pgd", "norm": "linf", "epsilon": 0.002, "threat_model": "perturbed"}
+        store.write_cell("a", run_id, {"model": "cnn3d"}, {}, _samples(2), 1.0)
+        store.write_cell("b", run_id, spec, {}, [], 0.5, status="failed", error="RuntimeError: out of memory")
+        store.write_cell("c", run_id, {}, {}, [], 0.5, status="failed", error="ValueError: x")
+        store.write_cell("c", run_id, {}, {}, _samples(2), 1.0)  # retried, now done
+        assert store.statuses() == {"a": "done", "b": "failed", "c": "done"}
+        assert store.finished_cells() == {"a", "c"}
+        (failure,) = store.failures()
+        assert failure["id"] == "b" and failure["run_id"] == run_id and failure["spec"] == spec
+        assert failure["error"] == "RuntimeError: out of memory" and failure["finished_at"]
+
+
+# The schema as version 1 of medrobust wrote it (before l0, psnr and ssim): stores of that version are migrated.
+_SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    config TEXT NOT NULL,
+    environment TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cells (
+    id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    status TEXT NOT NULL CHECK (status IN ('done', 'failed')),
+    spec TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    error TEXT,
+    seconds REAL,
+    finished_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS samples (
+    cell_id TEXT NOT NULL REFERENCES cells(id),
+    subject TEXT NOT NULL,
+    true_age REAL NOT NULL,
+    clean_prediction REAL NOT NULL,
+    adversarial_prediction REAL NOT NULL,
+    deviation REAL NOT NULL,
+    linf REAL NOT NULL,
+    l2 REAL NOT NULL,
+    linf_rel REAL NOT NULL,
+    l2_rel REAL NOT NULL,
+    PRIMARY KEY (cell_id, subject)
+);
+CREATE TABLE IF NOT EXISTS reliability (
+    cell_id TEXT PRIMARY KEY REFERENCES cells(id),
+    reasons TEXT NOT NULL
+);
+"""
+_V1_COLUMNS = SAMPLE_COLUMNS[:9]
+
+
+def _version_1_store(run_dir: Path) -> None:
+    db = sqlite3.connect(run_dir / "results.sqlite", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(_SCHEMA_V1)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    db.execute("INSERT INTO runs VALUES ('r1', '2026-11-01T00:00:00+00:00', NULL, '{}', '{}')")
+    db.execute("INSERT INTO cells VALUES ('c1', 'r1', 'done', '{\"model\": \"cnn3d\"}', '{\"n\": 2}', NULL, 1.0, "
+               "'2026-11-01T00:01:00+00:00')")
+    db.executemany(f"INSERT INTO samples VALUES ('c1', {', '.join('?' * len(_V1_COLUMNS))})",
+                   [tuple(row[c] for c in _V1_COLUMNS) for row in _samples(2)])
+    db.close()
+
+
+@pytest.mark.parametrize("writer", [True, False])
+def test_a_version_1_store_is_migrated_in_place(tmp_path, writer):
+    _version_1_store(tmp_path)
+    with ResultStore(tmp_path, create=False, writer=writer) as store:
+        assert store.statuses() == {"c1": "done"}
+        old = store.samples("c1")
+        assert list(old.columns) == ["cell_id", *SAMPLE_COLUMNS]
+        assert list(old["deviation"]) == [1.0, 1.0] and old[["l0", "psnr", "ssim"]].isna().all().all()
+        # The migrated store takes the new columns, and keeps its version-1 rows.
+        rows = _samples(1)
+        rows[0].update(l0=7, psnr=40.0, ssim=0.95)
+        store.write_cell("c2", "r1", {}, {}, rows, 1.0)
+        assert store.samples("c2").loc[0, "l0"] == 7
+    db = sqlite3.connect(tmp_path / "results.sqlite")
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+    types = {name: kind for _, name, kind, *_ in db.execute("PRAGMA table_info(samples)")}
+    assert (types["l0"], types["psnr"], types["ssim"]) == ("INTEGER", "REAL", "REAL")
+    assert db.execute("SELECT COUNT(*) FROM samples").fetchone() == (3,)
+    db.close()
+    with ResultStore(tmp_path, create=False) as store:  # opening it again changes nothing
+        assert len(store.samples()) == 3
+
+
+def test_a_store_of_a_newer_schema_is_refused(tmp_path):
+    ResultStore(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "results.sqlite", isolation_level=None)
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    db.close()
+    with pytest.raises(MedrobustError, match=f"schema {SCHEMA_VERSION + 1}.*upgrade medrobust"):
+        ResultStore(tmp_path, create=False)
+
+
+# A writer in another process: it opens the store as the runner does, says so, and waits to be stopped.
+_HOLDER = """
+import sys, time
+from medrobust.store import ResultStore
+store = ResultStore(sys.argv[1])
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def _start_writer(run_dir: Path) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "holding"
+    return process
+
+
+def test_a_second_writer_is_refused_until_the_first_is_killed(tmp_path):
+    holder = _start_writer(tmp_path)
+    try:
+        recorded = lock_holder(tmp_path / "results.sqlite")
+        assert recorded["pid"] == holder.pid and recorded["started_at"]
+        with pytest.raises(StoreBusyError) as refused:
+            ResultStore(tmp_path)
+        message = str(refused.value)
+        assert str(tmp_path / "results.sqlite") in message and f"pid {holder.pid}" in message
+        assert recorded["started_at"] in message and "another `out` folder" in message
+        # Readers take no lock: the report and the status read while a run writes.
+        with ResultStore(tmp_path, create=False) as reader:
+            assert reader.statuses() == {}
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The lock died with its holder; its record stays in the file but names a process that has ended.
+    assert json.loads(lock_path(tmp_path / "results.sqlite").read_text())["pid"] == holder.pid
+    assert lock_holder(tmp_path / "results.sqlite") is None
+    with ResultStore(tmp_path) as store:
+        assert lock_holder(store.path)["pid"] == os.getpid()
+        store.start_run({}, {})
+    # A closed writer leaves no holder behind, and the next one gets the lock.
+    assert lock_holder(tmp_path / "results.sqlite") is None
+    ResultStore(tmp_path, writer=True).close()
+
+
+def test_two_writers_in_one_process_also_exclude_each_other(tmp_path):
+    with ResultStore(tmp_path):
+        started = time.monotonic()
+        with pytest.raises(StoreBusyError, match=f"pid {os.getpid()}"):
+            ResultStore(tmp_path)
+        assert time.monotonic() - started < 1.0  # refused at once, not after a wait
