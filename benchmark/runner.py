@@ -7,10 +7,13 @@ hash of everything that decides its result, so re-running a config skips the cel
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +36,12 @@ from medrobust.store import ResultStore
 from medrobust.training import TRAINING_ORDER, TrainRequest, load_prepared, resolve_device, train
 
 # Spec keys that locate or describe a cell without changing its result: left out of its id.
-_NOT_IDENTITY = ("checkpoint", "dataset", "device")
+_NOT_IDENTITY = ("checkpoint", "dataset", "device", "cell_seed")
+# How a cell's random draws are seeded (part of its id, so cells computed under another scheme are redone):
+# 2 = the attack's seed derived from the cell's id, and one random stream per subject.
+SEEDING = 2
+# The autocast dtype of each reduced precision (fp32: no autocast).
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -161,66 +169,155 @@ def _grid(model: BrainAgeModel) -> tuple:
     return tuple(model.meta.input_shape), tuple(model.meta.voxel_size)
 
 
-def _attack_for(cell: Cell, model: BrainAgeModel, config: RunConfig):
+def cell_seed(cell_id: str) -> int:
+    """The seed of a cell's random draws, derived from its id: two cells draw differently, a re-run repeats."""
+    return int(cell_id[:8], 16)
+
+
+def subject_seeds(seed: int, subjects: list[str]) -> list[int]:
+    """One seed per subject (its own random stream), so that a result does not depend on how the subjects are cut
+    into batches: a batch halved after an out-of-memory error gives the same images."""
+    return [int(hashlib.sha256(f"{seed}:{subject}".encode()).hexdigest()[:8], 16) for subject in subjects]
+
+
+def _attack_for(cell: Cell, model: BrainAgeModel, config: RunConfig, seed: int | None = None):
     return create_attack(cell.attack.name, model, budget=cell.budget, objective=cell.objective,
-                         target_age=config.target_age, threat_model=cell.threat_model, seed=config.seed,
-                         **cell.attack.params)
+                         target_age=config.target_age, threat_model=cell.threat_model,
+                         seed=config.seed if seed is None else seed, **cell.attack.params)
 
 
-def _batches(data: PreparedDataset, model: BrainAgeModel, config: RunConfig, device: torch.device | None):
-    """(rows slice, images, features, ages, mask) per batch of `data`, on `device` (None: left in host memory)."""
+def _inputs(data: PreparedDataset, rows: slice, model: BrainAgeModel, config: RunConfig,
+            device: torch.device | None, recompute: bool = False) -> dict:
+    """An attack's keyword arguments for the subjects ``rows`` of `data`, on `device` (None: host memory); with
+    ``recompute`` (threat model ``recomputed``), a soft-volume extractor over the batch's label maps."""
     def move(tensor):
         return tensor if device is None else tensor.to(device)
 
-    for start in range(0, len(data.subject_ids), config.batch_size):
-        rows = slice(start, start + config.batch_size)
-        yield (rows, move(data.images[rows]), move(data.features[rows]) if model.meta.uses_features else None,
-               move(data.ages[rows]), move(data.masks[rows]) if config.brain_mask else None)
+    images = move(data.images[rows])
+    inputs = {"images": images, "features": move(data.features[rows]) if model.meta.uses_features else None,
+              "ages": move(data.ages[rows]), "mask": move(data.masks[rows]) if config.brain_mask else None}
+    if recompute:
+        inputs["extractor"] = SoftVolumes(data.labels[rows].to(images.device), data.feature_labels,
+                                          data.feature_names, images, inputs["features"])
+    return inputs
+
+
+def _batches(data: PreparedDataset, model: BrainAgeModel, config: RunConfig, device: torch.device | None,
+             recompute: bool = False) -> list[tuple]:
+    """The batches of `data` as (images, features, ages, mask[, extractor]) tuples: what a universal attack fits on."""
+    return [tuple(_inputs(data, slice(start, start + config.batch_size), model, config, device, recompute).values())
+            for start in range(0, len(data.subject_ids), config.batch_size)]
+
+
+def autocast(device: torch.device, precision: str):
+    """The context the model's passes run in: nothing for fp32, torch.autocast in bfloat16 or float16 otherwise."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=PRECISION_DTYPES[precision])
+
+
+def _takes(call: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(call).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class _Timer:
+    """Attack time: CUDA events on a GPU (device time, no host stall inside the attack), wall clock elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def measure(self):
+        if not self.cuda:
+            began = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - began
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        end.synchronize()
+        self.seconds += start.elapsed_time(end) / 1000
 
 
 def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: RunConfig, device: torch.device,
-                     bar: tqdm | None = None, recompute: bool = False) -> tuple[dict, list[dict]]:
+                     on_batch: Callable[[dict], None] | None = None, recompute: bool = False, seed: int = 0,
+                     parity: bool = True) -> tuple[dict, list[dict]]:
     """Run ``call`` (an attack, or a fitted universal perturbation's ``apply``) over every subject of `data`;
     returns (metrics, per-subject rows). With ``recompute`` (threat model ``recomputed``) each batch comes with
-    a soft-volume extractor over its label maps."""
+    a soft-volume extractor over its label maps. A callable that takes ``sample_seeds`` gets one seed per subject.
+
+    Batches have ``config.batch_size`` subjects until the device runs out of memory: the batch is then halved and
+    retried (down to one subject), and later batches keep the smaller size; ``batch_size_used`` records it. In
+    reduced precision (``config.precision``), the first batch is attacked in fp32 too and both mean |deviation|
+    are kept (``parity_*``) for the sanity checks (with ``parity``)."""
     rows: list[dict] = []
     counters = {"forward": 0, "backward": 0, "steps": 0}
-    attack_seconds = 0.0
+    timer = _Timer(device)
     feature_change: list[torch.Tensor] = []
-    for batch, images, features, ages, mask in _batches(data, model, config, device):
-        began = time.perf_counter()
-        extra = {}
-        if recompute:
-            extra["extractor"] = SoftVolumes(data.labels[batch].to(images.device), data.feature_labels,
-                                             data.feature_names, images, features)
-        result = call(images, features=features, ages=ages, mask=mask, **extra)
+    extra: dict = {}
+    size, count, start = config.batch_size, len(data.subject_ids), 0
+    seeded = _takes(call, "sample_seeds")
+    while start < count:
+        batch = slice(start, min(start + size, count))
+        subjects = data.subject_ids[batch]
+        try:
+            inputs = _inputs(data, batch, model, config, device, recompute)
+            if seeded:
+                inputs["sample_seeds"] = subject_seeds(seed, subjects)
+            with timer.measure(), autocast(device, config.precision):
+                result = call(**inputs)
+            if parity and config.precision != "fp32" and "parity_mean_abs_deviation" not in extra:
+                reference = call(**inputs)  # the same first batch in fp32, outside the attack's time
+                extra["parity_mean_abs_deviation"] = _mean_abs_deviation(result)
+                extra["parity_fp32_mean_abs_deviation"] = _mean_abs_deviation(reference)
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+            inputs = result = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            size = max(1, size // 2)
+            continue
+        images = inputs["images"]
         norms = perturbation_norms(result.images - images)
         image_range = (images.flatten(1).amax(1) - images.flatten(1).amin(1)).clamp_min(1e-12)
+        features = inputs["features"]
         if features is not None:  # how far the threat model moved the context features (0 under "fixed")
             moved = ((result.features - features).abs() / features.abs().clamp_min(1e-12)).nan_to_num(0.0)
             feature_change.append(moved.amax(dim=1).detach().double().cpu())
-        # One host transfer per batch (it also waits for the device, so the attack time is honest on CUDA).
+        # One host transfer per batch.
         host = {k: v.detach().double().cpu() for k, v in {
             "clean_prediction": result.clean_prediction, "adversarial_prediction": result.adversarial_prediction,
             "linf": norms["linf"], "l2": norms["l2"], "linf_rel": norms["linf"] / image_range,
             "l2_rel": norms["l2"] / image_range}.items()}
-        attack_seconds += time.perf_counter() - began
         for key in counters:
             counters[key] += getattr(result, key)
-        for i, subject in enumerate(data.subject_ids[batch]):
+        for i, subject in enumerate(subjects):
             row = {"subject": subject, "true_age": float(data.ages[batch.start + i]),
                    **{k: float(v[i]) for k, v in host.items()}}
             row["deviation"] = row["adversarial_prediction"] - row["clean_prediction"]
             rows.append(row)
-        if bar is not None:
-            bar.update(1)
+        start = batch.stop
+        if on_batch is not None:
+            on_batch({"done": len(rows), "of": count,
+                      "mean_abs_deviation": sum(abs(r["deviation"]) for r in rows) / len(rows)})
     metrics = cell_metrics(*(([r[k] for r in rows]) for k in ("true_age", "clean_prediction",
                                                                "adversarial_prediction", "linf", "l2", "linf_rel",
                                                                "l2_rel")))
-    metrics.update(counters, attack_seconds=attack_seconds)
+    metrics.update(counters, attack_seconds=timer.seconds, batch_size_used=size, **extra)
     if feature_change:  # the largest relative change of any context feature, averaged over subjects
         metrics["mean_feature_change_rel"] = float(torch.cat(feature_change).mean())
     return metrics, rows
+
+
+def _mean_abs_deviation(result) -> float:
+    return float((result.adversarial_prediction.double() - result.clean_prediction.double()).abs().mean())
 
 
 # Metrics of a universal perturbation on the subjects it was fitted on, reported beside the held-out ones.
@@ -228,131 +325,245 @@ FIT_METRICS = ("n", "clean_mae", "adversarial_mae", "mean_abs_deviation", "mean_
 
 
 def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: RunConfig, device: torch.device,
-             bar: tqdm | None = None, fit_data: PreparedDataset | None = None) -> tuple[dict, list[dict]]:
+             on_batch: Callable[[dict], None] | None = None, fit_data: PreparedDataset | None = None,
+             seed: int | None = None) -> tuple[dict, list[dict]]:
     """Attack every subject of `data` in batches; returns (cell metrics, per-subject rows). A universal
     perturbation is fitted once on `fit_data` (its batches stay in host memory until used), then applied to
-    `data` (the held-out subjects whose rows are stored); its effect on the fitting subjects is in `fit_*`."""
-    attack = _attack_for(cell, model, config)
+    `data` (the held-out subjects whose rows are stored); its effect on the fitting subjects is in `fit_*`.
+    ``seed``: of the attack's random draws (default: the run's seed)."""
+    seed = config.seed if seed is None else seed
+    attack = _attack_for(cell, model, config, seed)
+    recompute = cell.threat_model == "recomputed"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     if fit_data is None or not _fits(cell.attack.name):
-        return _attack_subjects(attack, data, model, config, device, bar, cell.threat_model == "recomputed")
-    began = time.perf_counter()
-    attack.fit([batch[1:] for batch in _batches(fit_data, model, config, None)])
-    fit_seconds = time.perf_counter() - began
-    metrics, rows = _attack_subjects(attack.apply, data, model, config, device, bar)
-    on_fit, _ = _attack_subjects(attack.apply, fit_data, model, config, device)
-    for key, count in zip(("forward", "backward", "steps"), attack.fit_counters, strict=True):
-        metrics[key] += count
-    metrics["attack_seconds"] += fit_seconds
-    metrics.update({f"fit_{key}": on_fit[key] for key in FIT_METRICS})
+        metrics, rows = _attack_subjects(attack, data, model, config, device, on_batch, recompute, seed)
+    else:
+        began = time.perf_counter()
+        with autocast(device, config.precision):
+            attack.fit(_batches(fit_data, model, config, None, recompute))
+        fit_seconds = time.perf_counter() - began
+        metrics, rows = _attack_subjects(attack.apply, data, model, config, device, on_batch, recompute, seed)
+        on_fit, _ = _attack_subjects(attack.apply, fit_data, model, config, device, None, recompute, seed,
+                                     parity=False)
+        for key, count in zip(("forward", "backward", "steps"), attack.fit_counters, strict=True):
+            metrics[key] += count
+        metrics["attack_seconds"] += fit_seconds
+        metrics.update({f"fit_{key}": on_fit[key] for key in FIT_METRICS})
+    metrics["timing"] = "cuda-events" if device.type == "cuda" else "wall-clock"
+    metrics["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return metrics, rows
 
 
-@dataclass
-class _Loaded:
-    """The run's models by label, their cells' shared spec, and the attacked (and fitting) subjects per grid."""
+class Workspace:
+    """The models and prepared subjects one process attacks on one device, each loaded once.
 
-    models: dict[str, BrainAgeModel] = field(default_factory=dict)
-    base_spec: dict[str, dict] = field(default_factory=dict)
-    subsets: dict[tuple, PreparedDataset] = field(default_factory=dict)
-    fit_sets: dict[tuple, PreparedDataset] = field(default_factory=dict)  # where a universal attack is configured
+    The driver's workspace also plans the grid; an executor's worker builds its own from the paths of its tasks.
+    """
 
+    def __init__(self, config: RunConfig, root: Path, device: torch.device, progress: bool = False) -> None:
+        self.config, self.root, self.device, self.progress = config, Path(root), device, progress
+        self._models: dict[str, tuple[BrainAgeModel, dict]] = {}
+        self._prepared: dict[tuple, tuple] = {}  # grid -> (index, prepared dataset)
+        self._subjects: dict[tuple, PreparedDataset] = {}  # (grid, fitting) -> subjects
 
-def _load(config: RunConfig, root: Path, checkpoints: dict[str, Path], device: torch.device,
-          progress: bool) -> _Loaded:
-    """Load every model and prepare the subjects once per model grid, checking they fit together."""
-    loaded = _Loaded()
-    fitting = any(_fits(attack.name) for attack in config.attacks)
-    fingerprint = None
-    for spec in config.models:
-        model, sidecar = load_checkpoint(checkpoints[spec.label], device)
-        grid = _grid(model)
-        if grid not in loaded.subsets:
-            index, _, prepared = load_prepared(root, *grid, strict=config.dataset.strict, progress=progress)
+    def model(self, checkpoint: Path) -> tuple[BrainAgeModel, dict]:
+        """The model of a checkpoint on this workspace's device, and its sidecar."""
+        key = str(checkpoint)
+        if key not in self._models:
+            self._models[key] = load_checkpoint(checkpoint, self.device)
+        return self._models[key]
+
+    def _index(self, grid: tuple) -> tuple:
+        if grid not in self._prepared:
+            index, _, prepared = load_prepared(self.root, *grid, strict=self.config.dataset.strict,
+                                               progress=self.progress)
+            self._prepared[grid] = (index, prepared)
+        return self._prepared[grid]
+
+    def fingerprint(self, grid: tuple) -> str:
+        return self._index(grid)[0].fingerprint()
+
+    def subjects(self, grid: tuple, fitting: bool = False) -> PreparedDataset:
+        """The attacked subjects of the model grid ``grid`` (or, with ``fitting``, those a universal perturbation
+        is fitted on), drawn as the config says."""
+        if (grid, fitting) not in self._subjects:
+            index, prepared = self._index(grid)
             all_ids = [s.subject_id for s in index.subjects]
-            loaded.subsets[grid] = evaluation_subset(config, index.root, all_ids, prepared)
-            if fitting:
-                loaded.fit_sets[grid] = evaluation_subset(config, index.root, all_ids, prepared, fitting=True)
-            fingerprint = fingerprint or index.fingerprint()
-        subset = loaded.subsets[grid]
+            self._subjects[grid, fitting] = evaluation_subset(self.config, index.root, all_ids, prepared, fitting)
+        return self._subjects[grid, fitting]
+
+
+@dataclass
+class CellTask:
+    """What an executor runs: one cell and where its model and data live (paths, no tensors: it pickles small)."""
+
+    cell: Cell
+    config: RunConfig
+    root: Path
+    checkpoint: Path
+
+
+@dataclass
+class CellOutcome:
+    """A finished cell as the driver writes it: status ``done`` with metrics and rows, or ``failed`` and why."""
+
+    cell_id: str
+    status: str
+    metrics: dict
+    rows: list[dict]
+    seconds: float
+    error: str | None = None
+
+
+def perform(task: CellTask, workspace: Workspace, on_batch: Callable[[dict], None] | None = None) -> CellOutcome:
+    """Run one cell in ``workspace``; an exception becomes a ``failed`` outcome with its reason (the grid goes on)."""
+    cell, started = task.cell, time.perf_counter()
+    try:
+        model, _ = workspace.model(task.checkpoint)
+        grid = _grid(model)
+        fit_data = workspace.subjects(grid, fitting=True) if _fits(cell.attack.name) else None
+        metrics, rows = run_cell(cell, model, workspace.subjects(grid), task.config, workspace.device, on_batch,
+                                 fit_data, cell.spec.get("cell_seed"))
+    except Exception as err:  # a broken cell is recorded with its reason
+        return CellOutcome(cell.id, "failed", {}, [], time.perf_counter() - started, f"{type(err).__name__}: {err}")
+    return CellOutcome(cell.id, "done", metrics, rows, time.perf_counter() - started)
+
+
+def resolve_devices(name: str) -> list[torch.device]:
+    """The devices a run uses: with ``auto`` or ``cuda`` and several visible GPUs, all of them (one cell per GPU);
+    otherwise the one device named (``auto``: CUDA when present)."""
+    if name in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [resolve_device(name)]
+
+
+def _deterministic_cuda() -> None:
+    # fp32 means fp32, and a re-run repeats: no TF32 in convolutions or matrix products (it moves predictions
+    # by hundredths of a year), and deterministic cuDNN algorithms (the default 3D convolution backward is not).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def _plan(config: RunConfig, root: Path, checkpoints: dict[str, Path], workspace: Workspace) -> list[Cell]:
+    """Every cell of `config` with its full spec and id, checking that models and data fit together."""
+    base_spec: dict[str, dict] = {}
+    uses_features: dict[str, bool] = {}
+    fitting = any(_fits(attack.name) for attack in config.attacks)
+    for spec in config.models:
+        model, sidecar = workspace.model(checkpoints[spec.label])
+        grid = _grid(model)
+        subset = workspace.subjects(grid)
         if "recomputed" in config.threat_models and model.meta.uses_features and subset.labels is None:
             raise MedrobustError(f"{config.source}: threat_model 'recomputed' recomputes the regional volumes from "
                                  f"each subject's label map, and some subjects of {root} have none (dseg)")
         if model.meta.uses_features and list(model.meta.feature_names) != list(subset.feature_names):
             raise MedrobustError(f"model {spec.label!r} ({checkpoints[spec.label]}) was trained on other context "
                                  f"features than {root} provides; retrain it on this dataset")
-        loaded.models[spec.label] = model
-        loaded.base_spec[spec.label] = {
+        uses_features[spec.label] = model.meta.uses_features
+        base_spec[spec.label] = {
             "model": spec.label, "model_name": spec.name, "checkpoint": str(checkpoints[spec.label]),
-            "checkpoint_sha256": sidecar.get("weights_sha256"), "dataset": str(root), "data_fingerprint": fingerprint,
-            "split": config.dataset.split, "split_seed": config.dataset.split_seed, "count": len(subset.subject_ids),
+            "checkpoint_sha256": sidecar.get("weights_sha256"), "dataset": str(root),
+            "data_fingerprint": workspace.fingerprint(grid), "split": config.dataset.split,
+            "split_seed": config.dataset.split_seed, "count": len(subset.subject_ids),
             "subjects_sha256": hashlib.sha256(json.dumps(subset.subject_ids).encode()).hexdigest(),
-            "brain_mask": config.brain_mask, "seed": config.seed, "batch_size": config.batch_size,
-            "device": str(device)}
-    return loaded
-
-
-def run(config: RunConfig, progress: bool = True, echo=tqdm.write) -> RunSummary:
-    """Run every pending cell of `config` and record it in `<out>/results.sqlite`."""
-    began = time.perf_counter()
-    device = resolve_device(config.device)
-    if device.type == "cuda":
-        # fp32 means fp32, and a re-run repeats: no TF32 in convolutions or matrix products (it moves predictions
-        # by hundredths of a year), and deterministic cuDNN algorithms (the default 3D convolution backward is not).
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    config.out.mkdir(parents=True, exist_ok=True)
-    root = ensure_dataset(config, progress)
-    checkpoints = ensure_models(config, str(device), progress, echo)
-
-    loaded = _load(config, root, checkpoints, device, progress)
-    models, subsets, fit_sets = loaded.models, loaded.subsets, loaded.fit_sets
-
-    cells = expand_cells(config, loaded.base_spec, {label: m.meta.uses_features for label, m in models.items()})
-    for cell in cells:  # the attack's full argument list (defaults included) belongs to the cell's identity
-        if _fits(cell.attack.name):  # so do the subjects a universal perturbation is fitted on
-            fit_ids = fit_sets[_grid(models[cell.model])].subject_ids
-            cell.spec.update(fit_split=config.dataset.fit_split, fit_count=len(fit_ids),
-                             fit_subjects_sha256=hashlib.sha256(json.dumps(fit_ids).encode()).hexdigest())
-        try:
-            cell.spec["params"] = _attack_for(cell, models[cell.model], config).params()
+            "brain_mask": config.brain_mask, "seed": config.seed, "seeding": SEEDING,
+            "batch_size": config.batch_size, "precision": config.precision, "device": str(workspace.device)}
+        if fitting:  # the subjects a universal perturbation is fitted on belong to its cells' identity
+            fit_ids = workspace.subjects(grid, fitting=True).subject_ids
+            base_spec[spec.label]["fit"] = {
+                "fit_split": config.dataset.fit_split, "fit_count": len(fit_ids),
+                "fit_subjects_sha256": hashlib.sha256(json.dumps(fit_ids).encode()).hexdigest()}
+    cells = expand_cells(config, base_spec, uses_features)
+    for cell in cells:
+        fit = cell.spec.pop("fit", None)
+        if fit is not None and _fits(cell.attack.name):
+            cell.spec.update(fit)
+        try:  # the attack's full argument list (defaults included) belongs to the cell's identity
+            model, _ = workspace.model(checkpoints[cell.model])
+            cell.spec["params"] = _attack_for(cell, model, config).params()
         except MedrobustError as err:  # e.g. an image attack on a features-only model: a config mistake
             raise MedrobustError(f"{config.source}: {cell.describe()}: {err}") from None
+        cell.spec["cell_seed"] = cell_seed(cell.id)
+    return cells
+
+
+def plan(config: RunConfig) -> list[Cell]:
+    """The cells `config` describes, with their ids, without running or training anything (the dataset and every
+    checkpoint must exist): what ``medrobust status --config`` compares with a store."""
+    root = config.dataset.path
+    checkpoints = {spec.label: model_checkpoint(config, spec) for spec in config.models}
+    missing = [f"{label} ({path})" for label, path in checkpoints.items() if not _exists(path)]
+    if missing:
+        raise MedrobustError(f"{config.source}: no checkpoint yet for {', '.join(missing)}; `medrobust run` trains "
+                             f"them")
+    if not Path(root).is_dir():
+        raise MedrobustError(f"{config.source}: dataset {root} does not exist yet; `medrobust run` creates it")
+    return _plan(config, root, checkpoints, Workspace(config, root, torch.device("cpu")))
+
+
+def run(config: RunConfig, progress: bool = True, echo=tqdm.write, retry_failed: bool = False,
+        executor: str = "local", ray_address: str | None = None) -> RunSummary:
+    """Run every pending cell of `config` and record it in `<out>/results.sqlite`.
+
+    Pending: not in the store yet; cells recorded as failed only with ``retry_failed``. ``executor``: ``local``
+    (in this process; one cell per GPU when several are visible) or ``ray`` (a Ray cluster at ``ray_address``, or a
+    local one): either way only this process writes the store, one transaction per finished cell, so a killed run
+    loses at most the cells in flight and the same command resumes it."""
+    from medrobust.executors import make_executor  # executors import this module
+
+    began = time.perf_counter()
+    devices = resolve_devices(config.device)
+    if devices[0].type == "cuda":
+        _deterministic_cuda()
+    config.out.mkdir(parents=True, exist_ok=True)
+    root = ensure_dataset(config, progress)
+    checkpoints = ensure_models(config, str(devices[0]), progress, echo)
+    workspace = Workspace(config, root, devices[0], progress)
+    cells = _plan(config, root, checkpoints, workspace)
     with ResultStore(config.out) as store:
-        run_id = store.start_run(config.raw, describe_environment(device))
-        finished = store.finished_cells()
-        pending = [cell for cell in cells if cell.id not in finished]
+        statuses = store.statuses()
+        pending = [c for c in cells if statuses.get(c.id) != "done" and (retry_failed or statuses.get(c.id) is None)]
+        failed_before = sum(1 for c in cells if statuses.get(c.id) == "failed")
         skipped = len(cells) - len(pending)
         if skipped:
-            echo(f"{skipped} of {len(cells)} cells already finished in {store.path}; skipping them")
+            done_before = skipped - (0 if retry_failed else failed_before)
+            echo(f"{done_before} of {len(cells)} cells already finished in {store.path}; skipping them")
+            if failed_before and not retry_failed:
+                echo(f"{failed_before} cells failed in an earlier run; skipping them (--retry-failed reruns them)")
+        run_id = store.start_run(config.raw, describe_environment(devices[0]))
         summary = RunSummary(out=config.out, store=store.path, cells=len(cells), skipped=skipped, done=0)
-        batches = {label: -(-len(subsets[_grid(m)].subject_ids) // config.batch_size) for label, m in models.items()}
-        bar = tqdm(total=sum(batches[c.model] for c in pending), unit="batch", disable=not progress or not pending)
-        for number, cell in enumerate(pending, start=1):
-            model = models[cell.model]
-            data = subsets[_grid(model)]
-            bar.set_description(f"cell {number}/{len(pending)} {cell.describe()}")
-            started = time.perf_counter()
-            try:
-                metrics, rows = run_cell(cell, model, data, config, device, bar, fit_sets.get(_grid(model)))
-            except Exception as err:  # a broken cell is recorded with its reason; the grid goes on
-                error = f"{type(err).__name__}: {err}"
-                store.write_cell(cell.id, run_id, cell.spec, {}, [], time.perf_counter() - started, "failed", error)
-                summary.failed.append((cell.describe(), error))
-                echo(f"FAILED {cell.describe()}: {error}")
-                continue
-            seconds = time.perf_counter() - started
-            store.write_cell(cell.id, run_id, cell.spec, metrics, rows, seconds)
-            summary.done += 1
-            echo(f"{cell.describe()}: mean |deviation| {metrics['mean_abs_deviation']:.2f} y, adversarial MAE "
-                 f"{metrics['adversarial_mae']:.2f} y (clean {metrics['clean_mae']:.2f} y), {seconds:.1f} s")
+        tasks = [CellTask(cell, config, root, checkpoints[cell.model]) for cell in pending]
+        names = {cell.id: cell.describe() for cell in cells}
+        specs = {cell.id: cell.spec for cell in pending}
+        bar = tqdm(total=len(tasks), unit="cell", disable=not progress or not tasks)
+
+        def on_batch(state: dict) -> None:
+            bar.set_postfix_str(f"{state['done']}/{state['of']} subjects, mean |deviation| so far "
+                                f"{state['mean_abs_deviation']:.2f} y")
+
+        with make_executor(executor, workspace, devices, ray_address) as pool:
+            for outcome in pool.map(tasks, on_batch if progress else None):
+                store.write_cell(outcome.cell_id, run_id, specs[outcome.cell_id], outcome.metrics, outcome.rows,
+                                 outcome.seconds, outcome.status, outcome.error)
+                name = names[outcome.cell_id]
+                if outcome.status == "failed":
+                    summary.failed.append((name, outcome.error))
+                    echo(f"FAILED {name}: {outcome.error}")
+                else:
+                    summary.done += 1
+                    metrics = outcome.metrics
+                    echo(f"{name}: mean |deviation| {metrics['mean_abs_deviation']:.2f} y, adversarial MAE "
+                         f"{metrics['adversarial_mae']:.2f} y (clean {metrics['clean_mae']:.2f} y), "
+                         f"{outcome.seconds:.1f} s")
+                bar.update(1)
         bar.close()
         # The checks compare cells with each other, so they are redone over the whole store each time.
         flags = reliability_flags(store.cells())
         store.write_reliability(flags)
         summary.unreliable = len(flags)
-        names = {cell.id: cell.describe() for cell in cells}
         for cell_id, reasons in sorted(flags.items()):
             echo(f"possibly unreliable: {names.get(cell_id, 'cell ' + cell_id)}: {'; '.join(reasons)}")
         store.finish_run(run_id)

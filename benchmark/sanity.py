@@ -3,6 +3,8 @@
 A real attack must beat random noise of the same norm and budget; a stronger attack (PGD, APGD, BIM, C&W) must
 reach at least what a one-step FGSM reaches; and an attack's effect must not shrink as its budget grows. A cell
 that breaks one of these is marked "possibly unreliable" (masked gradients or a broken attack), with the reason.
+A cell run in reduced precision (bf16, fp16) is also marked when its first batch, attacked again in fp32, moved
+the model by a clearly different amount: low precision can round gradients away and so mask them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import pandas as pd
 # Tolerance of every comparison, in years: absolute, plus a fraction of the larger value.
 ABS_TOLERANCE = 0.05
 REL_TOLERANCE = 0.02
+# Reduced precision vs fp32 on a cell's first batch: flagged beyond this many years plus this fraction of the
+# larger mean |deviation|.
+PARITY_ABS_TOLERANCE = 0.25
+PARITY_REL_TOLERANCE = 0.10
 # Attacks that take many gradient steps and must do at least as well as a single FGSM step.
 STRONG_ATTACKS = ("pgd", "bim", "apgd", "cw")
 WEAK_ATTACK = "fgsm"
@@ -44,19 +50,35 @@ def _attack_config(params: object) -> str:
     return json.dumps(params, sort_keys=True)
 
 
+def _parity_flags(cells: pd.DataFrame, flag) -> None:
+    """Cells whose reduced-precision attack strayed from the same attack in fp32 on their first batch."""
+    if "parity_mean_abs_deviation" not in cells:
+        return
+    for _, cell in cells[cells["status"] == "done"].iterrows():
+        reduced, full = cell["parity_mean_abs_deviation"], cell.get("parity_fp32_mean_abs_deviation")
+        if reduced is None or full is None or math.isnan(reduced) or math.isnan(full):
+            continue
+        if abs(reduced - full) > PARITY_ABS_TOLERANCE + PARITY_REL_TOLERANCE * max(abs(reduced), abs(full)):
+            flag(cell["id"], f"{cell.get('precision', 'reduced precision')} differs from fp32 on the first batch "
+                             f"(mean |deviation| {reduced:.2f} y vs {full:.2f} y): reduced precision may mask "
+                             f"gradients")
+
+
 def reliability_flags(cells: pd.DataFrame) -> dict[str, list[str]]:
     """Reasons per cell id for the cells of ``cells`` (a store's ``cells()`` frame) that fail a check."""
     if cells.empty or "status" not in cells:
         return {}
-    done = cells[(cells["status"] == "done") & cells["objective"].isin(list(_STRENGTH))].copy()
-    if done.empty:
-        return {}
-    done["strength"] = [_STRENGTH[row["objective"]](row) for _, row in done.iterrows()]
-    done["attack_config"] = done["params"].map(_attack_config)
     flags: dict[str, list[str]] = {}
 
     def flag(cell_id: str, reason: str) -> None:
         flags.setdefault(cell_id, []).append(reason)
+
+    _parity_flags(cells, flag)
+    done = cells[(cells["status"] == "done") & cells["objective"].isin(list(_STRENGTH))].copy()
+    if done.empty:
+        return flags
+    done["strength"] = [_STRENGTH[row["objective"]](row) for _, row in done.iterrows()]
+    done["attack_config"] = done["params"].map(_attack_config)
 
     for _, group in done.groupby(list(_SETTING + _BUDGET), dropna=False):
         noise = group[group["attack"] == BASELINE_ATTACK]["strength"]

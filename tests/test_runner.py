@@ -198,9 +198,13 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(demo_run, tmp_path, mon
     assert len(failed) == 9 and set(failed["attack"]) == {"pgd"}  # 3 budgets x 3 threat models
     assert (failed["error"] == "RuntimeError: simulated failure").all()
     assert (cells["status"] == "done").sum() == N_CELLS - 9
-    # Once the cause is gone, a re-run does only the failed cells.
+    # A re-run skips the failed cells and says so; once the cause is gone, --retry-failed does only them.
     monkeypatch.setattr(runner, "run_cell", original)
     result = CliRunner().invoke(main, ["run", str(config), "--quiet", "--no-report"])
+    assert "9 cells failed in an earlier run; skipping them" in result.output
+    with ResultStore(out, create=False) as store:
+        assert (store.cells()["status"] == "failed").sum() == 9
+    result = CliRunner().invoke(main, ["run", str(config), "--quiet", "--no-report", "--retry-failed"])
     assert result.exit_code == 0, result.output
     assert f"9 cells run, {N_CELLS - 9} already finished, 0 failed" in result.output
 

@@ -1,0 +1,143 @@
+"""Executors: where a run's cells are computed. The driver (``medrobust.runner.run``) hands an executor its
+pending ``CellTask``s and writes each ``CellOutcome`` to the store as it arrives; executors never touch the store.
+
+``local``: in this process, one cell after the other; with several devices (several visible GPUs), one worker
+thread per device, each with its own copy of the models. ``ray``: each cell a Ray task (asking for one GPU when
+the run uses CUDA) that receives the cell's spec and file paths, loads the model and subjects itself (once per
+worker process) and returns the outcome; a task whose worker dies is retried a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+
+from medrobust.errors import MedrobustError
+from medrobust.runner import CellOutcome, CellTask, Workspace, perform
+
+EXECUTORS = ("local", "ray")
+# How many times Ray reruns a task whose worker process died (out of memory, a lost node).
+RAY_MAX_RETRIES = 2
+
+
+class LocalExecutor:
+    """Cells in this process: in order on one device, or one cell per device with several."""
+
+    def __init__(self, workspaces: list[Workspace]) -> None:
+        self.workspaces = workspaces
+
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def map(self, tasks: list[CellTask], on_batch: Callable[[dict], None] | None = None) -> Iterator[CellOutcome]:
+        """The outcomes in the order the cells finish."""
+        if len(self.workspaces) == 1:
+            for task in tasks:
+                yield perform(task, self.workspaces[0], on_batch)
+            return
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        for task in tasks:
+            todo.put(task)
+        finished: queue.SimpleQueue = queue.SimpleQueue()
+
+        def worker(workspace: Workspace) -> None:
+            if workspace.device.type == "cuda":
+                torch.cuda.set_device(workspace.device)
+            while True:
+                try:
+                    task = todo.get_nowait()
+                except queue.Empty:
+                    return
+                finished.put(perform(task, workspace))
+
+        threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in self.workspaces]
+        for thread in threads:
+            thread.start()
+        for _ in tasks:
+            yield finished.get()
+        for thread in threads:
+            thread.join()
+
+
+# Per Ray worker process: workspaces by (config file, dataset, device), so a worker loads each model once.
+_WORKER_WORKSPACES: dict[tuple, Workspace] = {}
+
+
+def _ray_perform(task: CellTask, device_type: str, threads: int) -> CellOutcome:
+    """One cell in a Ray worker: the GPU Ray gave it (visible as cuda:0), or the CPU with the driver's thread count
+    (so the arithmetic, and the results, are those of the local executor)."""
+    if device_type == "cuda":
+        device = torch.device("cuda", 0)
+        from medrobust.runner import _deterministic_cuda
+
+        _deterministic_cuda()
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(threads)
+    key = (str(task.config.source), str(task.root), str(device))
+    if key not in _WORKER_WORKSPACES:
+        _WORKER_WORKSPACES[key] = Workspace(task.config, task.root, device)
+    return perform(task, _WORKER_WORKSPACES[key])
+
+
+class RayExecutor:
+    """Cells as Ray tasks on the cluster at ``address`` (None: a Ray already started in this process, else a new
+    local one)."""
+
+    def __init__(self, devices: list[torch.device], address: str | None = None,
+                 max_retries: int = RAY_MAX_RETRIES) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise MedrobustError("--executor ray needs Ray: pip install 'medrobust[ray]'") from None
+        self.ray = ray
+        self.started = False
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                where = f"the Ray cluster at {address}" if address else "a local Ray"
+                raise MedrobustError(f"could not start or join {where}: {err}") from None
+            self.started = True
+        self.device_type = devices[0].type
+        gpus = 1 if self.device_type == "cuda" else 0
+        self.remote = ray.remote(num_gpus=gpus, max_retries=max_retries)(_ray_perform)
+        self.threads = torch.get_num_threads()
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+    def map(self, tasks: list[CellTask], on_batch: Callable[[dict], None] | None = None) -> Iterator[CellOutcome]:
+        """The outcomes in the order the tasks finish (``on_batch`` is not reported across processes)."""
+        ray = self.ray
+        refs = {self.remote.remote(task, self.device_type, self.threads): task for task in tasks}
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            for ref in ready:
+                task = refs.pop(ref)
+                try:
+                    yield ray.get(ref)
+                except ray.exceptions.RayError as err:  # retries spent: the worker kept dying
+                    yield CellOutcome(task.cell.id, "failed", {}, [], 0.0, f"{type(err).__name__}: {err}")
+
+
+def make_executor(name: str, workspace: Workspace, devices: list[torch.device], ray_address: str | None = None):
+    """The executor ``name`` for a run whose driver loaded ``workspace`` on ``devices[0]``."""
+    if name not in EXECUTORS:
+        raise MedrobustError(f"executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
+    if name == "ray":
+        return RayExecutor(devices, ray_address)
+    if ray_address is not None:
+        raise MedrobustError("--ray-address goes with --executor ray")
+    others = [Workspace(workspace.config, workspace.root, device) for device in devices[1:]]
+    return LocalExecutor([workspace, *others])
