@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import os
 import random
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from medrobust.models.checkpoint import checkpoint_paths
 from medrobust.preprocess import PreparedDataset
 from medrobust.sanity import reliability_flags
 from medrobust.splits import load_or_create_splits
-from medrobust.store import ResultStore
+from medrobust.store import STORE_FILENAME, ResultStore
 from medrobust.training import TRAINING_ORDER, TrainRequest, load_prepared, resolve_device, train
 
 # Spec keys that locate or describe a cell without changing its result: left out of its id.
@@ -504,6 +505,53 @@ def plan(config: RunConfig) -> list[Cell]:
     return _plan(config, root, checkpoints, Workspace(config, root, torch.device("cpu")))
 
 
+# The grid's cell ids, cached in the run folder under a key of everything they derive from, so that re-running a
+# finished grid answers without loading models or subjects.
+PLAN_CACHE = "plan-cache.json"
+
+
+def _plan_key(config: RunConfig, root: Path, checkpoints: dict[str, Path], device: torch.device) -> str:
+    """A hash of the config, this package's version and seeding scheme, the device, and the size and modification
+    time of every checkpoint and dataset file (the preprocessing cache aside): any change means a new plan."""
+    from medrobust import __version__
+
+    files = [path for checkpoint in checkpoints.values() for path in checkpoint_paths(checkpoint)]
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        files.extend(Path(folder) / name for name in sorted(names))
+    stats = [(str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files]
+    content = {"config": config.raw, "source": str(config.source), "version": __version__, "seeding": SEEDING,
+               "device": str(device), "files": stats}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cached_plan(config: RunConfig, key: str) -> list[str] | None:
+    """The cell ids of the plan cached under ``key``, or None."""
+    try:
+        cached = json.loads((config.out / PLAN_CACHE).read_text())
+    except (OSError, ValueError):
+        return None
+    return cached.get("cells") if isinstance(cached, dict) and cached.get("key") == key else None
+
+
+def _finished_already(config: RunConfig, key: str, retry_failed: bool, echo) -> RunSummary | None:
+    """When the cached plan's cells are all in the store (failed ones counting unless ``retry_failed``), the run's
+    summary without loading anything; else None."""
+    ids = _cached_plan(config, key)
+    store_path = config.out / STORE_FILENAME
+    if ids is None or not store_path.is_file():
+        return None
+    with ResultStore(config.out, writer=False) as store:
+        statuses = store.statuses()
+    if any(statuses.get(i) is None or (retry_failed and statuses[i] == "failed") for i in ids):
+        return None
+    failed = sum(1 for i in ids if statuses[i] == "failed")
+    echo(f"{len(ids) - failed} of {len(ids)} cells already finished in {store_path}; skipping them")
+    if failed:
+        echo(f"{failed} cells failed in an earlier run; skipping them (--retry-failed reruns them)")
+    return RunSummary(out=config.out, store=store_path, cells=len(ids), skipped=len(ids), done=0)
+
+
 def run(config: RunConfig, progress: bool = True, echo=tqdm.write, retry_failed: bool = False,
         executor: str = "local", ray_address: str | None = None) -> RunSummary:
     """Run every pending cell of `config` and record it in `<out>/results.sqlite`.
@@ -521,8 +569,14 @@ def run(config: RunConfig, progress: bool = True, echo=tqdm.write, retry_failed:
     config.out.mkdir(parents=True, exist_ok=True)
     root = ensure_dataset(config, progress)
     checkpoints = ensure_models(config, str(devices[0]), progress, echo)
+    key = _plan_key(config, root, checkpoints, devices[0])
+    finished = _finished_already(config, key, retry_failed, echo)
+    if finished is not None:  # nothing to run: no models or subjects loaded, no run recorded
+        finished.seconds = time.perf_counter() - began
+        return finished
     workspace = Workspace(config, root, devices[0], progress)
     cells = _plan(config, root, checkpoints, workspace)
+    (config.out / PLAN_CACHE).write_text(json.dumps({"key": key, "cells": [cell.id for cell in cells]}))
     with ResultStore(config.out) as store:
         statuses = store.statuses()
         pending = [c for c in cells if statuses.get(c.id) != "done" and (retry_failed or statuses.get(c.id) is None)]

@@ -240,3 +240,27 @@ def test_unknown_executor_and_a_stray_ray_address_are_refused(trained):
     with pytest.raises(MedrobustError, match="--ray-address goes with --executor ray"):
         run(write_config(trained, "x"), progress=False, echo=lambda *_: None, ray_address="127.0.0.1:6379")
     shutil.rmtree(trained / "x", ignore_errors=True)
+
+
+def test_a_finished_grid_reruns_without_loading_models_or_subjects(trained, monkeypatch):
+    import os
+
+    import medrobust.runner as runner
+
+    config = write_config(trained, "reference")
+    with ResultStore(trained / "reference", create=False) as store:
+        runs_before = len(store.runs())
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a finished grid must not load models or subjects")
+
+    monkeypatch.setattr(runner, "Workspace", no_loading)
+    summary = run(config, progress=False, echo=lambda *_: None)
+    assert summary.done == 0 and summary.skipped == summary.cells == 5
+    with ResultStore(trained / "reference", create=False) as store:
+        assert len(store.runs()) == runs_before  # nothing ran, nothing recorded
+    # A changed checkpoint file invalidates the cached plan: the grid is planned again from the files.
+    weights = trained / "models" / "hybrid-seed0.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    with pytest.raises(AssertionError, match="must not load"):
+        run(config, progress=False, echo=lambda *_: None)
