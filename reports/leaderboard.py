@@ -19,6 +19,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from medrobust.attacks import NORMS, THREAT_MODELS
 from medrobust.errors import MedrobustError
 from medrobust.metrics import AGE_BIN_KEYS, AGE_BIN_LABELS
 from medrobust.store import STORE_FILENAME, ResultStore
@@ -29,8 +30,11 @@ CSV_FILENAME = "results.csv"
 
 # Spec keys without which a cell cannot be placed on the page.
 REQUIRED_SPEC = ("model", "attack", "norm", "epsilon", "unit", "threat_model", "objective")
-# The leaderboard's order: model, attack, norm, epsilon; the remaining keys only make it total.
+# The leaderboard's order: model, attack, norm (l-inf, l2, l0 as in the paper and the figure, then any other
+# alphabetically), epsilon; the remaining keys only make it total.
 SORT_ORDER = ("model", "attack", "norm", "epsilon", "unit", "threat_model", "objective", "seed", "id")
+# Spec keys that place a cell in the threat-model comparison: every key of a cell's identity but its threat model.
+COMPARISON_KEYS = ("model", "attack", "params", "norm", "epsilon", "unit", "objective", "split", "count", "seed")
 # Say how a cell went rather than what it measured: constant over done cells, so left out of the CSV.
 BOOKKEEPING = ("status", "error")
 # Integer fields; a failed cell's missing metrics turn them float in the store's mixed frame.
@@ -42,11 +46,29 @@ _CELL_COLUMNS = (("model", "model", "text"), ("attack", "attack", "text"), ("nor
                  ("epsilon", "epsilon", "epsilon"), ("threat_model", "threat model", "text"),
                  ("objective", "objective", "text"))
 LEADERBOARD_COLUMNS = _CELL_COLUMNS + (
-    ("clean_mae", "clean MAE (y)", "years"), ("adversarial_mae", "adversarial MAE (y)", "years"),
-    ("mean_abs_deviation", "mean |deviation| (y)", "years"), ("success_5y", "success@5y", "percent"),
+    ("clean_mae", "clean MAE (y)", "years"), ("adversarial_mae", "adversarial MAE (y) [95 % CI]", "years_ci"),
+    ("mean_abs_deviation", "mean |deviation| (y) [95 % CI]", "years_ci"), ("success_5y", "success@5y", "percent"),
+    ("mean_psnr", "PSNR (dB)", "decibels"), ("mean_ssim", "SSIM", "ssim"),
     ("seconds", "runtime (s)", "seconds"), ("reliability", "checks", "checks"))
 AGE_BIN_COLUMNS = _CELL_COLUMNS + tuple((f"abs_mean_deviation_{key}", f"{label} y", "years")
                                         for key, label in zip(AGE_BIN_KEYS, AGE_BIN_LABELS, strict=True))
+
+
+def _rank(value: object, order: tuple[str, ...]) -> tuple[int, str]:
+    """Sort key of a value that has a fixed order: its place in ``order``, then any other value alphabetically."""
+    return (order.index(value), "") if value in order else (len(order), str(value))
+
+
+def norm_rank(norm: str) -> tuple[int, str]:
+    """Sort key of a budget norm: l-inf, l2, l0 (the paper's order, as in the figure), then any other norm."""
+    return _rank(norm, NORMS)
+
+
+def _sort_key(column: pd.Series) -> pd.Series:
+    """``sort_values``' key: norms by `norm_rank`, every other column as it is."""
+    if column.name != "norm":
+        return column
+    return column.map(lambda norm: "{} {}".format(*norm_rank(norm)))
 
 
 def _missing(value: object) -> bool:
@@ -56,6 +78,16 @@ def _missing(value: object) -> bool:
 def _as_json(value: object) -> object:
     """A dict (an attack's params) as sorted JSON text; anything else as it is."""
     return json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
+
+
+def format_ssim(value: float) -> str:
+    """An SSIM with two significant digits of 1 - SSIM (at least three decimals): 0.980, 0.99912, 0.9999955; an
+    unchanged image's 1 as 1. Attacks at the paper's budgets leave SSIM within 1e-5 of 1, where a fixed number of
+    decimals would print 1.000 for every cell."""
+    if value >= 1:
+        return f"{value:g}"
+    decimals = min(12, max(3, math.ceil(-math.log10(1 - value)) + 1))
+    return f"{value:.{decimals}f}"
 
 
 def format_epsilon(value: float) -> str:
@@ -70,6 +102,9 @@ _FORMATS = {
     "text": str,
     "epsilon": format_epsilon,
     "years": lambda value: f"{value:.2f}",
+    "years_ci": lambda value: f"{value:.2f}",  # the interval is added from the row (`_table_cell`)
+    "decibels": lambda value: f"{value:.1f}",
+    "ssim": format_ssim,
     "percent": lambda value: f"{100 * value:.0f} %",
     "seconds": lambda value: f"{value:.1f}",
     "checks": lambda reasons: "possibly unreliable" if reasons else "ok",
@@ -91,7 +126,8 @@ def leaderboard_table(cells: pd.DataFrame, source: str | Path = STORE_FILENAME) 
     absent = [key for key in REQUIRED_SPEC if key not in done]
     if absent:
         raise MedrobustError(f"{source}: its cells have no {absent[0]!r} field; was it written by `medrobust run`?")
-    done = done.sort_values([key for key in SORT_ORDER if key in done], kind="stable", ignore_index=True)
+    done = done.sort_values([key for key in SORT_ORDER if key in done], kind="stable", ignore_index=True,
+                            key=_sort_key)
     counts = [key for key in COUNT_FIELDS if key in done and done[key].notna().all()]
     done[counts] = done[counts].astype("int64")
     if "params" in done:
@@ -99,6 +135,34 @@ def leaderboard_table(cells: pd.DataFrame, source: str | Path = STORE_FILENAME) 
     if "reliability" in done:  # the sanity checks' reasons, one text ("" when the cell passed them)
         done["reliability"] = done["reliability"].map(lambda reasons: "; ".join(reasons) if reasons else "")
     return done
+
+
+def threat_model_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The threat models side by side: from a `leaderboard_table`, one row per cell identity but its threat model
+    (the `COMPARISON_KEYS` it has), with each threat model's mean |deviation| and its interval in the columns
+    ``<threat model>``, ``<threat model>_ci_low`` and ``_ci_high`` (NaN where that threat model was not run, e.g.
+    for a model without context features). Returns (rows in leaderboard order, threat models in the order
+    fixed, perturbed, recomputed, then any other). No rows when the table holds fewer than two threat models.
+
+    Cells that share an identity and a threat model (the same cell in two stores' runs) get rows of their own
+    rather than being averaged."""
+    present = list(dict.fromkeys(table.get("threat_model", [])))
+    threat_models = sorted(present, key=lambda threat_model: _rank(threat_model, THREAT_MODELS))
+    keys = [key for key in COMPARISON_KEYS if key in table]
+    columns = keys + [f"{t}{suffix}" for t in threat_models for suffix in ("", "_ci_low", "_ci_high")]
+    if len(threat_models) < 2:
+        return pd.DataFrame(columns=columns), threat_models
+    rows: dict[tuple, dict] = {}
+    for _, cell in table.iterrows():
+        identity = tuple(None if _missing(cell[key]) else _as_json(cell[key]) for key in keys)
+        occurrence = 0
+        while cell["threat_model"] in rows.get((identity, occurrence), {}):
+            occurrence += 1
+        row = rows.setdefault((identity, occurrence), dict(zip(keys, identity, strict=True)))
+        row[cell["threat_model"]] = cell.get("mean_abs_deviation")
+        for suffix in ("_ci_low", "_ci_high"):
+            row[f"{cell['threat_model']}{suffix}"] = cell.get(f"mean_abs_deviation{suffix}")
+    return pd.DataFrame.from_records(list(rows.values()), columns=columns), threat_models
 
 
 def deviation_figure(table: pd.DataFrame) -> Figure | None:
@@ -115,9 +179,8 @@ def deviation_figure(table: pd.DataFrame) -> Figure | None:
     models = sorted(data["model"].astype(str).unique())
     # A grid like seaborn's relplot(row=attack, col=norm): one row per attack, one column per norm (and unit).
     attacks = sorted(data["attack"].unique())
-    # l-inf before l2 (the paper's order), then any other norm.
-    budgets = sorted(set(zip(data["norm"], data["unit"], strict=True)),
-                     key=lambda b: (("linf", "l2").index(b[0]) if b[0] in ("linf", "l2") else 2, b))
+    # l-inf, l2, l0 (the paper's order), then any other norm.
+    budgets = sorted(set(zip(data["norm"], data["unit"], strict=True)), key=lambda b: (norm_rank(b[0]), b[1]))
     figure = Figure(figsize=(4.2 * len(budgets) + 2.0, 3.4 * len(attacks)), layout="constrained")
     axes = figure.subplots(len(attacks), len(budgets), squeeze=False)
     drawn = []
@@ -174,6 +237,11 @@ def _table_cell(row: pd.Series, column: str, kind: str) -> _Cell:
         return _Cell(text, None, str(_as_json(row.get("params")) or ""))
     if column == "model":
         return _Cell(text, None, str(row.get("model_name") or ""))
+    if kind == "years_ci":  # the point estimate, then its bootstrap interval where the cell has one
+        low, high = row.get(f"{column}_ci_low"), row.get(f"{column}_ci_high")
+        if _missing(low) or _missing(high):
+            return _Cell(text, float(value))
+        return _Cell(f"{text} [{low:.2f}, {high:.2f}]", float(value), "95 % bootstrap interval over subjects")
     if kind == "checks":  # hover for the reasons
         return _Cell(text, None, value or "passed: beats noise, at least fgsm, grows with epsilon (where comparable)")
     return _Cell(text, None if kind == "text" else float(value))
@@ -220,6 +288,9 @@ def render_page(cells: pd.DataFrame, table: pd.DataFrame, runs: list[dict], figu
     Every value goes through Jinja2's autoescaping: model labels and error texts are the user's free text.
     """
     failed = cells[cells["status"] == "failed"] if "status" in cells else cells.iloc[0:0]
+    comparison, threat_models = threat_model_table(table)
+    comparison_columns = tuple(column for column in _CELL_COLUMNS if column[0] != "threat_model") + tuple(
+        (threat_model, f"{threat_model}: mean |deviation| (y)", "years_ci") for threat_model in threat_models)
     latest = runs[-1] if runs else {"environment": {}, "config": {}}
     environment = jinja2.Environment(loader=jinja2.PackageLoader("medrobust.reports", "templates"), autoescape=True,
                                      undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -228,6 +299,7 @@ def render_page(cells: pd.DataFrame, table: pd.DataFrame, runs: list[dict], figu
         summary=_summary(cells, table, runs),
         leaderboard=_table(table, LEADERBOARD_COLUMNS),
         age_bins=_table(table, AGE_BIN_COLUMNS),
+        threat_models=_table(comparison, comparison_columns),
         failed=_table(failed, _CELL_COLUMNS + (("error", "error", "text"),)),
         figure=base64.b64encode(figure).decode("ascii") if figure is not None else None,
         environment=_flatten(latest["environment"]),

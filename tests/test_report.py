@@ -17,7 +17,8 @@ import pytest
 from medrobust.errors import MedrobustError
 from medrobust.metrics import cell_metrics
 from medrobust.reports import deviation_figure, format_epsilon, leaderboard_table, write_report
-from medrobust.store import SAMPLE_COLUMNS, ResultStore
+from medrobust.reports.leaderboard import format_ssim, threat_model_table
+from medrobust.store import ResultStore
 
 XSS = "<script>alert(1)</script>"
 MODELS = {"cnn3d": "cnn3d", XSS: "hybrid"}  # label -> registered architecture
@@ -29,26 +30,41 @@ ENVIRONMENT = {"python": "3.11.2", "device_name": "test CPU", "git_commit": "abc
 CONFIG = {"seed": 0, "dataset": {"path": "runs/demo/data", "builtin": True}}
 
 
-def _cell(model: str, attack: str, norm: str, epsilon: float, seed: int) -> tuple[dict, dict, list[dict]]:
-    """Spec, metrics (from `cell_metrics`) and per-subject rows of one cell, with ages in every age bin."""
+def _cell(model: str, attack: str, norm: str, epsilon: float, seed: int, threat_model: str = "fixed",
+          image_metrics: bool = True) -> tuple[dict, dict, list[dict]]:
+    """Spec, metrics (from `cell_metrics`) and per-subject rows of one cell, with ages in every age bin; with
+    ``image_metrics`` the rows carry l0, PSNR and SSIM (the first subject's image left unchanged)."""
     rng = np.random.default_rng(seed)
     true_age = np.array([8.0, 12.0, 20.0, 30.0, 45.0, 58.0, 70.0, 85.0])
     clean = true_age + rng.normal(0, 4, true_age.size)
     # Up to ~20 years at the largest epsilon of a norm, the CNN moving twice as far as the hybrid (as in the paper).
-    shift = 5 * epsilon / max(EPSILONS.get(norm, [epsilon])) * (2 if MODELS[model] == "cnn3d" else 1)
+    shift = 5 * epsilon / max(EPSILONS.get(norm, [epsilon])) * (2 if MODELS.get(model, model) == "cnn3d" else 1)
     adversarial = clean + shift * (1 + rng.random(true_age.size))
     linf = np.full(true_age.size, epsilon)
     l2 = linf * 30
-    metrics = {**cell_metrics(true_age, clean, adversarial, linf, l2, linf, l2), "forward": 8, "backward": 8,
-               "steps": 4, "attack_seconds": 0.5}
-    spec = {"model": model, "model_name": MODELS[model], "checkpoint": f"runs/demo/models/{MODELS[model]}",
-            "attack": attack, "params": {"steps": 4 if attack == "pgd" else 1}, "norm": norm, "epsilon": epsilon,
-            "unit": "range", "objective": "older", "threat_model": "fixed", "split": "test", "count": 8,
-            "seed": 0, "device": "cpu"}
-    samples = [dict(zip(SAMPLE_COLUMNS, (f"sub-{i:02d}", *values), strict=True))
-               for i, values in enumerate(zip(true_age, clean, adversarial, adversarial - clean, linf, l2, linf, l2,
-                                              strict=True))]
+    columns = {"true_age": true_age, "clean_prediction": clean, "adversarial_prediction": adversarial,
+               "deviation": adversarial - clean, "linf": linf, "l2": l2, "linf_rel": linf, "l2_rel": l2}
+    if image_metrics:
+        columns["l0"] = np.where(np.arange(true_age.size) == 0, 0, 1000 + rng.integers(0, 100, true_age.size))
+        columns["psnr"] = np.where(columns["l0"] == 0, math.inf, -20 * np.log10(epsilon) + rng.normal(0, 1, 8))
+        columns["ssim"] = np.where(columns["l0"] == 0, 1.0, 1 - epsilon * rng.uniform(0.5, 1.5, 8))
+    metrics = {**cell_metrics(*(columns[key] for key in ("true_age", "clean_prediction", "adversarial_prediction",
+                                                         "linf", "l2", "linf_rel", "l2_rel")),
+                              **{key: columns[key] for key in ("l0", "psnr", "ssim") if key in columns}),
+               "forward": 8, "backward": 8, "steps": 4, "attack_seconds": 0.5}
+    spec = {"model": model, "model_name": MODELS.get(model, model),
+            "checkpoint": f"runs/demo/models/{MODELS.get(model, model)}", "attack": attack,
+            "params": {"steps": 4 if attack == "pgd" else 1}, "norm": norm, "epsilon": epsilon, "unit": "range",
+            "objective": "older", "threat_model": threat_model, "split": "test", "count": 8, "seed": 0,
+            "device": "cpu"}
+    samples = [{"subject": f"sub-{i:02d}", **{key: values[i].item() for key, values in columns.items()}}
+               for i in range(true_age.size)]
     return spec, metrics, samples
+
+
+def _leaderboard_order(cells: list[tuple[str, str, str, float]]) -> list[tuple[str, str, str, float]]:
+    """(model, attack, norm, epsilon) in the leaderboard's order: norms l-inf, l2, l0 as in the paper."""
+    return sorted(cells, key=lambda cell: (cell[0], cell[1], ("linf", "l2", "l0").index(cell[2]), cell[3]))
 
 
 def _grid() -> list[tuple[str, str, str, float]]:
@@ -121,12 +137,100 @@ def test_page_lists_every_done_cell_in_leaderboard_order(report):
     rows = tables["leaderboard"]
     assert len(rows) == len(_grid()) == len(tables["age-bins"])
     shown = [(row[0][0], row[1][0], row[2][0], float(row[3][1])) for row in rows]
-    assert shown == sorted(_grid())
+    assert shown == _leaderboard_order(_grid())
+    assert shown[0][2] == "linf"  # l-inf first, as in the paper and the figure, not alphabetically after l2
     for row, (_, _, _, epsilon) in zip(rows, shown, strict=True):
         assert row[3][0] == f"{format_epsilon(epsilon)} (range)"
         # Every number carries its raw value for sorting, whatever its display.
         assert all(value is not None and not math.isnan(float(value)) for _, value in row[6:-1])
         assert row[-1][0] == "ok"  # the sanity checks: this store has no flagged cell
+
+
+def test_intervals_psnr_and_ssim_are_shown(report, store_dir):
+    rows = _tables(report.read_text())["leaderboard"]
+    with ResultStore(store_dir, create=False) as store:
+        table = leaderboard_table(store.cells())
+    assert len(rows) == len(table)
+    for row, (_, cell) in zip(rows, table.iterrows(), strict=True):
+        for index, key in ((7, "adversarial_mae"), (8, "mean_abs_deviation")):
+            text, value = row[index]
+            low, high = cell[f"{key}_ci_low"], cell[f"{key}_ci_high"]
+            assert text == f"{cell[key]:.2f} [{low:.2f}, {high:.2f}]"
+            assert float(value) == pytest.approx(cell[key]) and low <= cell[key] <= high
+        assert row[10] == (f"{cell['mean_psnr']:.1f}", repr(cell["mean_psnr"]))
+        assert row[11] == (format_ssim(cell["mean_ssim"]), repr(cell["mean_ssim"]))
+    # The unchanged first subject of every cell (PSNR +inf) is counted apart, not averaged into the PSNR.
+    assert (table["n_unchanged"] == 1).all() and np.isfinite(table["mean_psnr"]).all()
+
+
+def test_a_cell_without_intervals_or_image_metrics_shows_its_point_estimates(tmp_path):
+    with ResultStore(tmp_path) as store:
+        spec, metrics, samples = _cell("cnn3d", "fgsm", "linf", 1e-3, 0, image_metrics=False)
+        metrics = {key: value for key, value in metrics.items() if "_ci_" not in key}  # a store from before them
+        store.write_cell("cell", store.start_run({}, {}), spec, metrics, samples, seconds=1.0)
+    row = _tables(write_report(tmp_path).read_text())["leaderboard"][0]
+    assert row[8][0] == f"{metrics['mean_abs_deviation']:.2f}"
+    assert row[10][0] == row[11][0] == "–"
+
+
+def test_norms_sort_linf_l2_l0_then_others():
+    spec, metrics, _ = _cell("cnn3d", "fgsm", "linf", 1e-3, 0)
+    norms = ["l2", "l1", "l0", "linf", "l2", "linf"]
+    cells = pd.DataFrame([{**spec, **metrics, "norm": norm, "epsilon": float(index), "status": "done",
+                           "id": f"cell{index}"} for index, norm in enumerate(norms)])
+    table = leaderboard_table(cells)
+    assert list(zip(table["norm"], table["epsilon"], strict=True)) == [
+        ("linf", 3.0), ("linf", 5.0), ("l2", 0.0), ("l2", 4.0), ("l0", 2.0), ("l1", 1.0)]
+
+
+def test_threat_models_side_by_side(tmp_path):
+    threat_models = ("recomputed", "fixed", "perturbed")
+    with ResultStore(tmp_path) as store:
+        run_id = store.start_run({}, {})
+        written = {}
+        for seed, threat_model in enumerate(threat_models):
+            spec, metrics, samples = _cell("hybrid", "pgd", "linf", 1e-3, seed, threat_model=threat_model)
+            store.write_cell(f"hybrid-{threat_model}", run_id, spec, metrics, samples, seconds=1.0)
+            written[threat_model] = metrics
+        spec, metrics, samples = _cell("cnn3d", "pgd", "linf", 1e-3, 7)
+        store.write_cell("cnn3d-fixed", run_id, spec, metrics, samples, seconds=1.0)
+        written["cnn3d"] = metrics
+    tables = _tables(write_report(tmp_path).read_text())
+    # The leaderboard names each cell's threat model.
+    assert sorted(row[4][0] for row in tables["leaderboard"]) == ["fixed", "fixed", "perturbed", "recomputed"]
+    side = tables["threat-models"]
+    assert [row[0][0] for row in side] == ["cnn3d", "hybrid"]
+    # model, attack, norm, epsilon, objective, then fixed, perturbed, recomputed.
+    assert [cell[0] for cell in side[0][5:]] == [_interval(written["cnn3d"]), "–", "–"]
+    assert [cell[0] for cell in side[1][5:]] == [_interval(written[t]) for t in ("fixed", "perturbed", "recomputed")]
+    assert [float(cell[1]) for cell in side[1][5:]] == [written[t]["mean_abs_deviation"]
+                                                        for t in ("fixed", "perturbed", "recomputed")]
+
+
+def _interval(metrics: dict) -> str:
+    return (f"{metrics['mean_abs_deviation']:.2f} [{metrics['mean_abs_deviation_ci_low']:.2f}, "
+            f"{metrics['mean_abs_deviation_ci_high']:.2f}]")
+
+
+def test_one_threat_model_needs_no_side_by_side_table(report):
+    assert "threat-models" not in _tables(report.read_text())
+    table, threat_models = threat_model_table(pd.DataFrame({"threat_model": ["fixed"], "model": ["cnn3d"]}))
+    assert table.empty and threat_models == ["fixed"]
+
+
+def test_the_same_cell_twice_gets_two_rows_rather_than_an_average():
+    first, _, _ = _cell("hybrid", "pgd", "linf", 1e-3, 0)
+    cells = pd.DataFrame([{**first, "mean_abs_deviation": value, "threat_model": threat_model}
+                          for value, threat_model in ((1.0, "fixed"), (2.0, "fixed"), (3.0, "perturbed"))])
+    table, threat_models = threat_model_table(cells)
+    assert threat_models == ["fixed", "perturbed"]
+    assert table["fixed"].tolist() == [1.0, 2.0]
+    assert table["perturbed"].tolist()[0] == 3.0 and math.isnan(table["perturbed"].tolist()[1])
+
+
+def test_ssim_format_keeps_two_digits_of_one_minus_ssim():
+    assert [format_ssim(v) for v in (0.98, 0.99912, 0.9999955, 1.0, 0.5)] == \
+        ["0.980", "0.99912", "0.9999955", "1", "0.500"]
 
 
 def test_epsilon_and_number_formats():
@@ -165,10 +269,11 @@ def test_csv_has_one_row_per_done_cell(report, store_dir):
     assert len(csv) == len(_grid())
     for column in ("id", "model", "model_name", "attack", "params", "norm", "epsilon", "unit", "threat_model",
                    "objective", "clean_mae", "adversarial_mae", "mean_abs_deviation", "abs_mean_deviation_lt15",
-                   "success_5y", "mean_linf_rel", "seconds"):
+                   "success_5y", "mean_linf_rel", "seconds", "adversarial_mae_ci_low", "mean_abs_deviation_ci_high",
+                   "mean_psnr", "median_ssim", "mean_l0", "n_unchanged"):
         assert column in csv.columns, column
     assert "status" not in csv.columns and "error" not in csv.columns
-    assert list(zip(csv.model, csv.attack, csv.norm, csv.epsilon, strict=True)) == sorted(_grid())
+    assert list(zip(csv.model, csv.attack, csv.norm, csv.epsilon, strict=True)) == _leaderboard_order(_grid())
     with ResultStore(store_dir, create=False) as store:
         cells = store.cells().set_index("id")
     for _, row in csv.iterrows():
