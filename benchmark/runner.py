@@ -27,7 +27,7 @@ from medrobust.config import AttackSpec, ModelSpec, RunConfig, builtin_cohort
 from medrobust.context import SoftVolumes
 from medrobust.environment import describe_environment
 from medrobust.errors import MedrobustError
-from medrobust.metrics import cell_metrics
+from medrobust.metrics import image_metrics, rows_metrics
 from medrobust.models import BrainAgeModel, load_checkpoint
 from medrobust.models.checkpoint import checkpoint_paths
 from medrobust.preprocess import PreparedDataset
@@ -296,21 +296,21 @@ def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: 
         host = {k: v.detach().double().cpu() for k, v in {
             "clean_prediction": result.clean_prediction, "adversarial_prediction": result.adversarial_prediction,
             "linf": norms["linf"], "l2": norms["l2"], "linf_rel": norms["linf"] / image_range,
-            "l2_rel": norms["l2"] / image_range}.items()}
+            "l2_rel": norms["l2"] / image_range,
+            **image_metrics(images, result.images.to(images.dtype), inputs["mask"])}.items()}
         for key in counters:
             counters[key] += getattr(result, key)
         for i, subject in enumerate(subjects):
             row = {"subject": subject, "true_age": float(data.ages[batch.start + i]),
                    **{k: float(v[i]) for k, v in host.items()}}
+            row["l0"] = int(row["l0"])
             row["deviation"] = row["adversarial_prediction"] - row["clean_prediction"]
             rows.append(row)
         start = batch.stop
         if on_batch is not None:
             on_batch({"done": len(rows), "of": count,
                       "mean_abs_deviation": sum(abs(r["deviation"]) for r in rows) / len(rows)})
-    metrics = cell_metrics(*(([r[k] for r in rows]) for k in ("true_age", "clean_prediction",
-                                                               "adversarial_prediction", "linf", "l2", "linf_rel",
-                                                               "l2_rel")))
+    metrics = rows_metrics(rows)
     metrics.update(counters, attack_seconds=timer.seconds, batch_size_used=size, **extra)
     if feature_change:  # the largest relative change of any context feature, averaged over subjects
         metrics["mean_feature_change_rel"] = float(torch.cat(feature_change).mean())

@@ -124,12 +124,16 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_results(trained, monk
     monkeypatch.setattr(runner, "_attack_for", lambda *args, **kwargs: Tight(original(*args, **kwargs)))
     summary = run(write_config(trained, "tight"), progress=False, echo=lambda *_: None)
     assert summary.done == summary.cells and not summary.failed
-    assert sizes[:3] == [4, 2, 1] and set(sizes[3:]) == {1}  # halved twice, then kept small
+    # Each cell: its first batch of 4 halved twice, then every later batch kept at 1 subject.
+    assert sizes == [4, 2, 1, 1, 1, 1, 1] * summary.cells
     cells, samples = stored(trained / "tight")
     _, reference_samples = stored(trained / "reference")
     assert set(cells["batch_size_used"]) == {1}
+    # The same random starts, the same steps: equal up to the float rounding of convolutions over another batch
+    # size (which can flip the sign of a near-zero gradient voxel), far below a hundredth of a year.
     columns = ["clean_prediction", "adversarial_prediction", "linf", "l2"]
-    pd.testing.assert_frame_equal(samples[columns], reference_samples[columns], rtol=1e-5, atol=1e-4)
+    pd.testing.assert_frame_equal(samples[columns], reference_samples[columns], rtol=0, atol=1e-3)
+    assert (samples["clean_prediction"] - reference_samples["clean_prediction"]).abs().max() < 1e-4
 
 
 def test_out_of_memory_at_one_subject_fails_the_cell_only(trained, monkeypatch):
