@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from medrobust.attacks._registry import register_attack
-from medrobust.attacks.base import Attack, AttackState
+from medrobust.attacks.base import THREAT_MODELS, Attack, AttackState
 from medrobust.attacks.budget import Budget
 from medrobust.attacks.pgd import check_count
 
@@ -30,10 +30,17 @@ class L0(Attack):
     Costs three forwards per ranked voxel tried (for every sample, until the last one stops), one forward and
     backward per ranking, plus the clean and the final prediction. Only the top (epsilon + 1) * max_failures
     voxels are ranked: no sample can walk further without re-ranking.
+
+    Threat models: ``fixed`` (clean features); ``recomputed``: the ranking's gradient flows through the batch's
+    extractor and every trial is predicted with the features measured on the trial image; ``perturbed``: with
+    every ranking the volumes take a signed step of their whole radius along the ranking's feature gradient,
+    kept in their box, and accepted per sample only where it raises the objective, as a voxel change is (one
+    more forward per ranking).
     """
 
     name = "l0"
     norms = ("l0",)
+    threat_models = THREAT_MODELS
 
     def __init__(
         self,
@@ -58,7 +65,7 @@ class L0(Attack):
         counters = {key: torch.zeros(clean.shape[0], dtype=torch.long, device=clean.device)
                     for key in ("changed", "failures", "position", "since_rank")}
         ranked, order = self._rank(state, adversarial, depth)
-        score = state.score(state.clean_prediction)
+        score = step_features(state, adversarial.view_as(state.images), state.score(state.clean_prediction))
         while True:
             position = counters["position"].clamp(max=depth - 1)[:, None]
             # A sample's ranking ends at its depth or at the first voxel it may not change (ranked -1).
@@ -91,6 +98,7 @@ class L0(Attack):
                     order = torch.where(stale[:, None], fresh_order, order)
                     for key in ("position", "since_rank"):
                         counters[key] = torch.where(stale, 0, counters[key])
+                    score = step_features(state, adversarial.view_as(state.images), score)
         return adversarial.view_as(state.images)
 
     def _rank(self, state: AttackState, adversarial: Tensor, depth: int) -> tuple[Tensor, Tensor]:
@@ -102,3 +110,18 @@ class L0(Attack):
         if state.mask is not None:
             excluded |= ~state.mask.flatten(1)
         return torch.where(excluded, -1.0, magnitude).topk(depth, dim=1)
+
+
+def step_features(state: AttackState, adversarial: Tensor, score: Tensor) -> Tensor:
+    """Under ``perturbed``: a signed step of each volume's whole radius along the feature gradient of the last
+    ``state.gradient`` call, kept in its box, accepted per sample where it raises ``score`` (the objective [B]
+    at ``adversarial`` with the current features); returns the score after. One forward; a no-op (no pass)
+    under the other threat models."""
+    if state.feature_radius is None:
+        return score
+    before = state.features
+    state._ascend_features(1.0)
+    trial = state.score(state.predict(adversarial))
+    better = trial > score
+    state.features = torch.where(better[:, None], state.features, before)
+    return torch.where(better, trial, score)

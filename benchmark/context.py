@@ -1,4 +1,4 @@
-"""Context features recomputed from an image, differentiably: what the `recomputed` threat model attacks through.
+"""Context features recomputed from an image: what the `recomputed` threat model attacks through.
 
 A segmentation pipeline measures regional volumes from the image, so an attacker who changes the image also
 changes the volumes a hybrid model is given. `SoftVolumes` stands in for that pipeline on the model grid: each
@@ -6,30 +6,40 @@ voxel of a labelled region counts with a tissue probability given by its intensi
 threshold between CSF and tissue), so a darkened grey-matter voxel counts less and a brightened ventricle
 voxel counts less too. The recomputed volume of a region is its clean volume times the ratio of soft volumes
 (attacked / clean): it equals the clean feature exactly on the clean image, and gradients reach every voxel.
+
+`HardVolumes` measures the same regions as a real pipeline does, with a hard threshold: a voxel counts or it
+does not, so its gradient is zero everywhere (what a gradient-masking defence looks like to an attacker).
+`StraightThrough` (BPDA, Athalye et al. 2018) gives such an extractor's exact values with a differentiable
+surrogate's gradient; `make_extractor` builds any of them by name, for a config key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from medrobust.errors import MedrobustError
 
 # Regions whose content is fluid, dark on T1: for them the probability is inverted.
 FLUID_WORDS = ("ventric", "csf", "cerebrospinal")
 
 
-class SoftVolumes:
-    """Callable ``extractor(images) -> features [B, F]`` for one batch.
+class RegionVolumes:
+    """Callable ``extractor(images) -> features [B, F]`` for one batch: the regional volumes re-measured from
+    ``images``, each its clean value times the ratio of tissue counts (measured / clean) in its region.
 
     ``labels``: int label maps on the model grid [B, 1, ...]; ``feature_labels``: per feature, the label id of
     its region or None (sex, field strength: kept at their clean values); ``feature_names`` decide which regions
-    are fluid; ``clean_images`` and ``clean_features`` anchor the ratio. ``sharpness``: the sigmoid's width as a
-    fraction of the CSF-to-tissue intensity gap of each image.
+    are fluid; ``clean_images`` and ``clean_features`` anchor the ratio. The threshold between CSF and tissue is
+    midway between the mean intensities of each image's tissue and fluid regions. Subclasses say how much a
+    voxel counts (``probability``).
     """
 
     def __init__(self, labels: Tensor, feature_labels: Sequence[int | None], feature_names: Sequence[str],
-                 clean_images: Tensor, clean_features: Tensor, sharpness: float = 0.25) -> None:
+                 clean_images: Tensor, clean_features: Tensor) -> None:
         batch = labels.shape[0]
         self.index = labels.reshape(batch, -1).long()
         self.n_labels = int(self.index.max()) + 1 if self.index.numel() else 1
@@ -51,23 +61,121 @@ class SoftVolumes:
         liquid_mean = torch.where(liquid.any(1), _masked_mean(flat, liquid),
                                   tissue_mean - 2 * _masked_std(flat, tissue, tissue_mean))
         self.threshold = ((tissue_mean + liquid_mean) / 2).unsqueeze(1)
-        self.width = (sharpness * (tissue_mean - liquid_mean).abs()).clamp_min(1e-6).unsqueeze(1)
+        self.gap = (tissue_mean - liquid_mean).abs().unsqueeze(1)  # the CSF-to-tissue intensity gap
         self.clean_features = clean_features
-        self.clean_soft = self.soft_volumes(clean_images).detach()
+        self.clean_counts = self.counts(clean_images).detach()
 
-    def soft_volumes(self, images: Tensor) -> Tensor:
-        """Soft voxel counts per label [B, n_labels] (column 0, the background, is meaningless)."""
+    def probability(self, flat: Tensor) -> Tensor:
+        """How much each voxel of ``flat`` [B, V] counts as tissue, from 0 to 1."""
+        raise NotImplementedError
+
+    def counts(self, images: Tensor) -> Tensor:
+        """Tissue counts per label [B, n_labels], fluid regions counting fluid (column 0, the background, is
+        meaningless)."""
         flat = images.reshape(images.shape[0], -1)
-        probability = torch.sigmoid((flat - self.threshold) / self.width)
+        probability = self.probability(flat)
         probability = torch.where(self.fluid_voxel, 1 - probability, probability)
         counts = torch.zeros(flat.shape[0], self.n_labels, dtype=flat.dtype, device=flat.device)
         return counts.scatter_add(1, self.index, probability)
 
     def __call__(self, images: Tensor) -> Tensor:
-        soft = self.soft_volumes(images)[:, self.columns]
-        clean = self.clean_soft[:, self.columns]
-        ratio = torch.where(clean > 0, soft / clean.clamp_min(1e-12), torch.ones_like(soft))
+        measured = self.counts(images)[:, self.columns]
+        clean = self.clean_counts[:, self.columns]
+        ratio = torch.where(clean > 0, measured / clean.clamp_min(1e-12), torch.ones_like(measured))
         return torch.where(self.regional, self.clean_features * ratio, self.clean_features)
+
+    def to(self, device: torch.device | str) -> RegionVolumes:
+        """This extractor with its tensors on ``device`` (itself when they are there already)."""
+        if self.index.device == torch.device(device):
+            return self
+        moved = copy.copy(self)
+        for key, value in vars(self).items():
+            if isinstance(value, Tensor):
+                setattr(moved, key, value.to(device))
+        return moved
+
+
+class SoftVolumes(RegionVolumes):
+    """Differentiable regional volumes: each voxel counts with the sigmoid of its distance to the threshold.
+
+    ``sharpness``: the sigmoid's width as a fraction of the CSF-to-tissue intensity gap of each image.
+    """
+
+    def __init__(self, labels: Tensor, feature_labels: Sequence[int | None], feature_names: Sequence[str],
+                 clean_images: Tensor, clean_features: Tensor, sharpness: float = 0.25) -> None:
+        self.sharpness = sharpness
+        super().__init__(labels, feature_labels, feature_names, clean_images, clean_features)
+
+    @property
+    def width(self) -> Tensor:
+        return (self.sharpness * self.gap).clamp_min(1e-6)
+
+    @property
+    def clean_soft(self) -> Tensor:
+        """Soft voxel counts per label of the clean images [B, n_labels]."""
+        return self.clean_counts
+
+    def probability(self, flat: Tensor) -> Tensor:
+        return torch.sigmoid((flat - self.threshold) / self.width)
+
+    def soft_volumes(self, images: Tensor) -> Tensor:
+        """Soft voxel counts per label [B, n_labels] (column 0, the background, is meaningless)."""
+        return self.counts(images)
+
+
+class HardVolumes(RegionVolumes):
+    """Regional volumes as a segmentation measures them: a voxel above the threshold is tissue (at or below it,
+    fluid), whole or not at all. Piecewise constant in the image: its gradient is zero wherever it exists (it is
+    computed as such, so autograd runs through it and returns zeros)."""
+
+    def probability(self, flat: Tensor) -> Tensor:
+        # sign() has a zero derivative: the counts stay in the autograd graph with an exactly zero gradient.
+        return torch.sign(flat - self.threshold).clamp_min(0)
+
+
+class StraightThrough:
+    """BPDA (backward-pass differentiable approximation, Athalye et al. 2018): the forward value of
+    ``extractor`` (non-differentiable, e.g. ``HardVolumes``) with the gradient of ``surrogate`` (differentiable,
+    e.g. ``SoftVolumes`` over the same regions), so a gradient attack can go through a masked extractor.
+
+    Computed as extractor(x) + (surrogate(x) - surrogate(x).detach()): the bracket is exactly zero, so the value
+    is the extractor's bit for bit (the form surrogate(x) + (extractor(x) - surrogate(x)).detach() can differ
+    from it by a rounding), and its gradient is the surrogate's alone.
+    """
+
+    def __init__(self, extractor: Callable[[Tensor], Tensor], surrogate: Callable[[Tensor], Tensor]) -> None:
+        self.extractor = extractor
+        self.surrogate = surrogate
+
+    def __call__(self, images: Tensor) -> Tensor:
+        value = self.extractor(images).detach()
+        approximation = self.surrogate(images)
+        return value + (approximation - approximation.detach())
+
+    def to(self, device: torch.device | str) -> StraightThrough:
+        """This extractor with both parts' tensors on ``device`` (parts without ``to`` are kept as they are)."""
+        parts = [part.to(device) if hasattr(part, "to") else part for part in (self.extractor, self.surrogate)]
+        return StraightThrough(*parts)
+
+
+# soft: differentiable soft volumes. hard: hard-threshold volumes alone (zero gradient: an attack through it
+# sees only the model's own image pathway). hard-bpda: hard-threshold values with the soft volumes' gradient.
+EXTRACTORS = ("soft", "hard", "hard-bpda")
+
+
+def make_extractor(name: str, labels: Tensor, feature_labels: Sequence[int | None], feature_names: Sequence[str],
+                   images: Tensor, features: Tensor) -> Callable[[Tensor], Tensor]:
+    """The extractor called ``name`` (see ``EXTRACTORS``) for one batch: its label maps [B, 1, ...] on the
+    images' grid and device, each feature's label id (None: not a region), the feature names, the clean images
+    and clean features."""
+    if name == "soft":
+        return SoftVolumes(labels, feature_labels, feature_names, images, features)
+    if name == "hard":
+        return HardVolumes(labels, feature_labels, feature_names, images, features)
+    if name == "hard-bpda":
+        return StraightThrough(HardVolumes(labels, feature_labels, feature_names, images, features),
+                               SoftVolumes(labels, feature_labels, feature_names, images, features))
+    raise MedrobustError(f"extractor must be one of {', '.join(EXTRACTORS)}, got {name!r}")
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
