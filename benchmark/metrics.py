@@ -62,7 +62,8 @@ def image_metrics(clean: Tensor, adversarial: Tensor, mask: Tensor | None = None
       ``gaussian_weights=True, use_sample_covariance=False``) and, with ``mask``, whose centre is inside it.
       Channels are averaged. 1 for an unchanged image.
 
-    A constant clean image (R = 0) has no PSNR or SSIM: NaN; so has an image whose mask selects nothing.
+    A constant clean image (R = 0) has no PSNR or SSIM: NaN; so has an image whose mask selects nothing, and an
+    image smaller than the SSIM window (11 voxels) along an axis has no SSIM (NaN; its l0 and PSNR are measured).
     ``mask``: bool or 0/1, broadcastable to the images (a brain mask [1, 1, ...] or [B, 1, ...]).
 
     The local statistics are taken of the clean image x and of the perturbation d = x' - x rather than of x'
@@ -77,10 +78,6 @@ def image_metrics(clean: Tensor, adversarial: Tensor, mask: Tensor | None = None
     if clean.dim() not in (4, 5):
         raise MedrobustError(f"image_metrics takes 2D or 3D image batches [B, C, H, W] or [B, C, D, H, W], got "
                              f"shape {list(clean.shape)}")
-    small = [size for size in clean.shape[2:] if size < 2 * SSIM_RADIUS + 1]
-    if small:
-        raise MedrobustError(f"SSIM needs images of at least {2 * SSIM_RADIUS + 1} voxels along every spatial axis "
-                             f"(its Gaussian window), got shape {list(clean.shape)}")
     if mask is not None:
         mask = torch.as_tensor(mask, device=clean.device)
         try:
@@ -133,6 +130,8 @@ def _ssim(x: Tensor, delta: Tensor, data_range: Tensor, mask: Tensor | None) -> 
     """Mean SSIM [B] (float64) between x and x + delta; see ``image_metrics``."""
     batch, channels = x.shape[:2]
     spatial = x.shape[2:]
+    if min(spatial) < 2 * SSIM_RADIUS + 1:  # no window fits inside the image
+        return torch.full((batch,), math.nan, dtype=torch.float64, device=x.device)
     # Five maps per image and channel, filtered at once: x, d, x^2, d^2, x d.
     maps = torch.stack((x, delta, x * x, delta * delta, x * delta), dim=2).reshape(-1, *spatial)
     means = _local_means(maps, _gaussian_window(x.dtype, x.device))
