@@ -1,24 +1,36 @@
-"""The `medrobust` command line."""
+"""The `medrobust` command line.
+
+Exit codes: 0 success; 1 a run finished with failed cells; 2 bad input (a MedrobustError, one line on stderr);
+3 the run's store is being written by another run (one line on stderr naming it).
+"""
 
 from __future__ import annotations
 
+import re
 import sys
 
 import click
 
 from medrobust.errors import MedrobustError
 
+EXIT_FAILED_CELLS, EXIT_BAD_INPUT, EXIT_STORE_BUSY = 1, 2, 3
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
 
 class _Group(click.Group):
-    """A click group that turns MedrobustError into one line on stderr and exit code 2."""
+    """A click group that turns MedrobustError into one line on stderr and exit code 2 (3 for a busy store)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except MedrobustError as error:
-            message = " ".join(str(error).split())  # one line, whatever the message holds
-            click.echo(f"error: {message}", err=True)
-            sys.exit(2)
+            from medrobust.store import StoreBusyError
+
+            click.echo(f"error: {_one_line(error)}", err=True)
+            sys.exit(EXIT_STORE_BUSY if isinstance(error, StoreBusyError) else EXIT_BAD_INPUT)
 
 
 @click.group(cls=_Group)
@@ -141,18 +153,64 @@ def train_cmd(data_path, models, out, trunk, epochs, batch_size, lr, weight_deca
                    f"(best epoch {result.best_epoch}, {result.seconds:.0f} s)  {result.checkpoint}")
 
 
+def _device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A click callback checking a device name: auto, cpu, cuda or cuda:N."""
+    if value is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise click.BadParameter(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
+def _one_of(module: str, name: str):
+    """A click callback checking a value against the tuple ``name`` of ``module``, imported only when the option
+    is given (so that `medrobust --help` does not import torch)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        import importlib
+
+        allowed = getattr(importlib.import_module(module), name)
+        if value is not None and value not in allowed:
+            raise click.BadParameter(f"expected one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    return check
+
+
 @main.command("run")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--report/--no-report", default=True, show_default=True,
               help="Write the leaderboard page when the run ends.")
+@click.option("--retry-failed", is_flag=True,
+              help="Run again the cells the store records as failed (by default they are skipped, and counted).")
+@click.option("--device", callback=_device, default=None,
+              help="auto, cpu, cuda or cuda:N; overrides the config's `device`.")
+@click.option("--precision", callback=_one_of("medrobust.config", "PRECISIONS"), default=None,
+              help="fp32, bf16 or fp16 (autocast); overrides the config's `precision` (another precision makes other "
+                   "cells).")
+@click.option("--executor", callback=_one_of("medrobust.executors", "EXECUTORS"), default="local",
+              show_default=True,
+              help="local (in this process) or ray (Ray tasks); either way only this process writes the store.")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="The Ray cluster to join (with --executor ray); default: start a local one.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run_cmd(config_path, report, quiet) -> None:
-    """Run the benchmark grid of a TOML config; results go to <out>/results.sqlite (finished cells are skipped)."""
+def run_cmd(config_path, report, retry_failed, device, precision, executor, ray_address, quiet) -> None:
+    """Run the benchmark grid of a TOML config; results go to <out>/results.sqlite.
+
+    Cells already done are skipped, so the same command resumes an interrupted or killed run. Exit code 0: every
+    cell run here done; 1: some cells failed (recorded with their errors; see `medrobust status`); 2: bad input; 3:
+    another run is writing the same store.
+    """
+    import dataclasses
+
     from medrobust.config import load_config
     from medrobust.runner import run
 
+    if ray_address is not None and executor != "ray":
+        raise click.UsageError("--ray-address goes with --executor ray")
     config = load_config(config_path)
-    summary = run(config, progress=not quiet)
+    overrides = {key: value for key, value in (("device", device), ("precision", precision)) if value is not None}
+    if overrides:  # the run's record (its config) says what ran
+        config = dataclasses.replace(config, **overrides, raw={**config.raw, **overrides})
+    summary = run(config, progress=not quiet, retry_failed=retry_failed, executor=executor, ray_address=ray_address)
     click.echo(f"{summary.done} cells run, {summary.skipped} already finished, {len(summary.failed)} failed, "
                f"{summary.unreliable} possibly unreliable "
                f"({summary.seconds:.0f} s); results: {summary.store}")
@@ -161,7 +219,7 @@ def run_cmd(config_path, report, quiet) -> None:
 
         click.echo(f"leaderboard: {write_report(summary.out)}")
     if summary.failed:
-        sys.exit(1)
+        sys.exit(EXIT_FAILED_CELLS)
 
 
 @main.command("report")
@@ -174,6 +232,59 @@ def report_cmd(run_dir, out) -> None:
     from medrobust.reports import write_report
 
     click.echo(f"leaderboard: {write_report(Path(run_dir), Path(out) if out else None)}")
+
+
+def _describe_spec(spec: dict) -> str:
+    """A stored cell in the runner's words: model, attack, norm, epsilon, unit, objective, threat model."""
+    epsilon = spec.get("epsilon")
+    return " ".join(str(part) for part in (
+        spec.get("model", "?"), spec.get("attack", "?"), spec.get("norm", "?"),
+        f"eps={epsilon:g}" if isinstance(epsilon, (int, float)) else "eps=?", spec.get("unit", "?"),
+        spec.get("objective", "?"), spec.get("threat_model", "?")))
+
+
+@main.command("status")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Also count and list the config's cells not run yet (plans its grid, runs nothing; its dataset "
+                   "and checkpoints must exist).")
+def status_cmd(run_dir, config_path) -> None:
+    """Where a run stands: cells done and failed (with the reasons), the run writing the store now if any, and
+    every recorded invocation; with --config, the cells still pending. Reads the store only (no lock taken)."""
+    from medrobust.store import ResultStore, lock_holder
+
+    with ResultStore(run_dir, create=False) as store:
+        statuses, failures, runs, path = store.statuses(), store.failures(), store.runs(), store.path
+    done = sum(status == "done" for status in statuses.values())
+    click.echo(f"{path}: {done} cells done, {len(failures)} failed")
+    holder = lock_holder(path)
+    if holder is not None:
+        click.echo(f"being written now by pid {holder['pid']} on {holder.get('host')} since "
+                   f"{holder.get('started_at')}: {holder.get('command', '')}")
+    if config_path is not None:
+        from medrobust.config import load_config
+        from medrobust.runner import plan
+
+        config = load_config(config_path)
+        cells = plan(config)
+        pending = [cell for cell in cells if cell.id not in statuses]
+        counts = {status: sum(statuses.get(cell.id) == status for cell in cells) for status in ("done", "failed")}
+        click.echo(f"{config_path}: {len(cells)} cells, {counts['done']} done, {counts['failed']} failed, "
+                   f"{len(pending)} pending")
+        if config.out.resolve() != path.parent.resolve():
+            click.echo(f"note: {config_path} writes to {config.out}, not {run_dir}")
+        for cell in pending:
+            click.echo(f"pending {cell.id} {cell.describe()}")
+    for failure in failures:
+        click.echo(f"failed {failure['id']} {_describe_spec(failure['spec'])}: {_one_line(failure['error'] or '')}")
+    for number, record in enumerate(runs, start=1):
+        if record["finished_at"]:
+            end = f"finished {record['finished_at']}"
+        elif holder is not None and number == len(runs):
+            end = "running"
+        else:
+            end = "did not finish (stopped or killed)"
+        click.echo(f"run {record['id']} started {record['started_at']}, {end}")
 
 
 if __name__ == "__main__":
