@@ -134,6 +134,17 @@ def test_universal_recomputed_without_an_extractor_is_a_clear_error():
         attack.fit([(images, features)])
 
 
+def test_universal_fixed_and_perturbed_ignore_an_extractor_given_with_the_batch():
+    model = hybrid()
+    images, features, labels = labelled_batch()
+    extractor = extractor_for(images, features, labels)
+    for threat_model in ("fixed", "perturbed"):
+        kwargs = {"budget": BUDGET, "steps": 2, "threat_model": threat_model}
+        plain = create_attack("universal", model, **kwargs)(images, features)
+        given = create_attack("universal", model, **kwargs)(images, features, extractor=extractor)
+        assert torch.equal(plain.images, given.images) and torch.equal(plain.features, given.features)
+
+
 def test_an_extractor_already_on_the_device_moves_nowhere():
     images, features, labels = labelled_batch()
     extractor = extractor_for(images, features, labels)
@@ -166,6 +177,14 @@ def test_l0_perturbed_moves_the_volumes_within_budget_and_never_loses():
     reranked = create_attack("l0", model, threat_model="perturbed", rerank_every=2, **L0)(images, features)
     assert_volumes_moved_within_budget(reranked, features, 0.05)
     assert (reranked.images != images).flatten(1).sum(1).le(8).all()
+
+
+def test_l0_zero_feature_budget_gives_the_fixed_images():
+    model = hybrid()
+    images, features = batch()
+    fixed = create_attack("l0", model, **L0)(images, features)
+    zero = create_attack("l0", model, threat_model="perturbed", feature_budget=0.0, **L0)(images, features)
+    assert torch.equal(fixed.images, zero.images) and torch.equal(zero.features, features)
 
 
 def test_l0_recomputed_ranks_and_predicts_through_the_extractor():
