@@ -137,6 +137,15 @@ def leaderboard_table(cells: pd.DataFrame, source: str | Path = STORE_FILENAME) 
     return done
 
 
+def _comparable(key: str, value: object) -> object:
+    """A spec value as the threat-model comparison matches it: an attack's params (a dict or its JSON text) without
+    the threat model they name."""
+    if key != "params":
+        return value
+    params = json.loads(value) if isinstance(value, str) else value
+    return {name: setting for name, setting in params.items() if name != "threat_model"}
+
+
 def threat_model_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """The threat models side by side: from a `leaderboard_table`, one row per cell identity but its threat model
     (the `COMPARISON_KEYS` it has), with each threat model's mean |deviation| and its interval in the columns
@@ -154,7 +163,7 @@ def threat_model_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         return pd.DataFrame(columns=columns), threat_models
     rows: dict[tuple, dict] = {}
     for _, cell in table.iterrows():
-        identity = tuple(None if _missing(cell[key]) else _as_json(cell[key]) for key in keys)
+        identity = tuple(None if _missing(cell[key]) else _as_json(_comparable(key, cell[key])) for key in keys)
         occurrence = 0
         while cell["threat_model"] in rows.get((identity, occurrence), {}):
             occurrence += 1

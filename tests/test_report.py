@@ -54,9 +54,10 @@ def _cell(model: str, attack: str, norm: str, epsilon: float, seed: int, threat_
                "forward": 8, "backward": 8, "steps": 4, "attack_seconds": 0.5}
     spec = {"model": model, "model_name": MODELS.get(model, model),
             "checkpoint": f"runs/demo/models/{MODELS.get(model, model)}", "attack": attack,
-            "params": {"steps": 4 if attack == "pgd" else 1}, "norm": norm, "epsilon": epsilon, "unit": "range",
-            "objective": "older", "threat_model": threat_model, "split": "test", "count": 8, "seed": 0,
-            "device": "cpu"}
+            # An attack's params name its threat model too, as `Attack.params()` does.
+            "params": {"steps": 4 if attack == "pgd" else 1, "threat_model": threat_model}, "norm": norm,
+            "epsilon": epsilon, "unit": "range", "objective": "older", "threat_model": threat_model, "split": "test",
+            "count": 8, "seed": 0, "device": "cpu"}
     samples = [{"subject": f"sub-{i:02d}", **{key: values[i].item() for key, values in columns.items()}}
                for i in range(true_age.size)]
     return spec, metrics, samples
