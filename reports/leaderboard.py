@@ -234,8 +234,25 @@ class _Cell:
     title: str = ""
 
 
+def _image_metric_cell(row: pd.Series, column: str, kind: str) -> _Cell:
+    """Mean PSNR or SSIM, with the median (and for PSNR the images left unchanged) on hover. A cell whose every
+    image is unchanged has no finite PSNR to average: it shows infinity and sorts above every finite PSNR."""
+    value, median = row.get(column), row.get(column.replace("mean_", "median_"))
+    unchanged, count = row.get("n_unchanged"), row.get("n")
+    if _missing(value):
+        if column == "mean_psnr" and not _missing(unchanged) and unchanged > 0 and unchanged == count:
+            return _Cell("∞", 1e308, "every image unchanged")
+        return _Cell("–", math.nan)
+    title = "" if _missing(median) else f"median {_FORMATS[kind](median)}"
+    if column == "mean_psnr" and not _missing(unchanged) and unchanged > 0:
+        title += f"; {int(unchanged)} of {int(count)} images unchanged (PSNR infinite, left out of the mean)"
+    return _Cell(_FORMATS[kind](value), float(value), title)
+
+
 def _table_cell(row: pd.Series, column: str, kind: str) -> _Cell:
     value = row.get(column)
+    if kind in ("decibels", "ssim"):
+        return _image_metric_cell(row, column, kind)
     if _missing(value):
         return _Cell("–", math.nan if kind != "text" else None)
     text = _FORMATS[kind](value)

@@ -164,6 +164,28 @@ def test_intervals_psnr_and_ssim_are_shown(report, store_dir):
     assert (table["n_unchanged"] == 1).all() and np.isfinite(table["mean_psnr"]).all()
 
 
+def test_psnr_and_ssim_hover_with_the_median_and_the_unchanged_images(report, store_dir):
+    page = report.read_text()
+    with ResultStore(store_dir, create=False) as store:
+        cell = leaderboard_table(store.cells()).iloc[0]
+    assert (f'title="median {cell["median_psnr"]:.1f}; 1 of 8 images unchanged (PSNR infinite, left out of the '
+            f'mean)">{cell["mean_psnr"]:.1f}</td>') in page
+    assert f'title="median {format_ssim(cell["median_ssim"])}">{format_ssim(cell["mean_ssim"])}</td>' in page
+
+
+def test_a_cell_whose_images_are_all_unchanged_shows_an_infinite_psnr(tmp_path):
+    with ResultStore(tmp_path) as store:
+        spec, _, samples = _cell("cnn3d", "fgsm", "linf", 0.0, 0, image_metrics=False)
+        columns = {key: [sample[key] for sample in samples] for key in samples[0]}
+        metrics = cell_metrics(*(columns[key] for key in ("true_age", "clean_prediction", "adversarial_prediction",
+                                                          "linf", "l2", "linf_rel", "l2_rel")),
+                               l0=[0] * 8, psnr=[math.inf] * 8, ssim=[1.0] * 8)
+        store.write_cell("cell", store.start_run({}, {}), spec, metrics, samples, seconds=1.0)
+    row = _tables(write_report(tmp_path).read_text())["leaderboard"][0]
+    assert row[10][0] == "∞" and float(row[10][1]) > 1e300
+    assert row[11][0] == "1"
+
+
 def test_a_cell_without_intervals_or_image_metrics_shows_its_point_estimates(tmp_path):
     with ResultStore(tmp_path) as store:
         spec, metrics, samples = _cell("cnn3d", "fgsm", "linf", 1e-3, 0, image_metrics=False)
