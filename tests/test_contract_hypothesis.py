@@ -33,6 +33,17 @@ EXAMPLES = 15  # per attack: the file runs in about 15 s on the 2-core developme
 TARGET_AGE = 30.0
 FEATURE_NAMES = ["sex", "vol_a", "vol_b"]  # under "perturbed" only the regional volumes (vol_*) may move
 FEATURE_BUDGET = 0.05
+# Where a GPU is present the draws also run there (output device, determinism with deterministic kernels).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def deterministic_kernels():
+    """Bit-identical repeats on CUDA need deterministic cuDNN kernels (conv3d's default backward is not)."""
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
 class TinyConv3d(nn.Module):
@@ -101,7 +112,7 @@ def cases(draw, name: str) -> dict:
         kwargs["target_age"] = TARGET_AGE
     return {
         "name": name, "spatial": spatial, "batch": batch, "dtype": dtype, "scale": scale, "offset": offset,
-        "seed": seed, "kwargs": kwargs, "uses_features": uses_features,
+        "seed": seed, "kwargs": kwargs, "uses_features": uses_features, "device": draw(st.sampled_from(DEVICES)),
         "model": draw(st.sampled_from(["linear", "conv"])),
         "mask": draw(st.sampled_from(["none", "shared", "per_image", "spatial_float"])),
         "density": draw(st.floats(0.0, 1.0)),
@@ -118,7 +129,7 @@ def build_model(case: dict) -> nn.Module:
         model = TinyConv2d() if len(spatial) == 2 else TinyConv3d()
     if case["uses_features"]:
         model = WithContext(model)
-    return model.to(case["dtype"])
+    return model.to(dtype=case["dtype"], device=case.get("device", "cpu"))
 
 
 def batch_inputs(case: dict, seed: int) -> dict:
@@ -134,10 +145,11 @@ def batch_inputs(case: dict, seed: int) -> dict:
         mask = torch.rand(mask_shape, generator=generator) < case["density"]
         if case["mask"] == "spatial_float":
             mask = mask.to(case["dtype"])
-    inputs = {"images": images, "features": None, "mask": mask,
-              "ages": 5 + 85 * torch.rand(case["batch"], generator=generator, dtype=case["dtype"])}
+    device = case.get("device", "cpu")
+    inputs = {"images": images.to(device), "features": None, "mask": None if mask is None else mask.to(device),
+              "ages": (5 + 85 * torch.rand(case["batch"], generator=generator, dtype=case["dtype"])).to(device)}
     if case["uses_features"]:
-        inputs["features"] = extractor(images).detach()
+        inputs["features"] = extractor(inputs["images"]).detach()
         if case["kwargs"]["threat_model"] == "recomputed":
             inputs["extractor"] = extractor
     return inputs
