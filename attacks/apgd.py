@@ -55,17 +55,26 @@ class APGD(Attack):
     than 75 % of the window's steps or where it was not halved at the previous checkpoint and the best
     objective has not improved since; a halved sample restarts from its best iterate, with that iterate's
     gradient and no momentum (the paper leaves the momentum after a restart open). All per-sample choices
-    are tensors (torch.where), so the loop never waits for the device.
+    are tensors (torch.where), so the loop never waits for the device. Each step's score comes with its
+    gradient from ``state.evaluate``.
 
     ``steps`` counts gradient evaluations (AutoAttack's 100 iterations by default); the iterate after the
     last step is scored by the final prediction. With ``keep_best`` (the default, as AutoAttack returns its
     best point) the best image seen is returned, else the last iterate.
+
+    Threat models: ``fixed``; ``recomputed``, where every iterate's features are measured by the extractor and
+    the gradient flows through it; ``perturbed``, where the iterate is the pair (image, regional volumes): the
+    volumes take the same update in their own box (an l-inf ball of ``feature_budget`` x |clean value| per
+    volume), a signed step of the same per-sample step size as a fraction of their radius, then the same
+    momentum combination, projected; a halving restarts both parts from the best pair, and the best pair is
+    returned. The box is an l-inf ball, so the signed step is its steepest ascent, as for an l-inf image budget.
 
     Costs one forward and one backward pass per step, plus the clean and the final prediction.
     """
 
     name = "apgd"
     norms = ("linf", "l2")
+    threat_models = ("fixed", "perturbed", "recomputed")
 
     def __init__(self, model: nn.Module, *args, steps: int = 100, random_start: bool = True, **kwargs) -> None:
         super().__init__(model, *args, **kwargs)
@@ -79,23 +88,16 @@ class APGD(Attack):
 
     def search(self, state: AttackState) -> tuple[Tensor, Tensor]:
         """The final iterate and each sample's final step size [B] as a fraction of the radius (2 halved once
-        per halving)."""
-        # state.gradient scores each iterate but returns only the gradient; the halving rule needs the score
-        # of every iterate, so the prediction is read off the model's forward pass as it happens.
-        seen: dict[str, Tensor] = {}
-        hook = self.model.register_forward_hook(lambda module, args, output: seen.__setitem__("prediction", output))
-        try:
-            return self._search(state, lambda: state.score(seen["prediction"].detach()))
-        finally:
-            hook.remove()
-
-    def _search(self, state: AttackState, last_score) -> tuple[Tensor, Tensor]:
+        per halving); under ``perturbed``, ``state.features`` holds the final iterate's features."""
         view = (-1,) + (1,) * (state.images.dim() - 1)
         x = state.random_start() if self.random_start else state.images
-        grad = state.gradient(x)
-        score = last_score()
-        previous = x
-        best, best_x, best_grad = score, x, grad
+        # Under perturbed the iterate is the pair (image, features); elsewhere the features follow from the image
+        # (fixed: the clean ones; recomputed: measured by evaluate) and the feature parts stay None.
+        f = state.clean_features if state.feature_radius is not None else None
+        evaluation = state.evaluate(x, f)
+        grad, feature_grad, score = evaluation.grad, evaluation.feature_grad, evaluation.score
+        previous, previous_f = x, f
+        best, best_x, best_grad, best_f, best_feature_grad = score, x, grad, f, feature_grad
         step = torch.full_like(score, INITIAL_STEP)
         increases = torch.zeros_like(score)
         best_at_last_check = best
@@ -103,34 +105,55 @@ class APGD(Attack):
         last_check = 0
         checks = set(checkpoints(self.steps))
         for k in range(1, self.steps):
-            x, previous = _advance(state, x, previous, grad, step.view(view), 1.0 if k == 1 else MOMENTUM), x
-            grad = state.gradient(x)
-            new_score = last_score()
-            increases = increases + (new_score > score)
-            score = new_score
+            alpha = 1.0 if k == 1 else MOMENTUM
+            (x, f), (previous, previous_f) = _advance(state, x, f, previous, previous_f, grad, feature_grad,
+                                                      step.view(view), alpha), (x, f)
+            evaluation = state.evaluate(x, f)
+            grad, feature_grad = evaluation.grad, evaluation.feature_grad
+            increases = increases + (evaluation.score > score)
+            score = evaluation.score
             improved = score > best
             best = torch.where(improved, score, best)
-            best_x = torch.where(improved.view(view), x, best_x)
-            best_grad = torch.where(improved.view(view), grad, best_grad)
+            best_x, best_grad = _where(improved, x, best_x), _where(improved, grad, best_grad)
+            best_f, best_feature_grad = _where(improved, f, best_f), _where(improved, feature_grad, best_feature_grad)
             if k in checks:
                 halve = halve_step(increases, k - last_check, best, best_at_last_check, halved_at_last_check)
                 step = torch.where(halve, step / 2, step)
-                restart = halve.view(view)
-                x = torch.where(restart, best_x, x)
-                grad = torch.where(restart, best_grad, grad)
-                previous = torch.where(restart, best_x, previous)
+                # A halved sample restarts from its best iterate (image and features), with no momentum.
+                x, previous = _where(halve, best_x, x), _where(halve, best_x, previous)
+                grad = _where(halve, best_grad, grad)
+                f, previous_f = _where(halve, best_f, f), _where(halve, best_f, previous_f)
+                feature_grad = _where(halve, best_feature_grad, feature_grad)
                 score = torch.where(halve, best, score)
                 increases = torch.zeros_like(increases)
                 best_at_last_check, halved_at_last_check, last_check = best, halve, k
-        x = _advance(state, x, previous, grad, step.view(view), 1.0 if self.steps == 1 else MOMENTUM)
+        x, f = _advance(state, x, f, previous, previous_f, grad, feature_grad, step.view(view),
+                        1.0 if self.steps == 1 else MOMENTUM)
+        if f is not None:  # finish() predicts the final iterate with state.features
+            state.features = f
         return x, step
 
 
-def _advance(state: AttackState, x: Tensor, previous: Tensor, grad: Tensor, step: Tensor, alpha: float) -> Tensor:
-    """One APGD update: the projected gradient step z, then the momentum combination, projected."""
+def _where(condition: Tensor, new: Tensor | None, old: Tensor | None) -> Tensor | None:
+    """Per sample (``condition`` [B]), ``new`` where true else ``old``, for images and features alike; None for
+    a part the iterate does not carry."""
+    if new is None:
+        return None
+    return torch.where(condition.view((-1,) + (1,) * (new.dim() - 1)), new, old)
+
+
+def _advance(state: AttackState, x: Tensor, f: Tensor | None, previous: Tensor, previous_f: Tensor | None,
+             grad: Tensor, feature_grad: Tensor | None, step: Tensor, alpha: float) -> tuple[Tensor, Tensor | None]:
+    """One APGD update of the image and, under ``perturbed``, of the features: the projected gradient step z, then
+    the momentum combination, projected. The features follow the same rule in their own box (an l-inf ball of
+    each feature's radius): a signed step of the same fraction of their radius, the same momentum."""
     z = state.ascend(x, grad, step)
+    z_f = None if f is None else state.ascend_features(f, feature_grad, step)
     if alpha == 1.0:
-        return z
+        return z, z_f
     # x + alpha (z - x) + (1 - alpha)(x - previous) in two kernels: 2x - previous (a lerp with weight 2 from
     # previous through x), then a lerp from it towards z.
-    return state.project(torch.lerp(torch.lerp(previous, x, 2.0), z, alpha))
+    x = state.project(torch.lerp(torch.lerp(previous, x, 2.0), z, alpha))
+    if f is not None:
+        f = state.project_features(torch.lerp(torch.lerp(previous_f, f, 2.0), z_f, alpha))
+    return x, f

@@ -50,6 +50,22 @@ class AttackResult:
     steps: int
 
 
+@dataclass
+class Evaluation:
+    """One iterate's forward and backward pass (``AttackState.evaluate``), all detached.
+
+    ``grad``: the objective's gradient with respect to the image (through the extractor under ``recomputed``);
+    ``feature_grad``: with respect to the context features under ``perturbed``, else None; ``prediction`` and
+    ``score`` [B]: the model's prediction at the iterate and the attack's objective of it. Gradients are
+    scaled per sample by the ``weights`` given to ``evaluate``.
+    """
+
+    grad: Tensor
+    feature_grad: Tensor | None
+    prediction: Tensor
+    score: Tensor
+
+
 class AttackState:
     """One call's clean batch, bounds, counters and best iterate: what ``Attack.perturb`` works with.
 
@@ -103,33 +119,50 @@ class AttackState:
         attack = self.attack
         return objective_score(attack.objective, prediction, self.clean_prediction, self.ages, attack.target_age)
 
-    def gradient(self, adversarial: Tensor) -> Tensor:
-        """Gradient of the objective with respect to the image at ``adversarial`` (one step: a forward and a
-        backward pass). The iterate's score comes for free and is recorded for ``keep_best``."""
+    def evaluate(self, adversarial: Tensor, features: Tensor | None = None,
+                 weights: Tensor | None = None) -> Evaluation:
+        """One step's forward and backward pass at ``adversarial``: its gradients, prediction and score, counted and
+        recorded for ``keep_best``; ``state.features`` becomes the features the model was given.
+
+        The features are the clean ones under ``fixed``; under ``recomputed`` the extractor measures them on
+        ``adversarial`` and the image gradient flows through it; under ``perturbed`` they are ``features`` (an
+        iterate the attack carries, [B, F]), by default ``state.features``, and their gradient comes from the
+        same backward pass. ``weights`` [B] scales each sample's gradients (samples are independent, so one
+        backward pass weighted by w gives w times each sample's gradient); by default 1.
+        """
+        if features is not None and self.feature_radius is None:
+            raise MedrobustError(f"features can be given to evaluate only under threat_model 'perturbed', not "
+                                 f"{self.attack.threat_model!r}")
         # The gradient w.r.t. the adversarial image equals that w.r.t. the perturbation; parameters are frozen,
         # so autograd computes nothing else.
         leaf = adversarial.detach().requires_grad_(True)
-        if self.extractor is not None:  # the gradient also flows through the recomputed features
+        inputs = (leaf,)
+        if self.extractor is not None:  # the features the attacked image would be measured to have
             features = self.extractor(leaf)
-            self.features = features.detach()
-            prediction = self.attack.model(leaf, features)
-            score = self.score(prediction)
-            (grad,) = torch.autograd.grad(score.sum(), leaf)
-        elif self.feature_radius is None:
-            prediction = self.attack.model(leaf, self.features)
-            score = self.score(prediction)
-            (grad,) = torch.autograd.grad(score.sum(), leaf)
-        else:  # the features' gradient comes from the same backward pass
-            feature_leaf = self.features.detach().requires_grad_(True)
-            prediction = self.attack.model(leaf, feature_leaf)
-            score = self.score(prediction)
-            grad, self._feature_grad = torch.autograd.grad(score.sum(), (leaf, feature_leaf), allow_unused=True)
-            grad = torch.zeros_like(leaf) if grad is None else grad  # a model that ignores the image
+        elif self.feature_radius is not None:
+            features = (self.features if features is None else features).detach().requires_grad_(True)
+            inputs = (leaf, features)
+        else:
+            features = self.features
+        prediction = self.attack.model(leaf, features)
+        score = self.score(prediction)
+        grads = torch.autograd.grad(score, inputs, torch.ones_like(score) if weights is None else weights,
+                                    allow_unused=True)
+        grad = torch.zeros_like(leaf) if grads[0] is None else grads[0]  # a model that ignores the image
+        self.features = None if features is None else features.detach()
         self.forward += 1
         self.backward += 1
         self.steps += 1
-        self.record(adversarial, prediction.detach(), score.detach())
-        return grad
+        prediction, score = prediction.detach(), score.detach()
+        self.record(adversarial, prediction, score)
+        return Evaluation(grad, grads[1] if len(grads) > 1 else None, prediction, score)
+
+    def gradient(self, adversarial: Tensor) -> Tensor:
+        """Gradient of the objective with respect to the image at ``adversarial`` (``evaluate`` at the current
+        features); under ``perturbed`` the next ``ascend`` moves the features along their gradient."""
+        evaluation = self.evaluate(adversarial)
+        self._feature_grad = evaluation.feature_grad
+        return evaluation.grad
 
     def ascend(self, adversarial: Tensor, grad: Tensor, fraction: float) -> Tensor:
         """Step of ``fraction`` of the radius along the steepest-ascent direction of the budget's norm
@@ -143,16 +176,26 @@ class AttackState:
         return self.project(adversarial + fraction * self.radius.view(self._view) * direction)
 
     def _ascend_features(self, fraction: float) -> None:
-        """Under ``perturbed``: a signed step of ``fraction`` of each feature's radius, kept in its box."""
+        """Under ``perturbed``: ``state.features`` take the signed step of ``ascend_features`` along the
+        gradient of the last ``gradient`` call."""
         if self.feature_radius is None or self._feature_grad is None:
             return
-        if isinstance(fraction, Tensor):  # a per-sample step shaped like the images: one value per sample
-            fraction = fraction.reshape(fraction.shape[0], -1)[:, :1]
-        step = fraction * self.feature_radius * self._feature_grad.sign()
-        moved = self.features + step
-        clean, radius = self.clean_features, self.feature_radius
-        self.features = torch.where(radius > 0, torch.clamp(moved, clean - radius, clean + radius), clean).detach()
+        self.features = self.ascend_features(self.features, self._feature_grad, fraction)
         self._feature_grad = None
+
+    def ascend_features(self, features: Tensor, feature_grad: Tensor, fraction: float | Tensor) -> Tensor:
+        """Under ``perturbed``: ``features`` moved by a signed step of ``fraction`` of each feature's radius along
+        ``feature_grad`` (the steepest ascent in the features' box, an l-inf ball), kept in the box.
+        ``fraction``: a number, or a tensor with one value per sample ([B] or shaped like the images)."""
+        if isinstance(fraction, Tensor):
+            fraction = fraction.reshape(fraction.shape[0], -1)[:, :1]
+        return self.project_features(features + fraction * self.feature_radius * feature_grad.sign())
+
+    def project_features(self, features: Tensor) -> Tensor:
+        """Under ``perturbed``: the nearest features in the box of each feature's radius around its clean value
+        (the clean value itself where the radius is 0: sex, field strength, missing values)."""
+        clean, radius = self.clean_features, self.feature_radius
+        return torch.where(radius > 0, torch.clamp(features, clean - radius, clean + radius), clean).detach()
 
     def random_start(self) -> Tensor:
         """A random point of the budget ball around the clean images (uniform for l-inf; for l2 a uniform
@@ -176,17 +219,26 @@ class AttackState:
             if self._box is None:
                 self._box = self._linf_box()
             return torch.clamp(adversarial, *self._box)
-        delta = self._masked(adversarial - self.images)
-        radius = self.radius.view(self._view)
-        delta = delta * (radius / self._l2(delta)).clamp(max=1)
+        return self.project_delta(self._masked(adversarial - self.images))
+
+    def project_delta(self, delta: Tensor, norm: Tensor | None = None) -> Tensor:
+        """``project(images + delta)`` for a perturbation ``delta`` already zero outside the mask, the same image;
+        under l2 without taking ``delta`` back out of the sum and masking it. ``norm``: delta's l2 norm per sample
+        [B], where the caller has it (l2 budgets)."""
+        if self.attack.budget.norm == "linf":
+            return self.project(self.images + delta)
+        if norm is None:
+            norm = torch.linalg.vector_norm(delta.flatten(1), ord=2, dim=1)
+        shrink = (self.radius / norm.clamp_min(torch.finfo(delta.dtype).tiny)).clamp_(max=1)
+        delta = delta * shrink.view(self._view)
         adversarial = self.images + delta
         # fl(x + delta) may land half an ulp farther from x than delta (in float32 at the paper's epsilon, a few
         # 1e-5 of the radius): stepping such voxels one ulp back toward x keeps every realized move within
         # |delta|, so the budget holds for the image returned, not only for delta.
-        overshoot = (adversarial - self.images).abs() > delta.abs()
+        overshoot = torch.sub(adversarial, self.images).abs_() > delta.abs()
         adversarial = torch.where(overshoot, torch.nextafter(adversarial, self.images), adversarial)
         if self.lower is not None:
-            adversarial = torch.clamp(adversarial, self.lower, self.upper)
+            adversarial = adversarial.clamp_(self.lower, self.upper)
         return adversarial
 
     def _linf_box(self) -> tuple[Tensor, Tensor]:

@@ -18,6 +18,10 @@ from medrobust.errors import MedrobustError
 PRESETS = {"paper": {"iterations": 400, "search_steps": 10}, "fast": {"iterations": 50, "search_steps": 4}}
 # Devices with torch.optim.Adam's fused kernel (one kernel per update, no host synchronisation).
 FUSED_ADAM_DEVICES = ("cpu", "cuda")
+# Under threat model "perturbed": Adam's learning rate for the regional volumes' variables v (volume = clean +
+# radius * tanh(v)). v is in units of each volume's own budget, so one rate serves every volume; at 0.1 a
+# volume can reach 96 % of its budget (tanh(2)) in about 20 iterations, well within the fast preset's 50.
+FEATURE_LEARNING_RATE = 0.1
 
 
 def next_constant(constant: Tensor, lower: Tensor, upper: Tensor, success: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -53,10 +57,22 @@ class CW(Attack):
     budgets (the paper's); an l-inf budget, the default of every attack, is accepted too: the loss stays the same
     and the model sees the iterate projected onto the l-inf ball. Costs one forward and one backward pass per
     iteration, plus the clean and the final prediction; no host synchronisation.
+
+    Threat models: ``fixed``; ``recomputed``, where the extractor measures the features on every projected iterate
+    and the objective's gradient flows through it (the chain rule through P and the tanh box is unchanged: it
+    starts from the total gradient at P(x')); ``perturbed``, where the regional volumes are a second variable of
+    the same form, volume = clean + radius * tanh(v) (v from 0, radius ``feature_budget`` x |clean value|),
+    minimizing the same loss with the same Adam (learning rate ``FEATURE_LEARNING_RATE``: v is in units of each
+    volume's own budget) and restarting with the image at every search step. This is C&W's own answer to a box
+    constraint, and the volumes' budget is a box: the change of variables keeps them inside it with no
+    projection that Adam's moments would not see, and both parts of the iterate follow one optimizer on one
+    loss. The volumes add no distance term (their box is their whole budget; the distance C&W minimizes is the
+    image's). The best (image, volumes) pair is kept and returned.
     """
 
     name = "cw"
     norms = ("linf", "l2")
+    threat_models = ("fixed", "perturbed", "recomputed")
 
     def __init__(
         self,
@@ -102,9 +118,12 @@ class CW(Attack):
         start = torch.atanh(position)
         tanh_start = torch.tanh(start)
         half_span = span / 2
+        # dx'/dw = (R / 2) (1 - tanh(w)^2): its per-sample factor R / 2, zero outside the mask (so w never moves
+        # there), is fixed for the call.
+        box_slope = half_span if mask is None else torch.where(mask, half_span, torch.zeros_like(images))
         # d(||x' - x||^2 / R^2) / dx' = 2 (x' - x) / R^2, per sample.
         distance_slope = 2 / (span * span).clamp_min(info.tiny).flatten()
-        radius = state.radius
+        moving = state.feature_radius is not None
 
         clean_score = state.score(state.clean_prediction)
         if self.objective == "target":
@@ -118,61 +137,58 @@ class CW(Attack):
         fused = images.device.type in FUSED_ADAM_DEVICES
         adversarial = images
         for _ in range(self.search_steps):
-            # Each search step restarts from the clean image with fresh Adam moments.
+            # Each search step restarts from the clean image (and clean features) with fresh Adam moments.
             w = start.clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([w], lr=self.learning_rate, fused=fused)
+            groups = [{"params": [w]}]
+            if moving:
+                v = torch.zeros_like(state.clean_features).requires_grad_(True)
+                groups.append({"params": [v], "lr": FEATURE_LEARNING_RATE})
+            optimizer = torch.optim.Adam(groups, lr=self.learning_rate, fused=fused)
             step_best = torch.full_like(clean_score, -math.inf)
             for _ in range(self.iterations):
                 with torch.no_grad():
                     tanh = torch.tanh(w)
-                    delta = half_span * (tanh - tanh_start)
+                    delta = torch.sub(tanh, tanh_start).mul_(half_span)
+                    norm = torch.linalg.vector_norm(delta.flatten(1), dim=1) if self.budget.norm == "l2" else None
                     # The model sees the iterate projected into the budget: every forward scores an allowed image.
-                    adversarial = torch.clamp(state.project(images + delta), lower, upper)
-                scaled_grad, score = self._scaled_gradient(state, adversarial, constant)
-                step_best = torch.maximum(step_best, score)
+                    adversarial = state.project_delta(delta, norm)
+                    if state.lower is None:  # clip="none": the tanh box still holds, float rounding included
+                        adversarial = adversarial.clamp_(lower, upper)
+                    features = None
+                    if moving:
+                        tanh_v = torch.tanh(v)
+                        features = state.project_features(state.clean_features + state.feature_radius * tanh_v)
+                evaluation = state.evaluate(adversarial, features, constant)
+                step_best = torch.maximum(step_best, evaluation.score)
                 with torch.no_grad():
-                    w.grad = self._loss_gradient(delta, scaled_grad, tanh, radius, distance_slope, half_span, mask)
+                    w.grad = self._loss_gradient(delta, norm, evaluation.grad, tanh, state.radius, distance_slope,
+                                                 box_slope)
+                    if moving:
+                        # d(-c objective)/dv through f = clean + r tanh(v); no distance term: the box is the budget.
+                        v.grad = -evaluation.feature_grad * state.feature_radius * (1 - tanh_v * tanh_v)
                 optimizer.step()
             constant, bracket_low, bracket_high = next_constant(
                 constant, bracket_low, bracket_high, step_best >= threshold
             )
         return adversarial
 
-    def _scaled_gradient(self, state: AttackState, adversarial: Tensor, constant: Tensor) -> tuple[Tensor, Tensor]:
-        """c times the objective's gradient at ``adversarial``, and its score [B], recorded for ``keep_best``: one
-        forward and one backward pass. (``state.gradient`` does not return the score, which the search needs.)"""
-        leaf = adversarial.detach().requires_grad_(True)
-        prediction = self.model(leaf, state.features)
-        score = state.score(prediction)
-        # Samples are independent, so weighting the backward pass by c [B] scales each sample's gradient by its c.
-        (scaled_grad,) = torch.autograd.grad(score, leaf, grad_outputs=constant)
-        state.forward += 1
-        state.backward += 1
-        state.steps += 1
-        score = score.detach()
-        state.record(adversarial, prediction.detach(), score)
-        return scaled_grad, score
-
-    def _loss_gradient(self, delta: Tensor, scaled_grad: Tensor, tanh: Tensor, radius: Tensor,
-                       distance_slope: Tensor, half_span: Tensor, mask: Tensor | None) -> Tensor:
+    def _loss_gradient(self, delta: Tensor, norm: Tensor | None, scaled_grad: Tensor, tanh: Tensor,
+                       radius: Tensor, distance_slope: Tensor, box_slope: Tensor) -> Tensor:
         """Gradient with respect to w of ||x' - x||^2 / R^2 - c * objective(P(x')), P the projection into the
-        budget ball, from c * (gradient of the objective at P(x')): the chain rule through P and the tanh box."""
-        view = half_span.shape
+        budget ball, from c * (gradient of the objective at P(x')) (``scaled_grad``, overwritten): the chain rule
+        through P and the tanh box."""
+        view = (-1,) + (1,) * (delta.dim() - 1)
         if self.budget.norm == "linf":
             # P clamps each voxel: where it binds, the objective does not move with that voxel.
             inside = delta.abs() <= radius.view(view)
-            grad = distance_slope.view(view) * delta - torch.where(inside, scaled_grad, torch.zeros_like(scaled_grad))
+            grad = torch.mul(delta, distance_slope.view(view)).sub_(torch.where(inside, scaled_grad, 0))
         else:
             # Outside the ball P(d) = r d / n (n = ||d||), whose Jacobian is (r / n) (I - d d^T / n^2).
             tiny = torch.finfo(delta.dtype).tiny
-            norm = torch.linalg.vector_norm(delta.flatten(1), dim=1)
-            outside = norm > radius
-            shrink = torch.where(outside, radius / norm.clamp_min(tiny), 1)
-            radial = torch.linalg.vecdot(delta.flatten(1), scaled_grad.flatten(1)) / norm.square().clamp_min(tiny)
-            along_delta = distance_slope + torch.where(outside, shrink * radial, 0)
-            grad = torch.addcmul(along_delta.view(view) * delta, scaled_grad, -shrink.view(view))
-        # dx'/dw = (R / 2) (1 - tanh(w)^2).
-        grad = grad * (half_span * (1 - tanh * tanh))
-        if mask is not None:
-            grad = torch.where(mask, grad, torch.zeros_like(grad))
-        return grad
+            shrink = (radius / norm.clamp_min(tiny)).clamp_(max=1)  # as state.project_delta scales delta
+            # d . g per sample as one batched matrix product (no [B, N] temporary, unlike vecdot's product and sum).
+            dot = torch.bmm(delta.flatten(1).unsqueeze(1), scaled_grad.flatten(1).unsqueeze(2)).flatten()
+            along_delta = distance_slope + torch.where(shrink < 1, shrink * dot / norm.square().clamp_min(tiny), 0)
+            grad = torch.mul(delta, along_delta.view(view)).addcmul_(scaled_grad, shrink.view(view), value=-1)
+        # dx'/dw = (R / 2) (1 - tanh(w)^2), zero outside the mask: box_slope - box_slope tanh^2.
+        return grad.mul_(torch.addcmul(box_slope, box_slope * tanh, tanh, value=-1))

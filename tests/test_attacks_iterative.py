@@ -146,7 +146,7 @@ def test_apgd_halving_rule() -> None:
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_apgd_halves_its_step_size_and_removes_its_hook(norm: str) -> None:
+def test_apgd_halves_its_step_size_and_leaves_no_hook_on_the_model(norm: str) -> None:
     model, images = small_case()
     attack = create_attack("apgd", model, budget={"norm": norm, "epsilon": 0.05 if norm == "linf" else 1.0},
                            steps=20)
