@@ -17,6 +17,7 @@ from medrobust.metrics import (
     image_metrics,
     rows_metrics,
 )
+from medrobust.store import ResultStore
 
 
 def _images(shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -323,3 +324,21 @@ def test_rows_metrics_reads_the_runner_rows_with_or_without_image_metrics() -> N
     assert metrics["mean_psnr"] == pytest.approx(float(measured["psnr"][1:].mean()))
     assert metrics["median_ssim"] == pytest.approx(float(np.median(measured["ssim"].numpy())), rel=1e-15)
 
+
+
+def test_an_infinite_psnr_round_trips_through_the_results_store(tmp_path) -> None:
+    # The documented storage of an unchanged image's PSNR: +inf in the samples table, and no inf in the cell's
+    # metrics (JSON).
+    arrays = _cell_arrays(2, seed=2)
+    rows = [{"subject": f"sub-{index}", **{key: float(values[index]) for key, values in arrays.items()},
+             "deviation": float(arrays["adversarial_prediction"][index] - arrays["clean_prediction"][index]),
+             "l0": l0, "psnr": psnr, "ssim": ssim}
+            for index, (l0, psnr, ssim) in enumerate(((0, math.inf, 1.0), (12, 48.5, 0.999)))]
+    metrics = rows_metrics(rows)
+    with ResultStore(tmp_path) as store:
+        store.write_cell("cell", store.start_run({}, {}), {"model": "m"}, metrics, rows, seconds=1.0)
+        samples = store.samples("cell")
+        cells = store.cells()
+    assert samples["psnr"].tolist() == [math.inf, 48.5] and samples["l0"].tolist() == [0, 12]
+    assert cells.loc[0, "mean_psnr"] == 48.5 and cells.loc[0, "n_unchanged"] == 1
+    assert all(not (isinstance(value, float) and math.isinf(value)) for value in metrics.values())
