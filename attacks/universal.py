@@ -182,7 +182,9 @@ class Universal(Attack):
                 total = score.detach().sum() if total is None else total + score.detach().sum()
                 if ascend:
                     leaves = (leaf,) if shift_leaf is None else (leaf, shift_leaf)
-                    grads = torch.autograd.grad(score.sum(), leaves, allow_unused=True)
+                    # No graph at all where the model sees the image only through a detached extractor.
+                    grads = (torch.autograd.grad(score.sum(), leaves, allow_unused=True) if score.requires_grad
+                             else [None] * len(leaves))
                     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads, strict=True)]
                     backward += 1
                     vote = _summed(self._vote(grads[0]), mask)

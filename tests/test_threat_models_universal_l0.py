@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_threat_models import NAMES, batch, extractor_for, hybrid, labelled_batch
+from test_threat_models import GRID, NAMES, batch, extractor_for, hybrid, labelled_batch
 
 from medrobust.attacks import Budget, create_attack
 from medrobust.errors import MedrobustError
+from medrobust.models import create_model
 
 BUDGET = Budget("linf", 5e-3, "range")
 L0 = {"budget": Budget("l0", 8), "max_failures": 4}
@@ -117,6 +118,21 @@ def test_universal_recomputed_gradient_flows_through_the_extractor():
     assert (result.adversarial_prediction > result.clean_prediction).all()
     fixed = create_attack("universal", model, budget=BUDGET, steps=3, keep_best=False)(images, features)
     assert torch.equal(fixed.adversarial_prediction, fixed.clean_prediction)
+
+
+def test_universal_recomputed_through_a_detached_extractor_finds_no_direction():
+    # An extractor outside autograd (a segmentation run on the host, say) leaves a frozen features-only model no
+    # graph at all: the fit runs and leaves the perturbation at zero.
+    torch.manual_seed(0)
+    model = create_model("features_mlp", feature_names=NAMES, input_shape=GRID, voxel_size=(6.0, 6.0, 6.0))
+    model.set_target_scaling(50.0, 15.0)
+    model.set_feature_scaling([0.5, 2.0, 8.0, 30.0, 450.0], [0.5, 0.7, 1.0, 10.0, 50.0])
+    model.requires_grad_(False)
+    images, features, labels = labelled_batch()
+    extractor = extractor_for(images, features, labels)
+    attack = create_attack("universal", model, budget=BUDGET, steps=2, threat_model="recomputed")
+    shared = attack.fit([(images, features, None, None, lambda x: extractor(x).detach())])
+    assert torch.equal(shared, torch.zeros_like(shared))
 
 
 def test_universal_recomputed_without_an_extractor_is_a_clear_error():
