@@ -10,43 +10,19 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_resume import tiny_config
 
 from medrobust.cli import main
 from medrobust.store import ResultStore
 
-CONFIG = """
-out = "{out}"
-models_dir = "{models}"
-batch_size = 3
-seed = 1
-
-[dataset]
-builtin = true
-path = "{cohort}"
-subjects = 24
-shape = [32, 32, 32]
-voxel_size = [6, 6, 6]
-count = 3
-
-[training]
-epochs = 1
-batch_size = 4
-
-[[models]]
-name = "cnn3d"
-
-[[budgets]]
-norm = "linf"
-epsilon = {linf}
-"""
 FGSM = '\n[[attacks]]\nname = "fgsm"\n'
 
 
 def _config(root: Path, name: str, linf: str = "[1e-3]", attacks: str = FGSM, extra: str = "") -> Path:
-    path = root / f"{name}.toml"
-    path.write_text(CONFIG.format(out=root / name, models=root / "models", cohort=root / "cohort", linf=linf)
-                    + extra + attacks)
-    return path
+    """A tiny run (see test_resume) of one cnn3d, batches of 3 subjects, l-inf budgets ``linf``, the budgets
+    ``extra`` and the attacks ``attacks``."""
+    grid = f'\n[[budgets]]\nnorm = "linf"\nepsilon = {linf}\n' + extra + attacks
+    return tiny_config(root, name, "batch_size = 3\nseed = 1\n", grid)
 
 
 @pytest.fixture(scope="module")

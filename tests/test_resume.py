@@ -22,14 +22,12 @@ from medrobust.store import RUN_DEPENDENT_CELL_FIELDS, RUN_DEPENDENT_METRICS, SA
 
 pytestmark = pytest.mark.slow
 
-# One cnn3d (trained by the first run) under FGSM at four budgets and two objectives: 8 quick cells, 3 subjects each.
-CONFIG = """
+# A tiny run: the built-in cohort (24 subjects on a 32^3 grid) and one cnn3d trained for one epoch, both made by
+# the first run into the folder's `cohort` and `models` and shared by the later ones; 3 test subjects attacked.
+TINY = """
 out = "{out}"
 models_dir = "{models}"
-batch_size = 1
-seed = 5
-objective = ["older", "younger"]
-
+{top}
 [dataset]
 builtin = true
 path = "{cohort}"
@@ -44,7 +42,20 @@ batch_size = 4
 
 [[models]]
 name = "cnn3d"
+"""
 
+
+def tiny_config(root: Path, name: str, top: str, grid: str) -> Path:
+    """`<root>/<name>.toml`: a tiny run into `<root>/<name>` with the top-level keys ``top`` and the budgets and
+    attacks ``grid`` (TOML text)."""
+    path = root / f"{name}.toml"
+    path.write_text(TINY.format(out=root / name, models=root / "models", cohort=root / "cohort", top=top) + grid)
+    return path
+
+
+# FGSM at four budgets and two objectives: 8 quick cells.
+TOP = 'batch_size = 1\nseed = 5\nobjective = ["older", "younger"]\n'
+GRID = """
 [[budgets]]
 norm = "linf"
 epsilon = [1e-3, 4e-3]
@@ -62,9 +73,7 @@ SEED = 20261126
 
 
 def _config(root: Path, name: str) -> Path:
-    path = root / f"{name}.toml"
-    path.write_text(CONFIG.format(out=root / name, models=root / "models", cohort=root / "cohort"))
-    return path
+    return tiny_config(root, name, TOP, GRID)
 
 
 @pytest.fixture(scope="module")
