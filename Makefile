@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export MALLOC_MMAP_THRESHOLD_ := 1073741824
 export MALLOC_TRIM_THRESHOLD_ := 1073741824
 
-.PHONY: venv test demo lint bench accuracy clean
+.PHONY: venv test demo lint bench bench-attacks accuracy clean
 
 venv: $(VENV)/.installed
 
@@ -36,6 +36,16 @@ lint: venv
 bench: venv
 	$(PY) scripts/bench_cohort.py
 	$(PY) scripts/bench_training.py --out runs/bench-training
+
+# Attack speed against the floor (one forward + backward w.r.t. the input), the pytest-benchmark benchmarks of
+# tests/benchmarks at the demo grid: the JSON (ratios in each benchmark's extra_info) and a markdown table go to
+# $(BENCH_OUT). Settings from MEDROBUST_BENCH_* (tests/benchmarks/ratios.py), e.g. MEDROBUST_BENCH_THREADS=1 on a
+# shared CPU.
+BENCH_OUT ?= runs/bench-attacks
+bench-attacks: venv
+	mkdir -p $(BENCH_OUT)
+	MEDROBUST_BENCH_TABLE=$(BENCH_OUT)/ratios.md $(PY) -m pytest -q -p no:cacheprovider tests/benchmarks \
+		--benchmark-only --benchmark-json=$(BENCH_OUT)/benchmarks.json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -7,9 +7,10 @@ best iterate) and turns the final iterate into an ``AttackResult``.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -74,7 +75,8 @@ class AttackState:
     """
 
     def __init__(self, attack: Attack, images: Tensor, features: Tensor | None, ages: Tensor | None,
-                 mask: Tensor | None, extractor: Callable[[Tensor], Tensor] | None = None) -> None:
+                 mask: Tensor | None, extractor: Callable[[Tensor], Tensor] | None = None,
+                 sample_seeds: Sequence[int] | Tensor | None = None) -> None:
         if attack.threat_model == "recomputed" and (extractor is None or features is None):
             raise MedrobustError("threat_model 'recomputed' needs the clean context features and a feature "
                                  "extractor (extractor=callable(images) -> features) with the batch")
@@ -90,8 +92,9 @@ class AttackState:
         self.forward = 0
         self.backward = 0
         self.steps = 0
-        # Created per call from the seed, so two calls with the same inputs give identical output.
-        self.generator = torch.Generator(device=images.device).manual_seed(attack.seed)
+        # One random stream per sample, created per call from (the attack's seed, the sample's seed): two calls
+        # with the same inputs give identical output, and a sample's draws do not depend on its batch.
+        self.generators = sample_generators(attack.seed, sample_seeds, images)
         self._view = (-1,) + (1,) * (images.dim() - 1)
         self.radius = attack.budget.radius(images)
         self.lower = self.upper = None
@@ -100,11 +103,49 @@ class AttackState:
             flat = images.flatten(1)
             self.lower = flat.amin(dim=1).view(self._view)
             self.upper = flat.amax(dim=1).view(self._view)
-        self.clean_prediction = self.predict(images)
         self.best_images = images
         self.best_features = features
-        self.best_prediction = self.clean_prediction
-        self.best_score = self.score(self.clean_prediction)
+        self._clean_prediction: Tensor | None = None
+        self._clean_hook = None
+        if attack.starts_clean:
+            # The attack's first model pass is at the clean images (its first gradient step): that pass's
+            # prediction is the clean prediction, taken by a one-shot forward hook before the pass is scored,
+            # instead of a forward pass of its own.
+            self._clean_hook = attack.model.register_forward_hook(self._take_clean)
+        else:
+            self._set_clean(self.predict(images))
+
+    @property
+    def clean_prediction(self) -> Tensor:
+        """The model's prediction [B] for the clean images: from the attack's first pass where it starts at the
+        clean images (``Attack.starts_clean``), else (or when asked for before that pass) a forward pass of its own."""
+        if self._clean_prediction is None:
+            self.release()
+            self._set_clean(self.predict(self.images))
+        return self._clean_prediction
+
+    def _set_clean(self, prediction: Tensor) -> None:
+        self._clean_prediction = prediction
+        self.best_prediction = prediction
+        self.best_score = self.score(prediction)
+
+    def _take_clean(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self.release()
+        self._set_clean(output.detach())
+
+    def release(self) -> None:
+        """Remove the clean-prediction hook from the model, if it is still there (the call ends or failed)."""
+        if self._clean_hook is not None:
+            self._clean_hook.remove()
+            self._clean_hook = None
+
+    def draw(self, sampler: Callable[..., Tensor] = torch.rand, per_voxel: bool = True) -> Tensor:
+        """Random draws from ``sampler`` (``torch.rand``, ``torch.randn``), each sample's from its own stream:
+        shaped like the images with ``per_voxel``, else one value per sample [B]; in the images' dtype."""
+        images = self.images
+        shape = images.shape[1:] if per_voxel else ()
+        return torch.stack([sampler(shape, generator=generator, dtype=images.dtype, device=images.device)
+                            for generator in self.generators])
 
     def predict(self, images: Tensor) -> Tensor:
         """The model's prediction [B] for ``images`` (features as the threat model says), without gradient."""
@@ -201,13 +242,12 @@ class AttackState:
         """A random point of the budget ball around the clean images (uniform for l-inf; for l2 a uniform
         direction at radius r * u^(1/d), d the number of voxels that may move), projected."""
         images = self.images
-        draw = {"generator": self.generator, "dtype": images.dtype, "device": images.device}
         radius = self.radius.view(self._view)
         if self.attack.budget.norm == "linf":
-            return self.project(images + (2 * torch.rand(images.shape, **draw) - 1) * radius)
-        direction = self._masked(torch.randn(images.shape, **draw))
+            return self.project(images + (2 * self.draw() - 1) * radius)
+        direction = self._masked(self.draw(torch.randn))
         dims = self._masked(torch.ones_like(images)).flatten(1).sum(dim=1)
-        fraction = torch.rand(images.shape[0], **draw) ** (1 / dims.clamp_min(1))
+        fraction = self.draw(per_voxel=False) ** (1 / dims.clamp_min(1))
         return self.project(images + (fraction * self.radius).view(self._view) * direction / self._l2(direction))
 
     def project(self, adversarial: Tensor) -> Tensor:
@@ -221,15 +261,14 @@ class AttackState:
             return torch.clamp(adversarial, *self._box)
         return self.project_delta(self._masked(adversarial - self.images))
 
-    def project_delta(self, delta: Tensor, norm: Tensor | None = None) -> Tensor:
+    def project_delta(self, delta: Tensor, shrink: Tensor | None = None) -> Tensor:
         """``project(images + delta)`` for a perturbation ``delta`` already zero outside the mask, the same image;
-        under l2 without taking ``delta`` back out of the sum and masking it. ``norm``: delta's l2 norm per sample
-        [B], where the caller has it (l2 budgets)."""
+        under l2 without taking ``delta`` back out of the sum and masking it. ``shrink``: l2 only, delta's
+        ``l2_shrink`` where the caller has it."""
         if self.attack.budget.norm == "linf":
             return self.project(self.images + delta)
-        if norm is None:
-            norm = torch.linalg.vector_norm(delta.flatten(1), ord=2, dim=1)
-        shrink = (self.radius / norm.clamp_min(torch.finfo(delta.dtype).tiny)).clamp_(max=1)
+        if shrink is None:
+            shrink = self.l2_shrink(torch.linalg.vector_norm(delta.flatten(1), ord=2, dim=1))
         delta = delta * shrink.view(self._view)
         adversarial = self.images + delta
         # fl(x + delta) may land half an ulp farther from x than delta (in float32 at the paper's epsilon, a few
@@ -240,6 +279,11 @@ class AttackState:
         if self.lower is not None:
             adversarial = adversarial.clamp_(self.lower, self.upper)
         return adversarial
+
+    def l2_shrink(self, norm: Tensor) -> Tensor:
+        """Per sample [B], the factor that brings a perturbation of l2 norm ``norm`` [B] into the ball: min(1, r /
+        norm) (1 for a zero perturbation)."""
+        return (self.radius / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp_(max=1)
 
     def _linf_box(self) -> tuple[Tensor, Tensor]:
         """Per voxel, the lowest and highest allowed value under an l-inf budget: x -/+ r, moved one ulp toward x
@@ -269,6 +313,7 @@ class AttackState:
     def finish(self, adversarial: Tensor) -> AttackResult:
         """The result for the final iterate, or for the best iterate per sample under ``keep_best``; one
         forward pass predicts (and scores) the final iterate."""
+        clean_prediction = self.clean_prediction  # before the final pass, which must not be taken for the clean one
         prediction = self.predict(adversarial)
         features = self.features
         if self.attack.keep_best:
@@ -277,7 +322,7 @@ class AttackState:
         return AttackResult(
             images=adversarial.detach(),
             features=features,
-            clean_prediction=self.clean_prediction,
+            clean_prediction=clean_prediction,
             adversarial_prediction=prediction,
             forward=self.forward,
             backward=self.backward,
@@ -293,6 +338,28 @@ class AttackState:
         if self.mask is None:
             return tensor
         return torch.where(self.mask, tensor, torch.zeros_like(tensor))
+
+
+def sample_generators(seed: int, sample_seeds: Sequence[int] | Tensor | None, images: Tensor) -> list[torch.Generator]:
+    """One generator per sample on the images' device, seeded from (``seed``, that sample's seed); without
+    ``sample_seeds`` the samples' positions in the batch (0, 1, ...) serve as their seeds."""
+    count = images.shape[0]
+    if sample_seeds is None:
+        sample_seeds = range(count)
+    else:
+        if isinstance(sample_seeds, Tensor):
+            if sample_seeds.is_floating_point() or sample_seeds.is_complex() or sample_seeds.dim() != 1:
+                raise MedrobustError(f"sample_seeds must hold one integer per image, got a tensor of dtype "
+                                     f"{sample_seeds.dtype} and shape {list(sample_seeds.shape)}")
+            sample_seeds = sample_seeds.tolist()  # once per call, before any model pass
+        sample_seeds = list(sample_seeds)
+        if len(sample_seeds) != count or not all(
+                isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in sample_seeds):
+            raise MedrobustError(f"sample_seeds must hold one integer >= 0 per image ({count} here), got "
+                                 f"{sample_seeds!r}")
+    # A hash mixes the two seeds, so that nearby seeds give unrelated streams.
+    return [torch.Generator(device=images.device).manual_seed(
+        int(hashlib.sha256(f"{seed}:{int(sample)}".encode()).hexdigest()[:16], 16)) for sample in sample_seeds]
 
 
 def _feature_radius(attack: Attack, features: Tensor | None) -> Tensor | None:
@@ -330,6 +397,9 @@ class Attack:
     name: ClassVar[str] = ""
     norms: ClassVar[tuple[str, ...]] = NORMS
     threat_models: ClassVar[tuple[str, ...]] = ("fixed",)
+    # True where the attack's first model pass is a gradient step at the clean images: that pass then also gives
+    # the clean prediction (one forward pass fewer). An attack sets it only where that holds for every call.
+    starts_clean: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -416,12 +486,16 @@ class Attack:
         ages: Tensor | None = None,
         mask: Tensor | None = None,
         extractor: Callable[[Tensor], Tensor] | None = None,
+        sample_seeds: Sequence[int] | Tensor | None = None,
     ) -> AttackResult:
         """Attack a batch: ``images`` float [B, ...] (2D or 3D, any intensity range, any device), ``features``
         [B, F] or None passed to the model unchanged, ``ages`` [B] true ages (objective ``error``), ``mask``
         bool or float broadcastable to ``images``: the perturbation is zero wherever it is zero/False;
         ``extractor`` (threat model ``recomputed`` only): callable(images) -> features [B, F], differentiable,
-        giving the clean features on the clean images (e.g. ``medrobust.context.SoftVolumes``)."""
+        giving the clean features on the clean images (e.g. ``medrobust.context.SoftVolumes``);
+        ``sample_seeds``: one integer >= 0 per image (e.g. derived from each subject's id): each image's random
+        draws come from its own stream, seeded from (``seed``, its sample seed), so that they do not depend on
+        how a set of images is cut into batches (None: the images' positions in the batch)."""
         images = _check_images(images)
         mask = _check_mask(mask, images)
         if ages is not None:
@@ -433,15 +507,18 @@ class Attack:
         model = self.model
         flags = [parameter.requires_grad for parameter in model.parameters()]
         modes = [module.training for module in model.modules()]
+        state = None
         try:
             # Frozen parameters: autograd computes and accumulates no parameter gradient at all.
             model.requires_grad_(False)
             model.eval()
             # A caller's torch.no_grad() (an evaluation loop) must not switch the attack's gradients off.
             with torch.enable_grad():
-                state = AttackState(self, images, features, ages, mask, extractor)
+                state = AttackState(self, images, features, ages, mask, extractor, sample_seeds)
                 return state.finish(self.perturb(state))
         finally:
+            if state is not None:
+                state.release()
             for parameter, flag in zip(model.parameters(), flags, strict=True):
                 parameter.requires_grad_(flag)
             for module, mode in zip(model.modules(), modes, strict=True):

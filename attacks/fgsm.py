@@ -6,6 +6,7 @@ from torch import Tensor
 
 from medrobust.attacks._registry import register_attack
 from medrobust.attacks.base import Attack, AttackState
+from medrobust.attacks.pgd import ascend
 
 
 @register_attack
@@ -21,4 +22,4 @@ class FGSM(Attack):
     threat_models = ("fixed", "perturbed", "recomputed")
 
     def perturb(self, state: AttackState) -> Tensor:
-        return state.ascend(state.images, state.gradient(state.images), 1.0)
+        return ascend(state, state.images, state.gradient(state.images), 1.0)

@@ -26,8 +26,8 @@ class Noise(Attack):
 
     Each draw d is tried with both signs, x + d and x - d (antithetic pairs: as likely as any draw, and where
     the model is locally linear one of the two never lowers the objective); with ``keep_best`` the best of
-    the 2 x ``draws`` noisy images, or the clean image where all are worse, is returned. The draws come from
-    the call's seeded generator.
+    the 2 x ``draws`` noisy images, or the clean image where all are worse, is returned. Each image's draws come
+    from its own seeded stream (``sample_seeds``), so they do not depend on the batch it is in.
 
     Each noisy image is scored through ``state.gradient`` (one forward and one backward pass, the gradient
     unused) because the attack contract counts at least one backward pass; so ``steps`` counts noisy images.
@@ -48,10 +48,9 @@ class Noise(Attack):
         projection and clipping."""
         images = state.images
         if self.distribution == "uniform":
-            heads = torch.rand(images.shape, generator=state.generator, device=images.device) < 0.5
-            noise = heads.to(images.dtype) * 2 - 1
+            noise = torch.where(state.draw() < 0.5, 1.0, -1.0).to(images.dtype)
         else:
-            noise = torch.randn(images.shape, generator=state.generator, dtype=images.dtype, device=images.device)
+            noise = state.draw(torch.randn)
         if state.mask is not None:
             noise = noise * state.mask
         norm = perturbation_norms(noise)[self.budget.norm]

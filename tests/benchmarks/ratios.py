@@ -1,0 +1,153 @@
+"""Attack cost against its floor, measured side by side: the helpers of the attack-speed benchmarks.
+
+The floor is one forward and one backward pass with respect to the input only (parameters frozen) on the same
+batch. Every benchmark round times, back to back, the floor, the attack at a short step count and the attack at
+its nominal step count (the one pytest-benchmark reports), and the ratios are taken within the round before the
+median over rounds, so a load that changes between rounds cancels. Two ratios per attack:
+
+- ``whole``: the whole call divided by (its backward passes x the floor). It includes the fixed passes of the
+  call (the clean prediction, where the attack does not take it from its first step, and the final prediction),
+  so it depends on the step count; its floor is 1.
+- ``marginal``: (nominal call - short call) / ((their difference in backward passes) x the floor): the cost
+  of one more step, fixed passes excluded; its floor is 1 as well.
+
+Settings come from the environment, so that one benchmark file serves the CPU, a GPU, the demo grid and the
+paper's full grid: ``MEDROBUST_BENCH_DEVICE`` (default ``cpu``), ``MEDROBUST_BENCH_GRID`` (``48x56x48``),
+``MEDROBUST_BENCH_BATCH`` (8), ``MEDROBUST_BENCH_PRECISION`` (``fp32``, or ``bf16``/``fp16`` under
+torch.autocast), ``MEDROBUST_BENCH_ROUNDS`` (5), ``MEDROBUST_BENCH_MODELS`` (``cnn3d,hybrid_e2e``),
+``MEDROBUST_BENCH_ATTACKS`` (all; a comma-separated subset of the case labels), ``MEDROBUST_BENCH_THREADS``
+(torch's CPU threads; unset: torch's default. On a CPU that other work shares, 1 thread keeps OpenMP's
+spin-waiting from swamping the timings) and ``MEDROBUST_BENCH_TABLE`` (a path: the ratio table is also written
+there as markdown).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from medrobust.errors import MedrobustError
+
+N_FEATURES = 173  # the built-in cohort's context features
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Every ratio measured in this session, in order: what the terminal summary and the markdown table show.
+RESULTS: list[dict] = []
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: torch.device
+    grid: tuple[int, int, int]
+    batch: int
+    precision: str
+    rounds: int
+    models: tuple[str, ...]
+    attacks: tuple[str, ...] | None
+    threads: int | None
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ.get
+        grid = tuple(int(n) for n in env("MEDROBUST_BENCH_GRID", "48x56x48").lower().split("x"))
+        if len(grid) != 3 or min(grid) < 1:
+            raise MedrobustError(f"MEDROBUST_BENCH_GRID must be three sizes like 48x56x48, got {grid!r}")
+        precision = env("MEDROBUST_BENCH_PRECISION", "fp32")
+        if precision not in ("fp32", *PRECISION_DTYPES):
+            raise MedrobustError(f"MEDROBUST_BENCH_PRECISION must be fp32, bf16 or fp16, got {precision!r}")
+        attacks, threads = env("MEDROBUST_BENCH_ATTACKS"), env("MEDROBUST_BENCH_THREADS")
+        return cls(device=torch.device(env("MEDROBUST_BENCH_DEVICE", "cpu")), grid=grid,
+                   batch=int(env("MEDROBUST_BENCH_BATCH", "8")), precision=precision,
+                   rounds=int(env("MEDROBUST_BENCH_ROUNDS", "5")),
+                   models=tuple(env("MEDROBUST_BENCH_MODELS", "cnn3d,hybrid_e2e").split(",")),
+                   attacks=None if not attacks else tuple(attacks.split(",")),
+                   threads=None if not threads else int(threads))
+
+    def autocast(self):
+        """The context every timed call runs in: nothing for fp32, torch.autocast otherwise (as the runner)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=PRECISION_DTYPES[self.precision])
+
+    def label(self) -> str:
+        threads = "" if self.threads is None else f" {self.threads} thread{'s' * (self.threads > 1)}"
+        return f"{self.device.type}{threads} {'x'.join(map(str, self.grid))} batch {self.batch} {self.precision}"
+
+
+def timed(call: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call, the device synchronized before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    call()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def floor_pass(model: torch.nn.Module, images: torch.Tensor, features: torch.Tensor | None) -> Callable[[], None]:
+    """One forward and one backward pass with respect to the input only (the model's parameters frozen)."""
+    def floor() -> None:
+        leaf = images.detach().requires_grad_(True)
+        torch.autograd.grad(model(leaf, features).sum(), leaf)
+    return floor
+
+
+def measure(benchmark, settings: Settings, label: str, model_name: str, nominal: Callable[[], int],
+            short: Callable[[], int] | None, floor: Callable[[], None]) -> dict:
+    """Benchmark ``nominal`` (a call returning the backward passes it made) with the floor and ``short`` (the same
+    attack at a smaller step count, or None) timed in the same rounds, just before it; record the ratios in
+    ``benchmark.extra_info`` and in RESULTS."""
+    device = settings.device
+    with settings.autocast():  # warm-up, and the passes each call makes
+        floor()
+        passes = nominal()
+        short_passes = short() if short is not None else None
+    floors: list[float] = []
+    shorts: list[float] = []
+
+    def setup() -> None:
+        with settings.autocast():
+            floors.append(timed(floor, device))
+            if short is not None:
+                shorts.append(timed(short, device))
+
+    def target() -> None:
+        with settings.autocast():
+            nominal()
+        synchronize(device)
+
+    benchmark.pedantic(target, setup=setup, rounds=settings.rounds, iterations=1, warmup_rounds=0)
+    calls = list(benchmark.stats.stats.data)
+    whole = statistics.median(call / (passes * f) for call, f in zip(calls, floors, strict=True))
+    row = {"model": model_name, "attack": label, "settings": settings.label(), "backward_passes": passes,
+           "floor_ms": 1e3 * statistics.median(floors), "call_ms": 1e3 * statistics.median(calls),
+           "whole_ratio": whole, "marginal_ratio": None, "short_backward_passes": short_passes,
+           "rounds": settings.rounds}
+    if short is not None and passes > short_passes:
+        row["marginal_ratio"] = statistics.median((call - s) / ((passes - short_passes) * f)
+                                                  for call, s, f in zip(calls, shorts, floors, strict=True))
+    benchmark.extra_info.update(row)
+    RESULTS.append(row)
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    """The ratio table: one row per benchmark, ratios to the floor measured in the same rounds."""
+    lines = ["| settings | model | attack | backward passes | whole call / (passes x floor) | marginal step / floor "
+             "| floor (ms) |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        marginal = "" if row["marginal_ratio"] is None else (
+            f"{row['marginal_ratio']:.3f} ({row['short_backward_passes']} -> {row['backward_passes']})")
+        whole = "" if row["whole_ratio"] is None else f"{row['whole_ratio']:.3f}"
+        lines.append(f"| {row['settings']} | {row['model']} | {row['attack']} | {row['backward_passes']} | "
+                     f"{whole} | {marginal} | {row['floor_ms']:.1f} |")
+    return "\n".join(lines) + "\n"
