@@ -140,7 +140,9 @@ class StraightThrough:
 
     Computed as extractor(x) + (surrogate(x) - surrogate(x).detach()): the bracket is exactly zero, so the value
     is the extractor's bit for bit (the form surrogate(x) + (extractor(x) - surrogate(x)).detach() can differ
-    from it by a rounding), and its gradient is the surrogate's alone.
+    from it by a rounding), and its gradient is the surrogate's alone. Where no gradient can flow (under
+    ``torch.no_grad()`` or for images that do not require one, as in an attack's forward-only predictions), the
+    surrogate is not evaluated.
     """
 
     def __init__(self, extractor: Callable[[Tensor], Tensor], surrogate: Callable[[Tensor], Tensor]) -> None:
@@ -149,6 +151,8 @@ class StraightThrough:
 
     def __call__(self, images: Tensor) -> Tensor:
         value = self.extractor(images).detach()
+        if not (torch.is_grad_enabled() and images.requires_grad):  # no gradient wanted: the surrogate is moot
+            return value
         approximation = self.surrogate(images)
         return value + (approximation - approximation.detach())
 

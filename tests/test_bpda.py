@@ -81,6 +81,14 @@ def test_straight_through_is_exact_for_any_pair_of_extractors():
     (grad,) = torch.autograd.grad(value.sum(), x)
     assert torch.equal(grad, scale)
 
+    def unused(images):
+        raise AssertionError("the surrogate ran where no gradient was wanted")
+
+    forward_only = StraightThrough(lambda x: x * 2, unused)
+    with torch.no_grad():
+        assert torch.equal(forward_only(x), x.detach() * 2)
+    assert torch.equal(forward_only(x.detach()), x.detach() * 2)
+
 
 def test_an_attack_through_the_straight_through_extractor_moves_a_hybrid_the_hard_one_alone_cannot():
     # The hybrid sees the image only through its volumes, so the attack can only work through the extractor.
