@@ -130,7 +130,11 @@ class _WriterLock:
 
     def __init__(self, store_path: Path) -> None:
         self.path = lock_path(store_path)
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise MedrobustError(f"cannot open the store's lock file {self.path} ({err.strerror}); a run needs a "
+                                 f"folder it can write") from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

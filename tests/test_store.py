@@ -250,3 +250,11 @@ def test_two_writers_in_one_process_also_exclude_each_other(tmp_path):
         with pytest.raises(StoreBusyError, match=f"pid {os.getpid()}"):
             ResultStore(tmp_path)
         assert time.monotonic() - started < 1.0  # refused at once, not after a wait
+
+
+def test_a_lock_file_that_cannot_be_opened_is_a_clear_error(tmp_path):
+    lock_path(tmp_path / "results.sqlite").mkdir()  # in the lock file's place, something that is no file
+    with pytest.raises(MedrobustError, match="cannot open the store's lock file .*results.sqlite.lock"):
+        ResultStore(tmp_path)
+    with ResultStore(tmp_path, writer=False) as reader:  # readers need no lock file
+        assert reader.statuses() == {}
