@@ -64,8 +64,9 @@ class L0(Attack):
         depth = min(clean.shape[1], (budget + 1) * self.max_failures)
         counters = {key: torch.zeros(clean.shape[0], dtype=torch.long, device=clean.device)
                     for key in ("changed", "failures", "position", "since_rank")}
-        ranked, order = self._rank(state, adversarial, depth)
-        score = step_features(state, adversarial.view_as(state.images), state.score(state.clean_prediction))
+        ranked, order, feature_grad = self._rank(state, adversarial, depth)
+        score = step_features(state, adversarial.view_as(state.images), state.score(state.clean_prediction),
+                              feature_grad)
         while True:
             position = counters["position"].clamp(max=depth - 1)[:, None]
             # A sample's ranking ends at its depth or at the first voxel it may not change (ranked -1).
@@ -93,34 +94,36 @@ class L0(Attack):
             if self.rerank_every is not None:
                 stale = counters["since_rank"] >= self.rerank_every
                 if stale.any():
-                    fresh_ranked, fresh_order = self._rank(state, adversarial, depth)
+                    fresh_ranked, fresh_order, feature_grad = self._rank(state, adversarial, depth)
                     ranked = torch.where(stale[:, None], fresh_ranked, ranked)
                     order = torch.where(stale[:, None], fresh_order, order)
                     for key in ("position", "since_rank"):
                         counters[key] = torch.where(stale, 0, counters[key])
-                    score = step_features(state, adversarial.view_as(state.images), score)
+                    score = step_features(state, adversarial.view_as(state.images), score, feature_grad)
         return adversarial.view_as(state.images)
 
-    def _rank(self, state: AttackState, adversarial: Tensor, depth: int) -> tuple[Tensor, Tensor]:
-        """The ``depth`` largest |gradient| at ``adversarial`` [B, N] and their voxels, per sample (one forward and
-        backward); voxels outside the mask and voxels already changed rank last, at -1: re-ranking moves on to
-        new voxels."""
-        magnitude = state.gradient(adversarial.view_as(state.images)).abs().flatten(1)
+    def _rank(self, state: AttackState, adversarial: Tensor, depth: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The ``depth`` largest |gradient| at ``adversarial`` [B, N] and their voxels, per sample, and the
+        features' gradient of the same pass (None unless ``perturbed``): one forward and backward. Voxels outside
+        the mask and voxels already changed rank last, at -1: re-ranking moves on to new voxels."""
+        evaluation = state.evaluate(adversarial.view_as(state.images))
+        magnitude = evaluation.grad.abs().flatten(1)
         excluded = adversarial != state.images.flatten(1)
         if state.mask is not None:
             excluded |= ~state.mask.flatten(1)
-        return torch.where(excluded, -1.0, magnitude).topk(depth, dim=1)
+        ranked, order = torch.where(excluded, -1.0, magnitude).topk(depth, dim=1)
+        return ranked, order, evaluation.feature_grad
 
 
-def step_features(state: AttackState, adversarial: Tensor, score: Tensor) -> Tensor:
-    """Under ``perturbed``: a signed step of each volume's whole radius along the feature gradient of the last
-    ``state.gradient`` call, kept in its box, accepted per sample where it raises ``score`` (the objective [B]
-    at ``adversarial`` with the current features); returns the score after. One forward; a no-op (no pass)
-    under the other threat models."""
-    if state.feature_radius is None:
+def step_features(state: AttackState, adversarial: Tensor, score: Tensor, feature_grad: Tensor | None) -> Tensor:
+    """Under ``perturbed``: a signed step of each volume's whole radius along ``feature_grad`` (from
+    ``state.evaluate``), kept in its box, accepted per sample where it raises ``score`` (the objective [B] at
+    ``adversarial`` with the current features); returns the score after. One forward; a no-op (no pass) under
+    the other threat models."""
+    if feature_grad is None:
         return score
     before = state.features
-    state._ascend_features(1.0)
+    state.features = state.ascend_features(before, feature_grad, 1.0)
     trial = state.score(state.predict(adversarial))
     better = trial > score
     state.features = torch.where(better[:, None], state.features, before)
