@@ -149,9 +149,12 @@ class CW(Attack):
                 with torch.no_grad():
                     tanh = torch.tanh(w)
                     delta = torch.sub(tanh, tanh_start).mul_(half_span)
-                    norm = torch.linalg.vector_norm(delta.flatten(1), dim=1) if self.budget.norm == "l2" else None
+                    norm = shrink = None
+                    if self.budget.norm == "l2":
+                        norm = torch.linalg.vector_norm(delta.flatten(1), dim=1)
+                        shrink = state.l2_shrink(norm)
                     # The model sees the iterate projected into the budget: every forward scores an allowed image.
-                    adversarial = state.project_delta(delta, norm)
+                    adversarial = state.project_delta(delta, shrink)
                     if state.lower is None:  # clip="none": the tanh box still holds, float rounding included
                         adversarial = adversarial.clamp_(lower, upper)
                     features = None
@@ -161,8 +164,8 @@ class CW(Attack):
                 evaluation = state.evaluate(adversarial, features, constant)
                 step_best = torch.maximum(step_best, evaluation.score)
                 with torch.no_grad():
-                    w.grad = self._loss_gradient(delta, norm, evaluation.grad, tanh, state.radius, distance_slope,
-                                                 box_slope)
+                    w.grad = self._loss_gradient(delta, norm, shrink, evaluation.grad, tanh, state.radius,
+                                                 distance_slope, box_slope)
                     if moving:
                         # d(-c objective)/dv through f = clean + r tanh(v); no distance term: the box is the budget.
                         v.grad = -evaluation.feature_grad * state.feature_radius * (1 - tanh_v * tanh_v)
@@ -172,11 +175,12 @@ class CW(Attack):
             )
         return adversarial
 
-    def _loss_gradient(self, delta: Tensor, norm: Tensor | None, scaled_grad: Tensor, tanh: Tensor,
-                       radius: Tensor, distance_slope: Tensor, box_slope: Tensor) -> Tensor:
+    def _loss_gradient(self, delta: Tensor, norm: Tensor | None, shrink: Tensor | None, scaled_grad: Tensor,
+                       tanh: Tensor, radius: Tensor, distance_slope: Tensor, box_slope: Tensor) -> Tensor:
         """Gradient with respect to w of ||x' - x||^2 / R^2 - c * objective(P(x')), P the projection into the
         budget ball, from c * (gradient of the objective at P(x')) (``scaled_grad``, overwritten): the chain rule
-        through P and the tanh box."""
+        through P and the tanh box. ``norm`` and ``shrink`` [B] (l2 only): ||delta|| and P's factor r / ||delta||
+        (1 inside the ball)."""
         view = (-1,) + (1,) * (delta.dim() - 1)
         if self.budget.norm == "linf":
             # P clamps each voxel: where it binds, the objective does not move with that voxel.
@@ -185,7 +189,6 @@ class CW(Attack):
         else:
             # Outside the ball P(d) = r d / n (n = ||d||), whose Jacobian is (r / n) (I - d d^T / n^2).
             tiny = torch.finfo(delta.dtype).tiny
-            shrink = (radius / norm.clamp_min(tiny)).clamp_(max=1)  # as state.project_delta scales delta
             # d . g per sample as one batched matrix product (no [B, N] temporary, unlike vecdot's product and sum).
             dot = torch.bmm(delta.flatten(1).unsqueeze(1), scaled_grad.flatten(1).unsqueeze(2)).flatten()
             along_delta = distance_slope + torch.where(shrink < 1, shrink * dot / norm.square().clamp_min(tiny), 0)
