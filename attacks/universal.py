@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -87,19 +87,22 @@ class Universal(Attack):
         self.fit_counters = (0, 0, 0)
 
     def __call__(self, images: Tensor, features: Tensor | None = None, ages: Tensor | None = None,
-                 mask: Tensor | None = None, extractor: Callable[[Tensor], Tensor] | None = None) -> AttackResult:
+                 mask: Tensor | None = None, extractor: Callable[[Tensor], Tensor] | None = None,
+                 sample_seeds: Sequence[int] | Tensor | None = None) -> AttackResult:
         """Fit the perturbation on this batch and apply it to the same batch; the counters include the fit."""
         self.fit([(images, features, ages, mask, extractor)])
-        result = self.apply(images, features, ages, mask, extractor)
+        result = self.apply(images, features, ages, mask, extractor, sample_seeds)
         forward, backward, steps = self.fit_counters
         return dataclasses.replace(result, forward=result.forward + forward, backward=result.backward + backward,
                                    steps=result.steps + steps)
 
     def apply(self, images: Tensor, features: Tensor | None = None, ages: Tensor | None = None,
-              mask: Tensor | None = None, extractor: Callable[[Tensor], Tensor] | None = None) -> AttackResult:
+              mask: Tensor | None = None, extractor: Callable[[Tensor], Tensor] | None = None,
+              sample_seeds: Sequence[int] | Tensor | None = None) -> AttackResult:
         """Attack a batch with the fitted perturbation (two forward passes: clean and adversarial). Under
         ``perturbed`` the fitted feature change moves the batch's volumes too; under ``recomputed`` the batch's
-        ``extractor`` measures the features of the perturbed images."""
+        ``extractor`` measures the features of the perturbed images. ``sample_seeds`` are validated as by every
+        attack; the universal perturbation draws nothing from them."""
         if self.perturbation is None:
             raise MedrobustError("the universal perturbation is not fitted yet: call fit(batches) first")
         if tuple(images.shape[1:]) != tuple(self.perturbation.shape[1:]):
@@ -109,7 +112,7 @@ class Universal(Attack):
         if shift is not None and features is not None and features.shape[1:] != shift.shape[1:]:
             raise MedrobustError(f"features of {features.shape[1]} columns do not match the fitted feature "
                                  f"perturbation's {shift.shape[1]}")
-        return super().__call__(images, features, ages, mask, extractor)
+        return super().__call__(images, features, ages, mask, extractor, sample_seeds)
 
     def perturb(self, state: AttackState) -> Tensor:
         delta = self.perturbation.to(dtype=state.images.dtype, device=state.images.device)

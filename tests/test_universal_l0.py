@@ -147,6 +147,17 @@ def test_fit_needs_a_reiterable_set_and_apply_a_fitted_perturbation() -> None:
         create_attack("universal", model, algorithm="adam")
 
 
+def test_universal_takes_sample_seeds_as_every_attack_and_draws_nothing_from_them() -> None:
+    model, images, _ = linear_set()
+    attack = create_attack("universal", model, budget={"epsilon": 0.01})
+    plain = attack(images)
+    seeded = attack(images, sample_seeds=[5, 6, 7, 8])
+    assert torch.equal(plain.images, seeded.images)
+    assert torch.equal(attack.apply(images, sample_seeds=[1, 2, 3, 4]).images, plain.images)
+    with pytest.raises(MedrobustError, match="sample_seeds"):
+        attack.apply(images, sample_seeds=[1, 2])
+
+
 def test_fit_leaves_the_model_as_it_found_it() -> None:
     model = build("cnn3d")
     images, mask = brain_batch(GRID, batch=2)
