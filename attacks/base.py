@@ -189,14 +189,18 @@ class AttackState:
         score = self.score(prediction)
         grads = torch.autograd.grad(score, inputs, torch.ones_like(score) if weights is None else weights,
                                     allow_unused=True)
-        grad = torch.zeros_like(leaf) if grads[0] is None else grads[0]  # a model that ignores the image
+        # A model that ignores the image, or (under perturbed) the features: a zero gradient, not None.
+        grad = torch.zeros_like(leaf) if grads[0] is None else grads[0]
+        feature_grad = None
+        if len(grads) > 1:
+            feature_grad = torch.zeros_like(features) if grads[1] is None else grads[1]
         self.features = None if features is None else features.detach()
         self.forward += 1
         self.backward += 1
         self.steps += 1
         prediction, score = prediction.detach(), score.detach()
         self.record(adversarial, prediction, score)
-        return Evaluation(grad, grads[1] if len(grads) > 1 else None, prediction, score)
+        return Evaluation(grad, feature_grad, prediction, score)
 
     def gradient(self, adversarial: Tensor) -> Tensor:
         """Gradient of the objective with respect to the image at ``adversarial`` (``evaluate`` at the current

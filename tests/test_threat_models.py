@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_attacks import one_cpu_thread  # noqa: F401  (autouse: one thread for tiny tensors)
+from test_attacks import build, inputs, one_cpu_thread  # noqa: F401  (one_cpu_thread: autouse)
 
 from medrobust.attacks import Budget, attack_entrypoint, create_attack, list_attacks
 from medrobust.errors import MedrobustError
@@ -260,3 +260,16 @@ def test_evaluate_gives_the_weighted_gradients_and_refuses_features_it_cannot_us
         assert state.evaluate(images).feature_grad is None
         with pytest.raises(MedrobustError, match="only under threat_model 'perturbed'"):
             state.evaluate(images, features)
+
+
+@pytest.mark.parametrize("name", ["pgd", *OWN_UPDATE])
+def test_perturbed_features_of_a_model_that_ignores_them_stay_clean(name):
+    # A model that takes the features and ignores them: no feature gradient reaches them, so they never move.
+    model = build("conv2d")
+    images, _, _, _ = inputs("conv2d")
+    features = torch.tensor([[7.5, 25.0], [8.5, 40.0]])
+    kwargs = {"steps": 3} if name == "pgd" else {}
+    result = create_attack(name, model, budget={"epsilon": 0.02}, threat_model="perturbed", **SETTINGS[name],
+                           **kwargs)(images, features)
+    assert torch.equal(result.features, features)
+    assert (result.adversarial_prediction > result.clean_prediction).all()
