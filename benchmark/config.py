@@ -17,6 +17,7 @@ import torch
 
 from medrobust.attacks import OBJECTIVES, THREAT_MODELS, Budget, attack_entrypoint, create_attack, list_attacks
 from medrobust.cohort import CohortSpec
+from medrobust.context import EXTRACTORS
 from medrobust.errors import MedrobustError
 from medrobust.models import list_models
 from medrobust.models.checkpoint import checkpoint_paths
@@ -89,6 +90,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"  # fp32, or bf16/fp16 autocast (checked against fp32 on each cell's first batch)
+    extractor: str = "soft"  # how "recomputed" measures the volumes on an attacked image (medrobust.context)
     batch_size: int = 8
     brain_mask: bool = False
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -302,7 +304,8 @@ def parse_config(data: dict, source: str = "config") -> RunConfig:
         budgets=_budgets(budgets_raw, "budgets", table) if budgets_raw is not None else [],
         objectives=objectives, threat_models=threat_models, target_age=target_age,
         seed=table.take("seed", "int", 0), device=table.take("device", "str", "auto"),
-        precision=table.take("precision", "str", "fp32"), batch_size=table.take("batch_size", "int", 8),
+        precision=table.take("precision", "str", "fp32"), extractor=table.take("extractor", "str", "soft"),
+        batch_size=table.take("batch_size", "int", 8),
         brain_mask=table.take("brain_mask", "bool", False),
         training=training, raw=data)
     table.done()
@@ -310,6 +313,8 @@ def parse_config(data: dict, source: str = "config") -> RunConfig:
         table.fail(f"batch_size must be at least 1, got {config.batch_size}")
     if config.precision not in PRECISIONS:
         table.fail(f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+    if config.extractor not in EXTRACTORS:
+        table.fail(f"extractor must be one of {', '.join(EXTRACTORS)}, got {config.extractor!r}")
     _check_attacks(config, table)
     return config
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from medrobust.attacks import Budget, attack_entrypoint, create_attack, perturbation_norms
 from medrobust.cohort import synthesize
 from medrobust.config import AttackSpec, ModelSpec, RunConfig, builtin_cohort
-from medrobust.context import SoftVolumes
+from medrobust.context import make_extractor
 from medrobust.environment import describe_environment
 from medrobust.errors import MedrobustError
 from medrobust.metrics import image_metrics, rows_metrics
@@ -162,6 +162,8 @@ def expand_cells(config: RunConfig, base_spec: dict[str, dict], uses_features: d
                         cell = Cell(spec.label, attack, budget, objective, threat_model)
                         cell.spec = {**base_spec[spec.label], "attack": attack.name, **budget.as_dict(),
                                      "objective": objective, "threat_model": threat_model}
+                        if threat_model == "recomputed":  # how the features are measured on the attacked image
+                            cell.spec["extractor"] = config.extractor
                         cells.append(cell)
     return cells
 
@@ -190,7 +192,7 @@ def _attack_for(cell: Cell, model: BrainAgeModel, config: RunConfig, seed: int |
 def _inputs(data: PreparedDataset, rows: slice, model: BrainAgeModel, config: RunConfig,
             device: torch.device | None, recompute: bool = False) -> dict:
     """An attack's keyword arguments for the subjects ``rows`` of `data`, on `device` (None: host memory); with
-    ``recompute`` (threat model ``recomputed``), a soft-volume extractor over the batch's label maps."""
+    ``recompute`` (threat model ``recomputed``), the config's feature extractor over the batch's label maps."""
     def move(tensor):
         return tensor if device is None else tensor.to(device)
 
@@ -198,8 +200,8 @@ def _inputs(data: PreparedDataset, rows: slice, model: BrainAgeModel, config: Ru
     inputs = {"images": images, "features": move(data.features[rows]) if model.meta.uses_features else None,
               "ages": move(data.ages[rows]), "mask": move(data.masks[rows]) if config.brain_mask else None}
     if recompute:
-        inputs["extractor"] = SoftVolumes(data.labels[rows].to(images.device), data.feature_labels,
-                                          data.feature_names, images, inputs["features"])
+        inputs["extractor"] = make_extractor(config.extractor, data.labels[rows].to(images.device),
+                                             data.feature_labels, data.feature_names, images, inputs["features"])
     return inputs
 
 
@@ -251,7 +253,8 @@ def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: 
                      parity: bool = True) -> tuple[dict, list[dict]]:
     """Run ``call`` (an attack, or a fitted universal perturbation's ``apply``) over every subject of `data`;
     returns (metrics, per-subject rows). With ``recompute`` (threat model ``recomputed``) each batch comes with
-    a soft-volume extractor over its label maps. A callable that takes ``sample_seeds`` gets one seed per subject.
+    the config's feature extractor over its label maps. A callable that takes ``sample_seeds`` gets one seed per
+    subject.
 
     Batches have ``config.batch_size`` subjects until the device runs out of memory: the batch is then halved and
     retried (down to one subject), and later batches keep the smaller size; ``batch_size_used`` records it. In

@@ -123,6 +123,8 @@ BAD = [
     ('name = "hybrid"', 'name = "hybrid"\ncheckpoint = "nowhere/cnn3d-seed0"', "no checkpoint at"),
     ('shape = [32, 32, 32]', 'shape = [32, 32]', "dataset.shape must list three values"),
     ('subjects = 24', 'subjects = 2', "dataset.subjects must be at least 10"),
+    ('seed = 1', 'seed = 1\nprecision = "fp8"', "precision must be one of fp32, bf16, fp16"),
+    ('seed = 1', 'seed = 1\nextractor = "magic"', "extractor must be one of soft, hard, hard-bpda"),
 ]
 
 
