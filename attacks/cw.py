@@ -189,8 +189,9 @@ class CW(Attack):
         else:
             # Outside the ball P(d) = r d / n (n = ||d||), whose Jacobian is (r / n) (I - d d^T / n^2).
             tiny = torch.finfo(delta.dtype).tiny
-            # d . g per sample as one batched matrix product (no [B, N] temporary, unlike vecdot's product and sum).
-            dot = torch.bmm(delta.flatten(1).unsqueeze(1), scaled_grad.flatten(1).unsqueeze(2)).flatten()
+            # (A batched matrix product would save vecdot's [B, N] temporary, but took 3 ms here on the CPU where
+            # vecdot's product and sum take 0.6.)
+            dot = torch.linalg.vecdot(delta.flatten(1), scaled_grad.flatten(1))
             along_delta = distance_slope + torch.where(shrink < 1, shrink * dot / norm.square().clamp_min(tiny), 0)
             grad = torch.mul(delta, along_delta.view(view)).addcmul_(scaled_grad, shrink.view(view), value=-1)
         # dx'/dw = (R / 2) (1 - tanh(w)^2), zero outside the mask: box_slope - box_slope tanh^2.
