@@ -195,9 +195,10 @@ def _one_of(module: str, name: str):
 def run_cmd(config_path, report, retry_failed, device, precision, executor, ray_address, quiet) -> None:
     """Run the benchmark grid of a TOML config; results go to <out>/results.sqlite.
 
-    Cells already done are skipped, so the same command resumes an interrupted or killed run. Exit code 0: every
-    cell run here done; 1: some cells failed (recorded with their errors; see `medrobust status`); 2: bad input; 3:
-    another run is writing the same store.
+    Cells already done are skipped, so the same command resumes an interrupted or killed run; cells that failed
+    before are skipped unless --retry-failed. The page is rewritten unless nothing ran and it is newer than the
+    store. Exit code 0: every cell of the grid done; 1: some cells failed, here or earlier (recorded with their
+    errors; see `medrobust status`); 2: bad input; 3: another run is writing the same store.
     """
     import dataclasses
 
@@ -211,15 +212,28 @@ def run_cmd(config_path, report, retry_failed, device, precision, executor, ray_
     if overrides:  # the run's record (its config) says what ran
         config = dataclasses.replace(config, **overrides, raw={**config.raw, **overrides})
     summary = run(config, progress=not quiet, retry_failed=retry_failed, executor=executor, ray_address=ray_address)
-    click.echo(f"{summary.done} cells run, {summary.skipped} already finished, {len(summary.failed)} failed, "
-               f"{summary.unreliable} possibly unreliable "
+    earlier = f" (and {summary.failed_before} failed earlier, skipped)" if summary.failed_before else ""
+    click.echo(f"{summary.done} cells run, {summary.skipped - summary.failed_before} already finished, "
+               f"{len(summary.failed)} failed{earlier}, {summary.unreliable} possibly unreliable "
                f"({summary.seconds:.0f} s); results: {summary.store}")
     if report:
         from medrobust.reports import write_report
+        from medrobust.reports.leaderboard import PAGE_FILENAME
 
-        click.echo(f"leaderboard: {write_report(summary.out)}")
-    if summary.failed:
+        page = summary.out / PAGE_FILENAME
+        if summary.done or summary.failed or not _newer(page, summary.store):
+            page = write_report(summary.out)
+        click.echo(f"leaderboard: {page}")
+    if summary.failed or summary.failed_before:
         sys.exit(EXIT_FAILED_CELLS)
+
+
+def _newer(page, store) -> bool:
+    """Whether the page was written after the store (and its write-ahead log) last changed."""
+    from pathlib import Path
+
+    sources = [path for path in (Path(store), Path(f"{store}-wal")) if path.exists()]
+    return page.is_file() and all(page.stat().st_mtime_ns >= path.stat().st_mtime_ns for path in sources)
 
 
 @main.command("report")

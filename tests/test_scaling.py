@@ -12,7 +12,7 @@ import torch
 from medrobust.config import load_config
 from medrobust.errors import MedrobustError
 from medrobust.runner import plan, resolve_devices, run, subject_seeds
-from medrobust.store import ResultStore
+from medrobust.store import RUN_DEPENDENT_CELL_FIELDS, ResultStore
 
 CONFIG = """
 out = "{out}"
@@ -52,8 +52,8 @@ random_start = true
 [[attacks]]
 name = "noise"
 """
-# Keys of a cell's metrics that depend on the machine's load, not on the result.
-TIMING = ("attack_seconds", "seconds", "finished_at", "run_id")
+# Keys of a cell that depend on the run or the machine's load, not on the result.
+TIMING = RUN_DEPENDENT_CELL_FIELDS + ("attack_seconds",)
 
 
 def write_config(folder, name, precision="fp32", **replace) -> object:
