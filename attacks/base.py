@@ -265,15 +265,18 @@ class AttackState:
             return torch.clamp(adversarial, *self._box)
         return self.project_delta(self._masked(adversarial - self.images))
 
-    def project_delta(self, delta: Tensor, shrink: Tensor | None = None) -> Tensor:
-        """``project(images + delta)`` for a perturbation ``delta`` already zero outside the mask, the same image;
-        under l2 without taking ``delta`` back out of the sum and masking it. ``shrink``: l2 only, delta's
-        ``l2_shrink`` where the caller has it."""
+    def project_delta(self, delta: Tensor, scale: Tensor | None = None) -> Tensor:
+        """``project(images + scale * delta)`` for a ``delta`` already zero outside the mask: the same image in fewer
+        passes (under l2, the perturbation is not taken back out of the sum and masked again). ``scale`` [B]: a
+        factor per sample, 1 by default; under l2 it must bring scale * delta into the ball (include the
+        ``l2_shrink`` of scale * delta's norm), and by default is delta's ``l2_shrink``."""
         if self.attack.budget.norm == "linf":
-            return self.project(self.images + delta)
-        if shrink is None:
-            shrink = self.l2_shrink(torch.linalg.vector_norm(delta.flatten(1), ord=2, dim=1))
-        delta = delta * shrink.view(self._view)
+            if scale is None:
+                return self.project(self.images + delta)
+            return self.project(torch.addcmul(self.images, delta, scale.view(self._view)))
+        if scale is None:
+            scale = self.l2_shrink(torch.linalg.vector_norm(delta.flatten(1), ord=2, dim=1))
+        delta = delta * scale.view(self._view)
         adversarial = self.images + delta
         # fl(x + delta) may land half an ulp farther from x than delta (in float32 at the paper's epsilon, a few
         # 1e-5 of the radius): stepping such voxels one ulp back toward x keeps every realized move within
@@ -284,10 +287,12 @@ class AttackState:
             adversarial = adversarial.clamp_(self.lower, self.upper)
         return adversarial
 
-    def l2_shrink(self, norm: Tensor) -> Tensor:
+    def l2_shrink(self, norm: Tensor, radius: Tensor | None = None) -> Tensor:
         """Per sample [B], the factor that brings a perturbation of l2 norm ``norm`` [B] into the ball: min(1, r /
-        norm) (1 for a zero perturbation)."""
-        return (self.radius / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp_(max=1)
+        norm) (1 for a zero perturbation); ``radius`` [B] in place of r for a perturbation measured in other
+        units (r / a for a perturbation a * delta measured as ||delta||)."""
+        radius = self.radius if radius is None else radius
+        return (radius / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp_(max=1)
 
     def _linf_box(self) -> tuple[Tensor, Tensor]:
         """Per voxel, the lowest and highest allowed value under an l-inf budget: x -/+ r, moved one ulp toward x

@@ -121,8 +121,11 @@ class CW(Attack):
         # dx'/dw = (R / 2) (1 - tanh(w)^2): its per-sample factor R / 2, zero outside the mask (so w never moves
         # there), is fixed for the call.
         box_slope = half_span if mask is None else torch.where(mask, half_span, torch.zeros_like(images))
-        # d(||x' - x||^2 / R^2) / dx' = 2 (x' - x) / R^2, per sample.
-        distance_slope = 2 / (span * span).clamp_min(info.tiny).flatten()
+        # x' - x = (R / 2) direction, direction = tanh(w) - tanh(w0): the per-sample factor R / 2 stays out of the
+        # full-size tensors. d(||x' - x||^2 / R^2) / dx' = 2 (x' - x) / R^2 = (2 / R^2) (R / 2) direction.
+        half = half_span.flatten()
+        slope = 2 / (span * span).clamp_min(info.tiny).flatten() * half
+        bound = state.radius / half.clamp_min(info.tiny)  # the radius in units of direction: r / (R / 2)
         moving = state.feature_radius is not None
 
         clean_score = state.score(state.clean_prediction)
@@ -148,13 +151,15 @@ class CW(Attack):
             for _ in range(self.iterations):
                 with torch.no_grad():
                     tanh = torch.tanh(w)
-                    delta = torch.sub(tanh, tanh_start).mul_(half_span)
-                    norm = shrink = None
+                    direction = torch.sub(tanh, tanh_start)
+                    length = shrink = None
+                    scale = half
                     if self.budget.norm == "l2":
-                        norm = torch.linalg.vector_norm(delta.flatten(1), dim=1)
-                        shrink = state.l2_shrink(norm)
+                        length = torch.linalg.vector_norm(direction.flatten(1), dim=1)  # ||x' - x|| / (R / 2)
+                        shrink = state.l2_shrink(length, bound)
+                        scale = half * shrink
                     # The model sees the iterate projected into the budget: every forward scores an allowed image.
-                    adversarial = state.project_delta(delta, shrink)
+                    adversarial = state.project_delta(direction, scale)
                     if state.lower is None:  # clip="none": the tanh box still holds, float rounding included
                         adversarial = adversarial.clamp_(lower, upper)
                     features = None
@@ -164,8 +169,8 @@ class CW(Attack):
                 evaluation = state.evaluate(adversarial, features, constant)
                 step_best = torch.maximum(step_best, evaluation.score)
                 with torch.no_grad():
-                    w.grad = self._loss_gradient(delta, norm, shrink, evaluation.grad, tanh, state.radius,
-                                                 distance_slope, box_slope)
+                    w.grad = self._loss_gradient(direction, length, shrink, evaluation.grad, tanh, slope, bound,
+                                                 box_slope)
                     if moving:
                         # d(-c objective)/dv through f = clean + r tanh(v); no distance term: the box is the budget.
                         v.grad = -evaluation.feature_grad * state.feature_radius * (1 - tanh_v * tanh_v)
@@ -175,24 +180,25 @@ class CW(Attack):
             )
         return adversarial
 
-    def _loss_gradient(self, delta: Tensor, norm: Tensor | None, shrink: Tensor | None, scaled_grad: Tensor,
-                       tanh: Tensor, radius: Tensor, distance_slope: Tensor, box_slope: Tensor) -> Tensor:
+    def _loss_gradient(self, direction: Tensor, length: Tensor | None, shrink: Tensor | None, scaled_grad: Tensor,
+                       tanh: Tensor, slope: Tensor, bound: Tensor, box_slope: Tensor) -> Tensor:
         """Gradient with respect to w of ||x' - x||^2 / R^2 - c * objective(P(x')), P the projection into the
         budget ball, from c * (gradient of the objective at P(x')) (``scaled_grad``, overwritten): the chain rule
-        through P and the tanh box. ``norm`` and ``shrink`` [B] (l2 only): ||delta|| and P's factor r / ||delta||
-        (1 inside the ball)."""
-        view = (-1,) + (1,) * (delta.dim() - 1)
+        through P and the tanh box, with x' - x = d = (R / 2) ``direction``. Per sample [B]: ``slope``, the
+        distance term's gradient divided by ``direction``; l-inf: ``bound``, r / (R / 2); l2: ``length``,
+        ||direction||, and ``shrink``, P's factor r / ||d|| (1 inside the ball)."""
+        view = (-1,) + (1,) * (direction.dim() - 1)
         if self.budget.norm == "linf":
-            # P clamps each voxel: where it binds, the objective does not move with that voxel.
-            inside = delta.abs() <= radius.view(view)
-            grad = torch.mul(delta, distance_slope.view(view)).sub_(torch.where(inside, scaled_grad, 0))
+            # P clamps each voxel: where it binds (|d| > r), the objective does not move with that voxel.
+            inside = direction.abs() <= bound.view(view)
+            grad = torch.mul(direction, slope.view(view)).sub_(torch.where(inside, scaled_grad, 0))
         else:
             # Outside the ball P(d) = r d / n (n = ||d||), whose Jacobian is (r / n) (I - d d^T / n^2).
-            tiny = torch.finfo(delta.dtype).tiny
-            # (A batched matrix product would save vecdot's [B, N] temporary, but took 3 ms here on the CPU where
-            # vecdot's product and sum take 0.6.)
-            dot = torch.linalg.vecdot(delta.flatten(1), scaled_grad.flatten(1))
-            along_delta = distance_slope + torch.where(shrink < 1, shrink * dot / norm.square().clamp_min(tiny), 0)
-            grad = torch.mul(delta, along_delta.view(view)).addcmul_(scaled_grad, shrink.view(view), value=-1)
+            tiny = torch.finfo(direction.dtype).tiny
+            # s (d . g) / ||d||^2 d = s (direction . g) / ||direction||^2 direction: the factors R / 2 cancel.
+            dot = torch.linalg.vecdot(direction.flatten(1), scaled_grad.flatten(1))
+            radial = torch.where(shrink < 1, shrink * dot / length.square().clamp_min(tiny), 0)
+            grad = torch.mul(direction, (slope + radial).view(view))
+            grad = grad.addcmul_(scaled_grad, shrink.view(view), value=-1)
         # dx'/dw = (R / 2) (1 - tanh(w)^2), zero outside the mask: box_slope - box_slope tanh^2.
         return grad.mul_(torch.addcmul(box_slope, box_slope * tanh, tanh, value=-1))

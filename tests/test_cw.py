@@ -227,11 +227,12 @@ class _KernelCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize(("norm", "most"), [("l2", 36), ("linf", 18)])
+@pytest.mark.parametrize(("norm", "most"), [("l2", 36), ("linf", 17)])
 def test_an_iteration_adds_few_kernels_to_its_forward_and_backward_pass(norm: str, most: int) -> None:
     # On a GPU at the demo grid each elementwise kernel is a visible share of a 2 ms forward and backward pass,
     # so the iteration's bookkeeping (projection, chain rule, search, best iterate, Adam) is counted in kernels:
-    # 34 (l2) and 17 (l-inf) today, against 43 and 20 before the iteration was made lean.
+    # 34 (l2) and 16 (l-inf) today (20 and 13 of them on whole images), against 43 and 20 before the iteration
+    # was made lean.
     model = build("cnn3d")
     images, _, _, _ = inputs("cnn3d")
 
@@ -249,3 +250,16 @@ def test_an_iteration_adds_few_kernels_to_its_forward_and_backward_pass(norm: st
     one, three = (create_attack("cw", model, budget=budget, iterations=n, search_steps=1) for n in (1, 3))
     per_iteration = (kernels(lambda: three(images)) - kernels(lambda: one(images))) / 2
     assert per_iteration - kernels(floor) <= most
+
+
+@pytest.mark.parametrize("unit", ["range", "abs"])
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_an_image_of_one_intensity_stays_as_it_is(norm: str, unit: str) -> None:
+    # Its range is 0: the tanh box has no room, and no factor of it may turn into 0 / 0.
+    model = build("conv2d")
+    images, _, _, _ = inputs("conv2d")
+    images[1] = 3.0
+    result = create_attack("cw", model, budget={"norm": norm, "epsilon": 0.1, "unit": unit}, iterations=3,
+                           search_steps=2)(images)
+    assert torch.isfinite(result.images).all() and torch.equal(result.images[1], images[1])
+    assert not torch.equal(result.images[0], images[0])
