@@ -117,15 +117,13 @@ class CW(Attack):
         position = ((images - lower) / span.clamp_min(info.tiny) * 2 - 1).clamp(-1 + info.eps, 1 - info.eps)
         start = torch.atanh(position)
         tanh_start = torch.tanh(start)
-        half_span = span / 2
-        # dx'/dw = (R / 2) (1 - tanh(w)^2): its per-sample factor R / 2, zero outside the mask (so w never moves
-        # there), is fixed for the call.
-        box_slope = half_span if mask is None else torch.where(mask, half_span, torch.zeros_like(images))
-        # x' - x = (R / 2) direction, direction = tanh(w) - tanh(w0): the per-sample factor R / 2 stays out of the
-        # full-size tensors. d(||x' - x||^2 / R^2) / dx' = 2 (x' - x) / R^2 = (2 / R^2) (R / 2) direction.
-        half = half_span.flatten()
-        slope = 2 / (span * span).clamp_min(info.tiny).flatten() * half
+        # x' - x = (R / 2) direction, direction = tanh(w) - tanh(w0), and dx'/dw = (R / 2) (1 - tanh(w)^2): the
+        # per-sample factor R / 2 stays out of the full-size tensors, folded into per-sample factors.
+        half = (span / 2).flatten()
+        # The distance term's gradient with respect to w is (2 / R^2) (R / 2)^2 direction (1 - tanh(w)^2).
+        distance = 2 / (span * span).clamp_min(info.tiny).flatten() * half * half
         bound = state.radius / half.clamp_min(info.tiny)  # the radius in units of direction: r / (R / 2)
+        one = torch.ones((), dtype=images.dtype, device=images.device)
         moving = state.feature_radius is not None
 
         clean_score = state.score(state.clean_prediction)
@@ -169,8 +167,8 @@ class CW(Attack):
                 evaluation = state.evaluate(adversarial, features, constant)
                 step_best = torch.maximum(step_best, evaluation.score)
                 with torch.no_grad():
-                    w.grad = self._loss_gradient(direction, length, shrink, evaluation.grad, tanh, slope, bound,
-                                                 box_slope)
+                    w.grad = self._loss_gradient(direction, tanh, evaluation.grad, half, distance, bound, length,
+                                                 shrink, scale, one, mask)
                     if moving:
                         # d(-c objective)/dv through f = clean + r tanh(v); no distance term: the box is the budget.
                         v.grad = -evaluation.feature_grad * state.feature_radius * (1 - tanh_v * tanh_v)
@@ -180,25 +178,30 @@ class CW(Attack):
             )
         return adversarial
 
-    def _loss_gradient(self, direction: Tensor, length: Tensor | None, shrink: Tensor | None, scaled_grad: Tensor,
-                       tanh: Tensor, slope: Tensor, bound: Tensor, box_slope: Tensor) -> Tensor:
+    def _loss_gradient(self, direction: Tensor, tanh: Tensor, scaled_grad: Tensor, half: Tensor, distance: Tensor,
+                       bound: Tensor, length: Tensor | None, shrink: Tensor | None, scale: Tensor, one: Tensor,
+                       mask: Tensor | None) -> Tensor:
         """Gradient with respect to w of ||x' - x||^2 / R^2 - c * objective(P(x')), P the projection into the
-        budget ball, from c * (gradient of the objective at P(x')) (``scaled_grad``, overwritten): the chain rule
-        through P and the tanh box, with x' - x = d = (R / 2) ``direction``. Per sample [B]: ``slope``, the
-        distance term's gradient divided by ``direction``; l-inf: ``bound``, r / (R / 2); l2: ``length``,
-        ||direction||, and ``shrink``, P's factor r / ||d|| (1 inside the ball)."""
+        budget ball, from c * (gradient of the objective at P(x')) (``scaled_grad``): the chain rule through P and
+        the tanh box, with x' - x = d = (R / 2) ``direction``, zero outside the mask. Per sample [B]: ``half``,
+        R / 2; ``distance``, the distance term's factor (2 / R^2) (R / 2)^2; l-inf: ``bound``, r / (R / 2); l2:
+        ``length``, ||direction||, ``shrink``, P's factor r / ||d|| (1 inside the ball), and ``scale``, shrink (R / 2).
+        """
         view = (-1,) + (1,) * (direction.dim() - 1)
         if self.budget.norm == "linf":
             # P clamps each voxel: where it binds (|d| > r), the objective does not move with that voxel.
             inside = direction.abs() <= bound.view(view)
-            grad = torch.mul(direction, slope.view(view)).sub_(torch.where(inside, scaled_grad, 0))
+            objective = torch.where(inside, scaled_grad, 0)
+            grad = torch.mul(direction, distance.view(view)).addcmul_(objective, half.view(view), value=-1)
         else:
-            # Outside the ball P(d) = r d / n (n = ||d||), whose Jacobian is (r / n) (I - d d^T / n^2).
+            # Outside the ball P(d) = r d / n (n = ||d||), whose Jacobian is (r / n) (I - d d^T / n^2), so the
+            # objective's part is -s (g - (d . g) d / n^2) with s = r / n; (d . g) d / n^2 = (direction . g)
+            # direction / ||direction||^2: the factors R / 2 cancel.
             tiny = torch.finfo(direction.dtype).tiny
-            # s (d . g) / ||d||^2 d = s (direction . g) / ||direction||^2 direction: the factors R / 2 cancel.
             dot = torch.linalg.vecdot(direction.flatten(1), scaled_grad.flatten(1))
-            radial = torch.where(shrink < 1, shrink * dot / length.square().clamp_min(tiny), 0)
-            grad = torch.mul(direction, (slope + radial).view(view))
-            grad = grad.addcmul_(scaled_grad, shrink.view(view), value=-1)
-        # dx'/dw = (R / 2) (1 - tanh(w)^2), zero outside the mask: box_slope - box_slope tanh^2.
-        return grad.mul_(torch.addcmul(box_slope, box_slope * tanh, tanh, value=-1))
+            radial = torch.where(shrink < 1, scale * dot / length.square().clamp_min(tiny), 0)
+            grad = torch.mul(direction, (distance + radial).view(view))
+            grad = grad.addcmul_(scaled_grad, scale.view(view), value=-1)
+        # The rest of dx'/dw: 1 - tanh(w)^2; zero outside the mask, so that w never moves there.
+        grad = grad.mul_(torch.addcmul(one, tanh, tanh, value=-1))
+        return grad if mask is None else torch.where(mask, grad, 0)
