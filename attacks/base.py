@@ -99,6 +99,7 @@ class AttackState:
         self.radius = attack.budget.radius(images)
         self.lower = self.upper = None
         self._box: tuple[Tensor, Tensor] | None = None  # the l-inf box, built by the first projection
+        self._feature_box: tuple[Tensor, Tensor] | None = None  # the features' box under perturbed, likewise
         if attack.clip == "image":
             flat = images.flatten(1)
             self.lower = flat.amin(dim=1).view(self._view)
@@ -239,8 +240,11 @@ class AttackState:
     def project_features(self, features: Tensor) -> Tensor:
         """Under ``perturbed``: the nearest features in the box of each feature's radius around its clean value
         (the clean value itself where the radius is 0: sex, field strength, missing values)."""
-        clean, radius = self.clean_features, self.feature_radius
-        return torch.where(radius > 0, torch.clamp(features, clean - radius, clean + radius), clean).detach()
+        if self._feature_box is None:  # built once per call: each projection is then one clamp
+            clean, radius = self.clean_features, self.feature_radius
+            self._feature_box = (torch.where(radius > 0, clean - radius, clean),
+                                 torch.where(radius > 0, clean + radius, clean))
+        return torch.clamp(features, *self._feature_box).detach()
 
     def random_start(self) -> Tensor:
         """A random point of the budget ball around the clean images (uniform for l-inf; for l2 a uniform
