@@ -14,12 +14,13 @@ class FGSM(Attack):
     """Fast gradient sign method: one step of size r along the sign of the objective's gradient (l-inf), or
     along the gradient divided by its l2 norm (l2), then projected into the mask, budget and range.
 
-    Costs one forward and one backward pass, plus the clean and the final prediction.
+    Costs one forward and one backward pass, which also gives the clean prediction, and the final prediction.
     """
 
     name = "fgsm"
     norms = ("linf", "l2")
     threat_models = ("fixed", "perturbed", "recomputed")
+    starts_clean = True
 
     def perturb(self, state: AttackState) -> Tensor:
         return ascend(state, state.images, state.gradient(state.images), 1.0)

@@ -43,7 +43,8 @@ class PGD(Attack):
     ``bim`` attack).
 
     Costs one forward and one backward pass per step and restart, one forward per restart but the last (to
-    score its final iterate), plus the clean and the final prediction.
+    score its final iterate), plus the clean and the final prediction; without a random start the first step's
+    pass at the clean image also gives the clean prediction (no forward pass of its own).
     """
 
     name = "pgd"
@@ -81,6 +82,11 @@ class PGD(Attack):
         self.step_size = float(step_size)
         self.random_start = random_start
         self.schedule = schedule
+
+    @property
+    def starts_clean(self) -> bool:
+        """Without a random start the first gradient step is at the clean image (see ``Attack.starts_clean``)."""
+        return not self.random_start
 
     def step_fractions(self) -> list[float]:
         """The step length of each step as a fraction of the radius (host floats, computed once per call)."""

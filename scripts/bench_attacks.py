@@ -7,6 +7,10 @@ in rounds on the same batch, (a) the floor: one forward and one backward pass wi
 parameters frozen, and (b) each attack call; it reports medians and the attack's time per model pass pair,
 i.e. (attack time) / (floor time x backward passes the attack made). On CUDA it synchronizes around each timing.
 Prints a markdown table; --json writes the raw figures.
+
+The pytest-benchmark benchmarks in tests/benchmarks (``make bench-attacks``; ``benchmarks/gpu.sh`` on a GPU) cover
+more attacks and report, besides this whole-call ratio, the marginal cost of one more step, which excludes the
+fixed clean and final passes (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Per-sample random streams: an image's random draws (random starts, noise) come from its own generator, seeded
 from (the attack's seed, the image's sample seed), so that a result does not depend on how a set of images is cut
-into batches."""
+into batches. Also the clean pass shared with the first gradient step of attacks that start at the clean image."""
 
 from __future__ import annotations
 
@@ -124,3 +124,50 @@ def test_draws_of_one_sample_come_in_the_images_dtype_and_device() -> None:
     state = AttackState(create_attack("pgd", model), images.double(), None, None, None, sample_seeds=SEEDS)
     assert state.draw().dtype == torch.float64 and state.draw().shape == images.shape
     assert state.draw(torch.randn, per_voxel=False).shape == (4,)
+
+
+# ---------------------------------------------------------------- the clean pass shared with the first step
+
+
+@pytest.mark.parametrize("objective", ["older", "deviation", "error"])
+@pytest.mark.parametrize("name", ["fgsm", "bim"])
+def test_an_attack_from_the_clean_image_takes_its_clean_prediction_from_its_first_pass(name: str,
+                                                                                        objective: str) -> None:
+    model = build("cnn3d")
+    images, _, ages, mask = inputs("cnn3d")
+    attack = create_attack(name, model, objective=objective)
+    assert attack.starts_clean
+    result = attack(images, ages=ages, mask=mask)
+    with torch.no_grad():
+        clean = model(images)
+    assert torch.equal(result.clean_prediction, clean)
+    # One forward and backward pass per step, and the final prediction: no forward pass of its own.
+    assert result.forward == result.backward + 1 == result.steps + 1
+    assert not model._forward_hooks, "the attack left its hook on the model"
+    # Bit for bit what the same attack gives when it spends a forward pass on the clean prediction.
+    eager = type("Eager", (type(attack),), {"starts_clean": False})(model, objective=objective)
+    reference = eager(images, ages=ages, mask=mask)
+    assert torch.equal(result.images, reference.images)
+    assert torch.equal(result.adversarial_prediction, reference.adversarial_prediction)
+    assert reference.forward == result.forward + 1
+
+
+def test_only_attacks_that_start_at_the_clean_image_share_its_pass() -> None:
+    model = build("cnn3d")
+    assert not create_attack("pgd", model).starts_clean  # a random start
+    assert create_attack("pgd", model, random_start=False).starts_clean
+    assert not create_attack("noise", model).starts_clean
+
+
+def test_the_hook_is_removed_when_an_attack_fails() -> None:
+    model = build("cnn3d")
+    images, _, _, _ = inputs("cnn3d")
+    attack = create_attack("bim", model)
+
+    def failing(state):
+        raise RuntimeError("boom")
+
+    attack.perturb = failing
+    with pytest.raises(RuntimeError, match="boom"):
+        attack(images)
+    assert not model._forward_hooks

@@ -75,7 +75,8 @@ def test_floor(benchmark, bench_settings: Settings, workload) -> None:
     seconds = benchmark.stats.stats.median
     row = {"model": name, "attack": "floor: forward + backward w.r.t. the input", "settings": bench_settings.label(),
            "backward_passes": 1, "floor_ms": 1e3 * seconds, "call_ms": 1e3 * seconds, "whole_ratio": None,
-           "marginal_ratio": None, "short_backward_passes": None, "rounds": bench_settings.rounds}
+           "whole_ratio_min": None, "marginal_ratio": None, "marginal_ratio_min": None,
+           "short_backward_passes": None, "rounds": bench_settings.rounds}
     benchmark.extra_info.update(row)
     RESULTS.append(row)
 
