@@ -69,7 +69,8 @@ class APGD(Attack):
     momentum combination, projected; a halving restarts both parts from the best pair, and the best pair is
     returned. The box is an l-inf ball, so the signed step is its steepest ascent, as for an l-inf image budget.
 
-    Costs one forward and one backward pass per step, plus the clean and the final prediction.
+    Costs one forward and one backward pass per step, plus the clean and the final prediction (without a random
+    start, the clean prediction comes from the first step's pass at the clean image).
     """
 
     name = "apgd"
@@ -82,6 +83,11 @@ class APGD(Attack):
         if not isinstance(random_start, bool):
             raise MedrobustError(f"random_start must be True or False, got {random_start!r}")
         self.random_start = random_start
+
+    @property
+    def starts_clean(self) -> bool:
+        """Without a random start the first gradient step is at the clean image (see ``Attack.starts_clean``)."""
+        return not self.random_start
 
     def perturb(self, state: AttackState) -> Tensor:
         return self.search(state)[0]

@@ -273,3 +273,23 @@ def test_perturbed_features_of_a_model_that_ignores_them_stay_clean(name):
                            **kwargs)(images, features)
     assert torch.equal(result.features, features)
     assert (result.adversarial_prediction > result.clean_prediction).all()
+
+
+@pytest.mark.parametrize("threat_model", ["fixed", "perturbed", "recomputed"])
+def test_apgd_from_the_clean_image_takes_its_clean_prediction_from_its_first_pass(threat_model):
+    # Under every threat model the first pass sees the clean image with the clean features (recomputed: the
+    # extractor gives exactly them on the clean image), so its prediction is the clean prediction.
+    model = hybrid()
+    images, features, labels = labelled_batch()
+    extractor = extractor_for(images, features, labels) if threat_model == "recomputed" else None
+    attack = attack_for("apgd", model, threat_model=threat_model)
+    assert attack.starts_clean
+    result = attack(images, features, extractor=extractor)
+    with torch.no_grad():
+        assert torch.equal(result.clean_prediction, model(images, features))
+    assert result.forward == result.backward + 1 and not model._forward_hooks
+    eager = type("Eager", (type(attack),), {"starts_clean": False})(model, **attack.params())
+    reference = eager(images, features, extractor=extractor)
+    assert torch.equal(result.images, reference.images) and torch.equal(result.features, reference.features)
+    assert torch.equal(result.adversarial_prediction, reference.adversarial_prediction)
+    assert reference.forward == result.forward + 1
