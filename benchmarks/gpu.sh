@@ -17,12 +17,13 @@ if [[ "${1:-}" == "--dry-run" ]]; then
     shift
 fi
 out=${1:?usage: benchmarks/gpu.sh [--dry-run] OUT_DIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)  # before leaving the caller's directory
 cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then
     PYTHON=python3
     [[ -x .venv/bin/python ]] && PYTHON=.venv/bin/python
 fi
-mkdir -p "$out"
 # glibc malloc thrashes on large 3D activations without these (docs/benchmarks.md).
 export MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824
 
