@@ -91,6 +91,7 @@ class RunConfig:
     device: str = "auto"
     precision: str = "fp32"  # fp32, or bf16/fp16 autocast (checked against fp32 on each cell's first batch)
     extractor: str = "soft"  # how "recomputed" measures the volumes on an attacked image (medrobust.context)
+    ssim: bool = True  # measure each attacked image's 3D SSIM (on a CPU about a fifth of a forward+backward pass)
     batch_size: int = 8
     brain_mask: bool = False
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -305,6 +306,7 @@ def parse_config(data: dict, source: str = "config") -> RunConfig:
         objectives=objectives, threat_models=threat_models, target_age=target_age,
         seed=table.take("seed", "int", 0), device=table.take("device", "str", "auto"),
         precision=table.take("precision", "str", "fp32"), extractor=table.take("extractor", "str", "soft"),
+        ssim=table.take("ssim", "bool", True),
         batch_size=table.take("batch_size", "int", 8),
         brain_mask=table.take("brain_mask", "bool", False),
         training=training, raw=data)

@@ -47,7 +47,8 @@ def _median(values: np.ndarray) -> float:
 # ---------------------------------------------------------------- per sample: l0, PSNR, SSIM
 
 
-def image_metrics(clean: Tensor, adversarial: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+def image_metrics(clean: Tensor, adversarial: Tensor, mask: Tensor | None = None,
+                  ssim: bool = True) -> dict[str, Tensor]:
     """How much an attack changed each image of a batch [B, C, H, W] or [B, C, D, H, W]; each value [B], computed
     on the tensors' device in one batched pass (no host synchronisation).
 
@@ -64,7 +65,8 @@ def image_metrics(clean: Tensor, adversarial: Tensor, mask: Tensor | None = None
 
     A constant clean image (R = 0) has no PSNR or SSIM: NaN; so has an image whose mask selects nothing, and an
     image smaller than the SSIM window (11 voxels) along an axis has no SSIM (NaN; its l0 and PSNR are measured).
-    ``mask``: bool or 0/1, broadcastable to the images (a brain mask [1, 1, ...] or [B, 1, ...]).
+    ``mask``: bool or 0/1, broadcastable to the images (a brain mask [1, 1, ...] or [B, 1, ...]). ``ssim=False``
+    leaves SSIM out (no ``ssim`` key): its Gaussian filtering is the one costly part.
 
     The local statistics are taken of the clean image x and of the perturbation d = x' - x rather than of x'
     itself, so that 1 - SSIM keeps its precision for the tiny perturbations of this benchmark (float32 would
@@ -101,9 +103,10 @@ def image_metrics(clean: Tensor, adversarial: Tensor, mask: Tensor | None = None
         mse = squared / count
         psnr = torch.where(mse == 0, math.inf, 10 * torch.log10(data_range ** 2 / mse))
         psnr = torch.where(defined & (count > 0), psnr, math.nan)
-        ssim = _ssim(x, delta, data_range, mask)
-        ssim = torch.where(defined, ssim, math.nan)
-    return {"l0": l0, "psnr": psnr, "ssim": ssim}
+        measured = {"l0": l0, "psnr": psnr}
+        if ssim:
+            measured["ssim"] = torch.where(defined, _ssim(x, delta, data_range, mask), math.nan)
+    return measured
 
 
 def _gaussian_window(dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -38,8 +38,10 @@ from medrobust.training import TRAINING_ORDER, TrainRequest, load_prepared, reso
 
 # Spec keys that locate or describe a cell without changing its result: left out of its id.
 _NOT_IDENTITY = ("checkpoint", "dataset", "device", "cell_seed")
+# Spec keys that decide what is measured, not what the attack does: part of a cell's id, not of its seed.
+_MEASUREMENT_ONLY = ("ssim",)
 # How a cell's random draws are seeded (part of its id, so cells computed under another scheme are redone):
-# 2 = the attack's seed derived from the cell's id, and one random stream per subject.
+# 2 = the attack's seed derived from the cell's attack setting, and one random stream per subject.
 SEEDING = 2
 # The autocast dtype of each reduced precision (fp32: no autocast).
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,8 +60,15 @@ class Cell:
 
     @property
     def id(self) -> str:
-        identity = {k: v for k, v in self.spec.items() if k not in _NOT_IDENTITY}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        return _digest({k: v for k, v in self.spec.items() if k not in _NOT_IDENTITY})
+
+    @property
+    def seed(self) -> int:
+        """The seed of the cell's random draws, from everything that decides what its attack does (not what is
+        measured of it): two cells draw differently, a re-run repeats, and switching a measurement off or on
+        leaves the attacked images as they were."""
+        drop = _NOT_IDENTITY + _MEASUREMENT_ONLY
+        return int(_digest({k: v for k, v in self.spec.items() if k not in drop})[:8], 16)
 
     def describe(self) -> str:
         return (f"{self.model} {self.attack.name} {self.budget.norm} eps={self.budget.epsilon:g} {self.budget.unit}"
@@ -173,9 +182,8 @@ def _grid(model: BrainAgeModel) -> tuple:
     return tuple(model.meta.input_shape), tuple(model.meta.voxel_size)
 
 
-def cell_seed(cell_id: str) -> int:
-    """The seed of a cell's random draws, derived from its id: two cells draw differently, a re-run repeats."""
-    return int(cell_id[:8], 16)
+def _digest(content: dict) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def subject_seeds(seed: int, subjects: list[str]) -> list[int]:
@@ -301,7 +309,7 @@ def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: 
             "clean_prediction": result.clean_prediction, "adversarial_prediction": result.adversarial_prediction,
             "linf": norms["linf"], "l2": norms["l2"], "linf_rel": norms["linf"] / image_range,
             "l2_rel": norms["l2"] / image_range,
-            **image_metrics(images, result.images.to(images.dtype), inputs["mask"])}.items()}
+            **image_metrics(images, result.images.to(images.dtype), inputs["mask"], config.ssim)}.items()}
         for key in counters:
             counters[key] += getattr(result, key)
         for i, subject in enumerate(subjects):
@@ -475,7 +483,8 @@ def _plan(config: RunConfig, root: Path, checkpoints: dict[str, Path], workspace
             "split_seed": config.dataset.split_seed, "count": len(subset.subject_ids),
             "subjects_sha256": hashlib.sha256(json.dumps(subset.subject_ids).encode()).hexdigest(),
             "brain_mask": config.brain_mask, "seed": config.seed, "seeding": SEEDING,
-            "batch_size": config.batch_size, "precision": config.precision, "device": str(workspace.device)}
+            "batch_size": config.batch_size, "precision": config.precision, "ssim": config.ssim,
+            "device": str(workspace.device)}
         if fitting:  # the subjects a universal perturbation is fitted on belong to its cells' identity
             fit_ids = workspace.subjects(grid, fitting=True).subject_ids
             base_spec[spec.label]["fit"] = {
@@ -491,7 +500,7 @@ def _plan(config: RunConfig, root: Path, checkpoints: dict[str, Path], workspace
             cell.spec["params"] = _attack_for(cell, model, config).params()
         except MedrobustError as err:  # e.g. an image attack on a features-only model: a config mistake
             raise MedrobustError(f"{config.source}: {cell.describe()}: {err}") from None
-        cell.spec["cell_seed"] = cell_seed(cell.id)
+        cell.spec["cell_seed"] = cell.seed
     return cells
 
 

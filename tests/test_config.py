@@ -125,6 +125,7 @@ BAD = [
     ('subjects = 24', 'subjects = 2', "dataset.subjects must be at least 10"),
     ('seed = 1', 'seed = 1\nprecision = "fp8"', "precision must be one of fp32, bf16, fp16"),
     ('seed = 1', 'seed = 1\nextractor = "magic"', "extractor must be one of soft, hard, hard-bpda"),
+    ('seed = 1', 'seed = 1\nssim = "yes"', "ssim must be"),
 ]
 
 

@@ -123,6 +123,14 @@ def test_each_sample_is_measured_on_its_own() -> None:
             assert torch.allclose(batched[key][index:index + 1].double(), alone[key].double(), rtol=1e-12, atol=0)
 
 
+def test_ssim_can_be_left_out_and_the_rest_is_unchanged() -> None:
+    clean = _images((2, 1, 12, 12, 12))
+    adversarial = clean + 0.1 * _images((2, 1, 12, 12, 12), seed=3)
+    full, lean = image_metrics(clean, adversarial), image_metrics(clean, adversarial, ssim=False)
+    assert set(lean) == {"l0", "psnr"} and "ssim" in full
+    assert torch.equal(lean["l0"], full["l0"]) and torch.equal(lean["psnr"], full["psnr"])
+
+
 def test_float32_keeps_the_precision_of_one_minus_ssim_for_tiny_perturbations() -> None:
     # At the paper's l-inf epsilon (5e-4 of the range) 1 - SSIM is about 1e-5: computed from the perturbation's
     # own statistics, float32 still agrees with float64 to a small fraction of it.

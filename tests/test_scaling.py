@@ -268,3 +268,16 @@ def test_a_finished_grid_reruns_without_loading_models_or_subjects(trained, monk
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
     with pytest.raises(AssertionError, match="must not load"):
         run(config, progress=False, echo=lambda *_: None)
+
+
+def test_ssim_can_be_switched_off_and_is_then_not_stored(trained):
+    run(write_config(trained, "no-ssim", **{"seed = 5": "seed = 5\nssim = false"}), progress=False,
+        echo=lambda *_: None)
+    cells, samples = stored(trained / "no-ssim")
+    reference_cells, reference_samples = stored(trained / "reference")
+    assert samples["ssim"].isna().all() and reference_samples["ssim"].notna().all()
+    # The same attacks (other cell ids, so another row order): the same voxel counts and PSNR values.
+    assert samples["psnr"].notna().all() and sorted(samples["l0"]) == sorted(reference_samples["l0"])
+    assert sorted(samples["psnr"]) == sorted(reference_samples["psnr"])
+    assert "mean_ssim" not in cells or cells["mean_ssim"].isna().all()
+    assert set(cells["id"]).isdisjoint(reference_cells["id"])  # the measurements taken belong to the identity
