@@ -26,7 +26,6 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage as ndi
 
 from medrobust.environment import package_versions
 from medrobust.errors import MedrobustError
@@ -127,6 +126,8 @@ def template_files() -> dict[str, Path]:
 
 def _signed_distance(mask: np.ndarray) -> np.ndarray:
     """Signed distance in voxels to the mask's boundary: positive inside, negative outside."""
+    from scipy import ndimage as ndi  # imported where used: a finished grid's re-run never loads scipy
+
     inside = ndi.distance_transform_edt(mask)
     outside = ndi.distance_transform_edt(~mask)
     return (inside - outside + np.where(mask, -0.5, 0.5)).astype(np.float32)
@@ -151,6 +152,8 @@ class AnatomyTemplate:
 @lru_cache(maxsize=1)
 def load_template() -> AnatomyTemplate:
     """Build the anatomy template from the bundled MNI maps and AAL3 atlas (a few seconds, once per process)."""
+    from scipy import ndimage as ndi
+
     files = template_files()
     t1_img = nib.as_closest_canonical(nib.load(files["t1"]))
     affine = t1_img.affine

@@ -19,7 +19,6 @@ import nibabel as nib
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from scipy import ndimage
 from tqdm import tqdm
 
 # SubjectError lives in dataset.py (the bottom of the import chain) so that features.py can raise it too.
@@ -172,6 +171,8 @@ def resample_to_grid(
     affine = target_affine(canonical, shape, voxel_size)
     if data.shape == shape and np.allclose(canonical.affine, affine, rtol=0, atol=_SAME_GRID_ATOL):
         return data
+    from scipy import ndimage  # imported where used: a finished grid's re-run never loads scipy
+
     # Target voxel index -> world mm -> source voxel index.
     to_source = np.linalg.inv(canonical.affine) @ affine
     data = data.astype(np.float32 if order > 0 else np.int32, copy=False)
@@ -182,6 +183,8 @@ def resample_to_grid(
 
 def _threshold_mask(image: np.ndarray) -> np.ndarray:
     # Without a label map: voxels brighter than the image mean, with the holes (ventricles, CSF) filled.
+    from scipy import ndimage
+
     return ndimage.binary_fill_holes(image > image.mean())
 
 

@@ -436,7 +436,8 @@ def perform(task: CellTask, workspace: Workspace, on_batch: Callable[[dict], Non
         model, _ = workspace.model(task.checkpoint)
         grid = _grid(model)
         fit_data = workspace.subjects(grid, fitting=True) if _fits(cell.attack.name) else None
-        metrics, rows = run_cell(cell, model, workspace.subjects(grid), task.config, workspace.device, on_batch,
+        report = None if on_batch is None else (lambda state: on_batch({**state, "cell": cell.describe()}))
+        metrics, rows = run_cell(cell, model, workspace.subjects(grid), task.config, workspace.device, report,
                                  fit_data, cell.spec.get("cell_seed"))
     except Exception as err:  # a broken cell is recorded with its reason
         return CellOutcome(cell.id, "failed", {}, [], time.perf_counter() - started, f"{type(err).__name__}: {err}")
@@ -618,8 +619,8 @@ def _run(config: RunConfig, store: ResultStore, devices: list[torch.device], pro
     specs = {cell.id: cell.spec for cell in pending}
     bar = tqdm(total=len(tasks), unit="cell", disable=not progress or not tasks)
 
-    def on_batch(state: dict) -> None:
-        bar.set_postfix_str(f"{state['done']}/{state['of']} subjects, mean |deviation| so far "
+    def on_batch(state: dict) -> None:  # the cell in progress: what it is, how far, its deviation so far
+        bar.set_postfix_str(f"{state['cell']}: {state['done']}/{state['of']} subjects, mean |deviation| so far "
                             f"{state['mean_abs_deviation']:.2f} y")
 
     with make_executor(executor, workspace, devices, ray_address) as pool:

@@ -82,8 +82,12 @@ def stored(out) -> tuple[pd.DataFrame, pd.DataFrame]:
     return cells, samples.sort_values(["cell_id", "subject"]).reset_index(drop=True)
 
 
-def test_a_rerun_into_a_new_store_gives_bit_identical_rows(trained):
-    run(write_config(trained, "again"), progress=False, echo=lambda *_: None)
+def test_a_rerun_into_a_new_store_gives_bit_identical_rows(trained, capsys):
+    run(write_config(trained, "again"), progress=True, echo=lambda *_: None)
+    # The progress bar counts cells and names the one in progress with its deviation so far.
+    bar = capsys.readouterr().err
+    assert "/5 [" in bar and "cnn3d pgd linf eps=0.002 range older fixed: 4/5 subjects" in bar
+    assert "mean |deviation| so far" in bar
     cells, samples = stored(trained / "again")
     reference_cells, reference_samples = stored(trained / "reference")
     pd.testing.assert_frame_equal(samples, reference_samples, check_exact=True)
