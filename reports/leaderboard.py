@@ -186,15 +186,24 @@ def deviation_figure(table: pd.DataFrame) -> Figure | None:
     data = table.assign(variant=table["threat_model"].astype(str) + " / " + table["objective"].astype(str))
     style = {"style": "variant", "markers": True} if data["variant"].nunique() > 1 else {"marker": "o"}
     models = sorted(data["model"].astype(str).unique())
-    # A grid like seaborn's relplot(row=attack, col=norm): one row per attack, one column per norm (and unit).
     attacks = sorted(data["attack"].unique())
     # l-inf, l2, l0 (the paper's order), then any other norm.
     budgets = sorted(set(zip(data["norm"], data["unit"], strict=True)), key=lambda b: (norm_rank(b[0]), b[1]))
-    figure = Figure(figsize=(4.2 * len(budgets) + 2.0, 3.4 * len(attacks)), layout="constrained")
-    axes = figure.subplots(len(attacks), len(budgets), squeeze=False)
+    panels = sorted(set(zip(data["attack"], data["norm"], data["unit"], strict=True)),
+                    key=lambda p: (norm_rank(p[1]), p[2], p[0]))
+    if len(panels) == len(attacks) * len(budgets):
+        # Every attack at every norm: a grid like seaborn's relplot(row=attack, col=norm).
+        place = {(a, n, u): (attacks.index(a), budgets.index((n, u))) for a, n, u in panels}
+        rows, columns = len(attacks), len(budgets)
+    else:  # attacks of their own norms: the panels in reading order, l-inf first, three to a row
+        columns = min(3, len(panels))
+        rows = -(-len(panels) // columns)
+        place = {panel: divmod(i, columns) for i, panel in enumerate(panels)}
+    figure = Figure(figsize=(4.2 * columns + 2.0, 3.4 * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False)
     drawn = []
-    for (attack, norm, unit), panel in data.groupby(["attack", "norm", "unit"], sort=True):
-        ax = axes[attacks.index(attack), budgets.index((norm, unit))]
+    for (attack, norm, unit), panel in sorted(data.groupby(["attack", "norm", "unit"]), key=lambda g: place[g[0]]):
+        ax = axes[place[attack, norm, unit]]
         # errorbar=None: repeated cells (seeds) are averaged without a bootstrap band, so the figure is reproducible.
         sns.lineplot(data=panel, x="epsilon", y="mean_abs_deviation", hue="model", hue_order=models, errorbar=None,
                      legend=not drawn, ax=ax, **style)
@@ -204,7 +213,8 @@ def deviation_figure(table: pd.DataFrame) -> Figure | None:
         # Ticks at the budgets themselves, labelled as the leaderboard writes them.
         ax.set_xticks(epsilons, [format_epsilon(e) for e in epsilons])
         ax.minorticks_off()
-        ax.set(title=f"{attack}, {norm}", xlabel=f"epsilon ({UNIT_LABELS.get(unit, unit)})",
+        units = "voxels" if norm == "l0" else UNIT_LABELS.get(unit, unit)
+        ax.set(title=f"{attack}, {norm}", xlabel=f"epsilon ({units})",
                ylabel="mean |deviation| (years)")
         drawn.append(ax)
     for ax in axes.flat:

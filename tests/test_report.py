@@ -326,6 +326,23 @@ def test_figure_panels_axes_and_lines(store_dir):
     assert sorted(text.get_text() for text in figure.legends[0].get_texts()) == sorted(MODELS)
 
 
+def test_attacks_of_their_own_norms_are_laid_out_in_reading_order(tmp_path):
+    # bim under l-inf, cw under l2, l0 under l0 (as Li et al.'s grid): no empty panels, l-inf first, l0 in voxels.
+    with ResultStore(tmp_path) as store:
+        run_id = store.start_run({}, {})
+        for number, (attack, norm, epsilon) in enumerate([("bim", "linf", 1e-3), ("cw", "l2", 1.0),
+                                                          ("l0", "l0", 8.0), ("apgd", "linf", 1e-3)]):
+            spec, metrics, samples = _cell("cnn3d", attack, norm, epsilon, number)
+            if norm == "l0":
+                spec["unit"] = "abs"
+            store.write_cell(f"cell{number}", run_id, spec, metrics, samples, seconds=1.0)
+        figure = deviation_figure(leaderboard_table(store.cells()))
+    panels = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["apgd, linf", "bim, linf", "cw, l2", "l0, l0"]
+    assert len(figure.axes) == 6 and panels == figure.axes[:4]  # three to a row, no gaps
+    assert panels[3].get_xlabel() == "epsilon (voxels)"
+
+
 def test_single_epsilon_still_draws_points(tmp_path):
     with ResultStore(tmp_path) as store:
         run_id = store.start_run({}, {})
