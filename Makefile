@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export MALLOC_MMAP_THRESHOLD_ := 1073741824
 export MALLOC_TRIM_THRESHOLD_ := 1073741824
 
-.PHONY: venv test demo lint bench bench-attacks accuracy clean
+.PHONY: venv test demo lint bench bench-attacks bench-runner accuracy clean
 
 venv: $(VENV)/.installed
 
@@ -46,6 +46,12 @@ bench-attacks: venv
 	mkdir -p $(BENCH_OUT)
 	MEDROBUST_BENCH_TABLE=$(BENCH_OUT)/ratios.md $(PY) -m pytest -q -p no:cacheprovider tests/benchmarks \
 		--benchmark-only --benchmark-json=$(BENCH_OUT)/benchmarks.json
+
+# Runner overhead (the demo grid's wall time against its attack time) and the finished-grid re-run, with and
+# without SSIM (docs/benchmarks.md); needs the demo's trained models (make demo).
+bench-runner: venv
+	$(PY) scripts/bench_runner.py --json runs/bench-runner.json
+	$(PY) scripts/bench_runner.py --no-ssim --out runs/bench-runner-nossim --json runs/bench-runner-nossim.json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
