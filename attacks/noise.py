@@ -29,12 +29,17 @@ class Noise(Attack):
     the 2 x ``draws`` noisy images, or the clean image where all are worse, is returned. Each image's draws come
     from its own seeded stream (``sample_seeds``), so they do not depend on the batch it is in.
 
-    Each noisy image is scored through ``state.gradient`` (one forward and one backward pass, the gradient
+    Each noisy image is scored through ``state.evaluate`` (one forward and one backward pass, the gradient
     unused) because the attack contract counts at least one backward pass; so ``steps`` counts noisy images.
+
+    Threat models, so that every attack has a baseline of its own setting: ``recomputed`` measures the features
+    again on each noisy image; ``perturbed`` also moves every regional volume to a random end of its box (clean
+    +- ``feature_budget`` x |value|, a random sign per volume, drawn with the image's noise and negated with it).
     """
 
     name = "noise"
     norms = ("linf", "l2")
+    threat_models = ("fixed", "perturbed", "recomputed")
 
     def __init__(self, model: nn.Module, *args, distribution: str = "uniform", draws: int = 1, **kwargs) -> None:
         super().__init__(model, *args, **kwargs)
@@ -58,10 +63,22 @@ class Noise(Attack):
         scale = torch.where(norm > 0, state.radius / norm, torch.zeros_like(norm))
         return noise * scale.view((-1,) + (1,) * (noise.dim() - 1))
 
+    def feature_draw(self, state: AttackState) -> Tensor | None:
+        """Under ``perturbed``: a random corner of the features' box, as a move from the clean features [B, F]
+        (0 for the features that may not move); else None."""
+        if state.feature_radius is None:
+            return None
+        count = state.clean_features.shape[1]
+        uniform = torch.stack([torch.rand(count, generator=generator, dtype=state.feature_radius.dtype,
+                                          device=state.feature_radius.device) for generator in state.generators])
+        return torch.where(uniform < 0.5, 1.0, -1.0) * state.feature_radius
+
     def perturb(self, state: AttackState) -> Tensor:
         for _ in range(self.draws):
-            noise = self.draw(state)
+            noise, feature_noise = self.draw(state), self.feature_draw(state)
             for sign in (1.0, -1.0):
                 adversarial = state.project(state.images + sign * noise)
-                state.gradient(adversarial)
+                features = None if feature_noise is None else state.project_features(
+                    state.clean_features + sign * feature_noise)
+                state.evaluate(adversarial, features=features)
         return adversarial

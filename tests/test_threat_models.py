@@ -124,7 +124,7 @@ def test_a_features_only_model_can_be_attacked_when_its_features_may_move():
 def test_attacks_that_cannot_move_features_refuse_the_perturbed_threat_model():
     model = hybrid()
     refusing = [name for name in list_attacks() if "perturbed" not in attack_entrypoint(name).threat_models]
-    for name in ["fgsm", "pgd", "bim", *OWN_UPDATE]:
+    for name in ["fgsm", "pgd", "bim", "noise", *OWN_UPDATE]:
         assert attack_entrypoint(name).threat_models == ("fixed", "perturbed", "recomputed")
     for name in refusing:
         with pytest.raises(MedrobustError, match="supports threat models"):
@@ -293,3 +293,27 @@ def test_apgd_from_the_clean_image_takes_its_clean_prediction_from_its_first_pas
     assert torch.equal(result.images, reference.images) and torch.equal(result.features, reference.features)
     assert torch.equal(result.adversarial_prediction, reference.adversarial_prediction)
     assert reference.forward == result.forward + 1
+
+
+def test_noise_is_a_baseline_under_every_threat_model():
+    model = hybrid()
+    images, features, labels = labelled_batch()
+    # perturbed: each volume at a random end of its box (or clean, where keep_best kept the clean pair); the
+    # image noise of exactly the budget, as under fixed.
+    noise = create_attack("noise", model, budget=BUDGET, threat_model="perturbed", draws=3, keep_best=False)
+    result = noise(images, features)
+    change = result.features - features
+    assert torch.equal(change[:, :2], torch.zeros_like(change[:, :2]))
+    assert torch.allclose(change[:, 2:].abs(), 0.05 * features[:, 2:].abs(), rtol=1e-5)
+    assert (change[:, 2:] > 0).any() and (change[:, 2:] < 0).any()  # random signs
+    with torch.no_grad():
+        assert torch.allclose(result.adversarial_prediction, model(result.images, result.features), atol=1e-4)
+    # recomputed: the volumes measured on the noisy image.
+    extractor = extractor_for(images, features, labels)
+    result = create_attack("noise", model, budget=BUDGET, threat_model="recomputed")(images, features,
+                                                                                      extractor=extractor)
+    assert torch.allclose(result.features, extractor(result.images), rtol=1e-5, atol=1e-5)
+    # One draw: the same image noise as under fixed (the volumes' signs are drawn after it).
+    fixed = create_attack("noise", model, budget=BUDGET, keep_best=False)(images, features)
+    perturbed = create_attack("noise", model, budget=BUDGET, threat_model="perturbed", keep_best=False)
+    assert torch.equal(fixed.images, perturbed(images, features).images)
