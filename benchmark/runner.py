@@ -526,10 +526,16 @@ PLAN_CACHE = "plan-cache.json"
 
 def _plan_key(config: RunConfig, root: Path, checkpoints: dict[str, Path], device: torch.device) -> str:
     """A hash of the config, this package's version and seeding scheme, the device, and the size and modification
-    time of every checkpoint and dataset file (the preprocessing cache aside): any change means a new plan."""
+    time of every checkpoint and dataset file (the preprocessing cache aside) and of this package's own source
+    files (an attack's supported threat models or defaults decide the grid): any change means a new plan."""
+    import medrobust
+    import medrobust.attacks
+    import medrobust.models
     from medrobust import __version__
 
     files = [path for checkpoint in checkpoints.values() for path in checkpoint_paths(checkpoint)]
+    for package in (medrobust, medrobust.attacks, medrobust.models):
+        files.extend(sorted(Path(package.__file__).parent.glob("*.py")))
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         files.extend(Path(folder) / name for name in sorted(names))

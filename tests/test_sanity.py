@@ -44,6 +44,9 @@ def test_an_effect_that_shrinks_with_epsilon_is_flagged():
     cells = pd.DataFrame([cell("p1", "pgd", 1e-3, 4.0), cell("p2", "pgd", 2e-3, 3.0), cell("p3", "pgd", 5e-3, 9.0)])
     flags = reliability_flags(cells)
     assert list(flags) == ["p2"] and "smaller epsilon 0.001" in flags["p2"][0]
+    # The noise baseline is not an attack: its effect may wander with epsilon.
+    noise = pd.DataFrame([cell("n1", "noise", 1e-3, 0.4), cell("n2", "noise", 2e-3, 0.2)])
+    assert reliability_flags(noise) == {}
 
 
 def test_only_comparable_cells_are_compared():

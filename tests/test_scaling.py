@@ -70,8 +70,8 @@ def trained(tmp_path_factory):
     """A folder with the tiny cohort and trained models, and one finished reference run ("reference")."""
     folder = tmp_path_factory.mktemp("scaling")
     summary = run(write_config(folder, "reference"), progress=False, echo=lambda *_: None)
-    # cnn3d: pgd and noise under fixed; hybrid: pgd under fixed and perturbed, noise (fixed only)
-    assert summary.done == summary.cells == 5
+    # cnn3d: pgd and noise under fixed; hybrid: pgd and noise under fixed and perturbed
+    assert summary.done == summary.cells == 6
     return folder
 
 
@@ -86,7 +86,7 @@ def test_a_rerun_into_a_new_store_gives_bit_identical_rows(trained, capsys):
     run(write_config(trained, "again"), progress=True, echo=lambda *_: None)
     # The progress bar counts cells and names the one in progress with its deviation so far.
     bar = capsys.readouterr().err
-    assert "/5 [" in bar and "cnn3d pgd linf eps=0.002 range older fixed: 4/5 subjects" in bar
+    assert "/6 [" in bar and "cnn3d pgd linf eps=0.002 range older fixed: 4/5 subjects" in bar
     assert "mean |deviation| so far" in bar
     cells, samples = stored(trained / "again")
     reference_cells, reference_samples = stored(trained / "reference")
@@ -158,7 +158,7 @@ def test_out_of_memory_at_one_subject_fails_the_cell_only(trained, monkeypatch):
 
     monkeypatch.setattr(runner, "_attack_for", broken)
     summary = run(write_config(trained, "no-memory"), progress=False, echo=lambda *_: None)
-    assert len(summary.failed) == 3 and summary.done == 2
+    assert len(summary.failed) == 3 and summary.done == 3  # pgd's cells fail, noise's do not
     assert all("OutOfMemoryError" in error for _, error in summary.failed)
 
 
@@ -264,7 +264,7 @@ def test_a_finished_grid_reruns_without_loading_models_or_subjects(trained, monk
 
     monkeypatch.setattr(runner, "Workspace", no_loading)
     summary = run(config, progress=False, echo=lambda *_: None)
-    assert summary.done == 0 and summary.skipped == summary.cells == 5
+    assert summary.done == 0 and summary.skipped == summary.cells == 6
     with ResultStore(trained / "reference", create=False) as store:
         assert len(store.runs()) == runs_before  # nothing ran, nothing recorded
     # A changed checkpoint file invalidates the cached plan: the grid is planned again from the files.
