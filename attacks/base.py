@@ -242,8 +242,11 @@ class AttackState:
         (the clean value itself where the radius is 0: sex, field strength, missing values)."""
         if self._feature_box is None:  # built once per call: each projection is then one clamp
             clean, radius = self.clean_features, self.feature_radius
-            self._feature_box = (torch.where(radius > 0, clean - radius, clean),
-                                 torch.where(radius > 0, clean + radius, clean))
+            low, high = clean - radius, clean + radius
+            # As for the image: an end that rounding put farther than the radius is moved one ulp back.
+            low = torch.where(clean - low > radius, torch.nextafter(low, clean), low)
+            high = torch.where(high - clean > radius, torch.nextafter(high, clean), high)
+            self._feature_box = (torch.where(radius > 0, low, clean), torch.where(radius > 0, high, clean))
         return torch.clamp(features, *self._feature_box).detach()
 
     def random_start(self) -> Tensor:
@@ -383,6 +386,9 @@ def _feature_radius(attack: Attack, features: Tensor | None) -> Tensor | None:
     names = getattr(getattr(attack.model, "meta", None), "feature_names", None)
     movable = torch.ones(features.shape[1], dtype=torch.bool, device=features.device)
     if names is not None:
+        if len(names) != features.shape[1]:
+            raise MedrobustError(f"the model names {len(names)} context features but the batch has "
+                                 f"{features.shape[1]} per image: give it the features it was trained on")
         movable = torch.tensor([str(n).startswith(PERTURBABLE_PREFIX) for n in names], device=features.device)
     radius = attack.feature_budget * features.abs()
     return torch.where(movable & torch.isfinite(features), radius, torch.zeros_like(radius))

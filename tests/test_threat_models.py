@@ -317,3 +317,28 @@ def test_noise_is_a_baseline_under_every_threat_model():
     fixed = create_attack("noise", model, budget=BUDGET, keep_best=False)(images, features)
     perturbed = create_attack("noise", model, budget=BUDGET, threat_model="perturbed", keep_best=False)
     assert torch.equal(fixed.images, perturbed(images, features).images)
+
+
+def test_features_that_do_not_match_the_models_names_are_refused_clearly():
+    model = hybrid()
+    images, features = batch()
+    attack = create_attack("pgd", model, budget=BUDGET, threat_model="perturbed", steps=1, random_start=False)
+    with pytest.raises(MedrobustError, match="names 5 context features but the batch has 3"):
+        attack(images, features[:, :3])
+
+
+def test_perturbed_volumes_stay_within_their_budget_exactly_in_float32():
+    # Volumes of many magnitudes, pushed to the ends of their boxes: every move is within 0.05 x |value| as
+    # float32 computes it, not only up to rounding.
+    model = hybrid()
+    images, _ = batch()
+    generator = torch.Generator().manual_seed(5)
+    volumes = torch.exp(torch.empty(3, 3).uniform_(-3, 8, generator=generator))
+    features = torch.cat([torch.tensor([[1.0, 3.0], [0.0, 1.5], [1.0, 3.0]]), volumes], dim=1)
+    attack = create_attack("pgd", model, budget=BUDGET, threat_model="perturbed", steps=5, step_size=1.0,
+                           random_start=False)
+    result = attack(images, features)
+    radius = 0.05 * features.abs()
+    assert ((result.features - features).abs() <= radius).all()
+    at_end = torch.isclose((result.features - features).abs()[:, 2:], radius[:, 2:], rtol=1e-5, atol=0)
+    assert at_end.float().mean() > 0.5  # most volumes were pushed to an end of their box
