@@ -45,11 +45,12 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backe
 PY
 
 : > "$out/results.md"
-run() {  # run NAME GRID BATCH MODELS PRECISION
+run() {  # run NAME GRID BATCH MODELS PRECISION [ATTACKS]
     local name=$1
-    echo "== $name: grid $2, batch $3, $4, $5" | tee -a "$out/results.md"
+    echo "== $name: grid $2, batch $3, $4, $5${6:+, $6}" | tee -a "$out/results.md"
     MEDROBUST_BENCH_DEVICE=$device MEDROBUST_BENCH_GRID=$2 MEDROBUST_BENCH_BATCH=$3 MEDROBUST_BENCH_MODELS=$4 \
-    MEDROBUST_BENCH_PRECISION=$5 MEDROBUST_BENCH_ROUNDS=$rounds MEDROBUST_BENCH_TABLE="$out/$name.md" \
+    MEDROBUST_BENCH_PRECISION=$5 MEDROBUST_BENCH_ATTACKS=${6:-} \
+    MEDROBUST_BENCH_ROUNDS=$rounds MEDROBUST_BENCH_TABLE="$out/$name.md" \
         "$PYTHON" -m pytest -q -p no:cacheprovider tests/benchmarks --benchmark-only \
         --benchmark-json="$out/$name.json" > "$out/$name.log" 2>&1 || {
             echo "   failed: see $out/$name.log" | tee -a "$out/results.md"; tail -20 "$out/$name.log"; return 1; }
@@ -61,5 +62,24 @@ for precision in fp32 bf16; do
     run "demo-$precision" "$demo_grid" "$demo_batch" cnn3d,hybrid_e2e "$precision" || status=1
     run "full-$precision" "$full_grid" "$full_batch" cnn3d "$precision" || status=1
 done
+# Carlini-Wagner's per-sample throughput at batch 8 against batch 1 (the target is at least 4 times).
+run "demo-cw-batch1" "$demo_grid" 1 cnn3d fp32 cw || status=1
+"$PYTHON" - "$out/demo-fp32.json" "$out/demo-cw-batch1.json" "$demo_batch" <<'PY' | tee -a "$out/results.md" || status=1
+import json
+import sys
+
+
+def cw_call_ms(path):
+    for bench in json.load(open(path))["benchmarks"]:
+        info = bench["extra_info"]
+        if info.get("model") == "cnn3d" and str(info.get("attack", "")).startswith("cw"):
+            return info["call_ms"]
+    sys.exit(f"no cw benchmark in {path}")
+
+
+batched, single, batch = cw_call_ms(sys.argv[1]), cw_call_ms(sys.argv[2]), int(sys.argv[3])
+print(f"cw per-sample throughput, batch {batch} against batch 1: {(batch / batched) / (1 / single):.2f} times "
+      f"({batched:.1f} ms per call at batch {batch}, {single:.1f} ms at batch 1)")
+PY
 cat "$out/results.md"
 exit $status
