@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from conftest import tiny_run_tables
 
 from medrobust.cli import main
 from medrobust.store import RUN_DEPENDENT_CELL_FIELDS, RUN_DEPENDENT_METRICS, SAMPLE_COLUMNS, ResultStore, lock_holder
@@ -28,18 +29,7 @@ TINY = """
 out = "{out}"
 models_dir = "{models}"
 {top}
-[dataset]
-builtin = true
-path = "{cohort}"
-subjects = 24
-shape = [32, 32, 32]
-voxel_size = [6, 6, 6]
-count = 3
-
-[training]
-epochs = 1
-batch_size = 4
-
+""" + tiny_run_tables("{cohort}", 3) + """
 [[models]]
 name = "cnn3d"
 """

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import tiny_run_tables
 
 from medrobust.cli import main
 from medrobust.config import load_config
@@ -23,18 +24,7 @@ batch_size = 2
 seed = 3
 threat_model = ["fixed", "perturbed", "recomputed"]
 
-[dataset]
-builtin = true
-path = "{cohort}"
-subjects = 24
-shape = [32, 32, 32]
-voxel_size = [6, 6, 6]
-count = 3
-
-[training]
-epochs = 1
-batch_size = 4
-
+""" + tiny_run_tables("{cohort}", 3) + """
 [[models]]
 name = "cnn3d"
 

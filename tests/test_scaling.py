@@ -8,6 +8,7 @@ import shutil
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_run_tables
 
 from medrobust.config import load_config
 from medrobust.errors import MedrobustError
@@ -22,18 +23,7 @@ seed = 5
 threat_model = ["fixed", "perturbed"]
 precision = "{precision}"
 
-[dataset]
-builtin = true
-path = "{cohort}"
-subjects = 24
-shape = [32, 32, 32]
-voxel_size = [6, 6, 6]
-count = 5
-
-[training]
-epochs = 1
-batch_size = 4
-
+""" + tiny_run_tables("{cohort}", 5) + """
 [[models]]
 name = "cnn3d"
 
