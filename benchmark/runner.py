@@ -3,6 +3,12 @@
 Data flows one way: the runner prepares the data and the models, runs each pending cell's attack batch by batch,
 computes the per-subject and per-cell metrics and writes each finished cell in one transaction. A cell's id is a
 hash of everything that decides its result, so re-running a config skips the cells already in the store.
+
+The driver (``run``) holds the store's writer lock, plans the grid (``_plan``; cached in the run folder so that a
+finished grid re-runs without loading anything), and hands the pending cells as ``CellTask``s to an executor
+(``medrobust.executors``: in this process, one worker per GPU, or Ray tasks); a worker runs a cell with
+``perform`` in its own ``Workspace`` (models and subjects loaded once per process and device) and returns a
+``CellOutcome``, which only the driver writes.
 """
 
 from __future__ import annotations
