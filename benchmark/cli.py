@@ -248,15 +248,6 @@ def report_cmd(run_dir, out) -> None:
     click.echo(f"leaderboard: {write_report(Path(run_dir), Path(out) if out else None)}")
 
 
-def _describe_spec(spec: dict) -> str:
-    """A stored cell in the runner's words: model, attack, norm, epsilon, unit, objective, threat model."""
-    epsilon = spec.get("epsilon")
-    return " ".join(str(part) for part in (
-        spec.get("model", "?"), spec.get("attack", "?"), spec.get("norm", "?"),
-        f"eps={epsilon:g}" if isinstance(epsilon, (int, float)) else "eps=?", spec.get("unit", "?"),
-        spec.get("objective", "?"), spec.get("threat_model", "?")))
-
-
 @main.command("status")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
@@ -265,7 +256,7 @@ def _describe_spec(spec: dict) -> str:
 def status_cmd(run_dir, config_path) -> None:
     """Where a run stands: cells done and failed (with the reasons), the run writing the store now if any, and
     every recorded invocation; with --config, the cells still pending. Reads the store only (no lock taken)."""
-    from medrobust.store import ResultStore, lock_holder
+    from medrobust.store import ResultStore, describe_spec, lock_holder
 
     with ResultStore(run_dir, create=False) as store:
         statuses, failures, runs, path = store.statuses(), store.failures(), store.runs(), store.path
@@ -290,7 +281,7 @@ def status_cmd(run_dir, config_path) -> None:
         for cell in pending:
             click.echo(f"pending {cell.id} {cell.describe()}")
     for failure in failures:
-        click.echo(f"failed {failure['id']} {_describe_spec(failure['spec'])}: {_one_line(failure['error'] or '')}")
+        click.echo(f"failed {failure['id']} {describe_spec(failure['spec'])}: {_one_line(failure['error'] or '')}")
     for number, record in enumerate(runs, start=1):
         if record["finished_at"]:
             end = f"finished {record['finished_at']}"

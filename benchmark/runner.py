@@ -39,7 +39,7 @@ from medrobust.models.checkpoint import checkpoint_paths
 from medrobust.preprocess import PreparedDataset
 from medrobust.sanity import reliability_flags
 from medrobust.splits import load_or_create_splits
-from medrobust.store import ResultStore
+from medrobust.store import ResultStore, describe_spec
 from medrobust.training import TRAINING_ORDER, TrainRequest, load_prepared, resolve_device, train
 
 # Spec keys that locate or describe a cell without changing its result: left out of its id.
@@ -77,8 +77,8 @@ class Cell:
         return int(_digest({k: v for k, v in self.spec.items() if k not in drop})[:8], 16)
 
     def describe(self) -> str:
-        return (f"{self.model} {self.attack.name} {self.budget.norm} eps={self.budget.epsilon:g} {self.budget.unit}"
-                f" {self.objective} {self.threat_model}")
+        return describe_spec({"model": self.model, "attack": self.attack.name, **self.budget.as_dict(),
+                              "objective": self.objective, "threat_model": self.threat_model})
 
 
 @dataclass

@@ -91,6 +91,15 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def describe_spec(spec: dict) -> str:
+    """A cell in one line, from its spec: model, attack, norm, epsilon, unit, objective, threat model."""
+    epsilon = spec.get("epsilon")
+    return " ".join(str(part) for part in (
+        spec.get("model", "?"), spec.get("attack", "?"), spec.get("norm", "?"),
+        f"eps={epsilon:g}" if isinstance(epsilon, (int, float)) else "eps=?", spec.get("unit", "?"),
+        spec.get("objective", "?"), spec.get("threat_model", "?")))
+
+
 class StoreBusyError(MedrobustError):
     """Another process is writing the store (it holds the writer's lock); try again once it has finished."""
 
