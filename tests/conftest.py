@@ -69,21 +69,3 @@ def bids_dataset(tmp_path: Path) -> Path:
     (root / "sub-05" / "anat").mkdir(parents=True)  # listed, but its image is missing
     return root
 
-
-def tiny_run_tables(cohort: str | Path, count: int) -> str:
-    """The ``[dataset]`` and ``[training]`` tables of a tiny run config: the built-in cohort (24 subjects on a 32^3
-    grid at 6 mm) generated at ``cohort`` (a path, or a ``{cohort}`` placeholder filled in later), ``count`` test
-    subjects attacked, models trained for one epoch."""
-    return f"""
-[dataset]
-builtin = true
-path = "{cohort}"
-subjects = 24
-shape = [32, 32, 32]
-voxel_size = [6, 6, 6]
-count = {count}
-
-[training]
-epochs = 1
-batch_size = 4
-"""

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import tiny_run_tables
+from tiny_run import tiny_run_tables
 
 from medrobust.cli import main
 from medrobust.store import RUN_DEPENDENT_CELL_FIELDS, RUN_DEPENDENT_METRICS, SAMPLE_COLUMNS, ResultStore, lock_holder

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import tiny_run_tables
+from tiny_run import tiny_run_tables
 
 from medrobust.cli import main
 from medrobust.config import load_config

@@ -8,7 +8,7 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_run_tables
+from tiny_run import tiny_run_tables
 
 from medrobust.config import load_config
 from medrobust.errors import MedrobustError
