@@ -1,35 +1,53 @@
 """Attack registry, budgets, objectives, threat models and the attacks.
 
-Importing this package registers every built-in attack: each module of this folder that is not part of the
-plumbing holds one attack class (``fgsm.py``, ``pgd.py``, ...) and is imported here, so adding an attack is
-adding its file.
+Importing this package registers every built-in attack. The imports below are its table of contents: adding an
+attack is adding its file and one line here.
 """
 
-import importlib
-import pkgutil
-
 from medrobust.attacks._registry import attack_entrypoint, create_attack, list_attacks, register_attack
+from medrobust.attacks.apgd import APGD
+
+# Cross-checks through other libraries (ART, torchattacks)
+from medrobust.attacks.backends import ARTFGSM, ARTPGD, TorchattacksPGD
 from medrobust.attacks.base import THREAT_MODELS, Attack, AttackResult
+from medrobust.attacks.bim import BIM
 from medrobust.attacks.budget import NORMS, UNITS, Budget, perturbation_norms
+from medrobust.attacks.cw import CW
+
+# Gradient attacks on each batch: one step, then many steps
+from medrobust.attacks.fgsm import FGSM  # noqa: I001  (grouped by kind, not sorted)
+from medrobust.attacks.greedy_l0 import GreedyL0
+
+# Baselines
+from medrobust.attacks.noise import Noise
 from medrobust.attacks.objectives import OBJECTIVES
+from medrobust.attacks.pgd import PGD
+
+# One perturbation fitted on a set of subjects
+from medrobust.attacks.universal import Universal
 
 __all__ = [
+    "APGD",
+    "ARTFGSM",
+    "ARTPGD",
+    "BIM",
+    "CW",
+    "FGSM",
     "NORMS",
     "OBJECTIVES",
+    "PGD",
     "THREAT_MODELS",
     "UNITS",
     "Attack",
     "AttackResult",
     "Budget",
+    "GreedyL0",
+    "Noise",
+    "TorchattacksPGD",
+    "Universal",
     "attack_entrypoint",
     "create_attack",
     "list_attacks",
     "perturbation_norms",
     "register_attack",
 ]
-
-# Plumbing modules; every other module of the package is one attack and is imported to register it.
-_PLUMBING = {"base", "budget", "objectives"}
-for _module in pkgutil.iter_modules(__path__):
-    if not _module.name.startswith("_") and _module.name not in _PLUMBING:
-        importlib.import_module(f"{__name__}.{_module.name}")

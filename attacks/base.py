@@ -511,7 +511,7 @@ class Attack:
         [B, F] or None passed to the model unchanged, ``ages`` [B] true ages (objective ``error``), ``mask``
         bool or float broadcastable to ``images``: the perturbation is zero wherever it is zero/False;
         ``extractor`` (threat model ``recomputed`` only): callable(images) -> features [B, F], differentiable,
-        giving the clean features on the clean images (e.g. ``medrobust.context.SoftVolumes``);
+        giving the clean features on the clean images (e.g. ``medrobust.attacks.extractors.SoftVolumes``);
         ``sample_seeds``: one integer >= 0 per image (e.g. derived from each subject's id): each image's random
         draws come from its own stream, seeded from (``seed``, its sample seed), so that they do not depend on
         how a set of images is cut into batches (None: the images' positions in the batch)."""

@@ -125,7 +125,8 @@ class Universal(Attack):
         """Fit the shared perturbation over ``batches``, a re-iterable (a list, a DataLoader) of ``(images,
         features, ages, mask)`` or ``(images, features, ages, mask, extractor)`` mini-batches read once per step;
         each is moved to the model's device, where the perturbation lives (an extractor with a ``to`` method,
-        as those of ``medrobust.context``, too). ``recomputed`` needs every mini-batch's features and extractor.
+        as those of ``medrobust.attacks.extractors``, too). ``recomputed`` needs every mini-batch's features and
+        extractor.
         Returns the perturbation [1, ...] (also kept as ``self.perturbation``; under ``perturbed`` the feature
         change as ``self.feature_perturbation``)."""
         if iter(batches) is batches:

@@ -27,7 +27,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except MedrobustError as error:
-            from medrobust.store import StoreBusyError
+            from medrobust.results.store import StoreBusyError
 
             click.echo(f"error: {_one_line(error)}", err=True)
             sys.exit(EXIT_STORE_BUSY if isinstance(error, StoreBusyError) else EXIT_BAD_INPUT)
@@ -77,7 +77,7 @@ def _triple(kind: type):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def data_synth(out, n, seed, shape, voxel_size, age_range, quiet) -> None:
     """Generate the built-in lifespan cohort (synthetic T1w + labels on MNI152/AAL3 anatomy) as BIDS."""
-    from medrobust.cohort import CohortSpec, synthesize
+    from medrobust.data.cohort import CohortSpec, synthesize
 
     spec = CohortSpec(n=n, seed=seed, shape=shape, voxel_size=voxel_size, age_range=tuple(age_range))
     root = synthesize(out, spec, progress=not quiet)
@@ -183,10 +183,10 @@ def _one_of(module: str, name: str):
               help="Run again the cells the store records as failed (by default they are skipped, and counted).")
 @click.option("--device", callback=_device, default=None,
               help="auto, cpu, cuda or cuda:N; overrides the config's `device`.")
-@click.option("--precision", callback=_one_of("medrobust.config", "PRECISIONS"), default=None,
+@click.option("--precision", callback=_one_of("medrobust.runner.config", "PRECISIONS"), default=None,
               help="fp32, bf16 or fp16 (autocast); overrides the config's `precision` (another precision makes other "
                    "cells).")
-@click.option("--executor", callback=_one_of("medrobust.executors", "EXECUTORS"), default="local",
+@click.option("--executor", callback=_one_of("medrobust.runner.executors", "EXECUTORS"), default="local",
               show_default=True,
               help="local (in this process) or ray (Ray tasks); either way only this process writes the store.")
 @click.option("--ray-address", default=None, metavar="ADDR",
@@ -202,8 +202,8 @@ def run_cmd(config_path, report, retry_failed, device, precision, executor, ray_
     """
     import dataclasses
 
-    from medrobust.config import load_config
     from medrobust.runner import run
+    from medrobust.runner.config import load_config
 
     if ray_address is not None and executor != "ray":
         raise click.UsageError("--ray-address goes with --executor ray")
@@ -256,7 +256,7 @@ def report_cmd(run_dir, out) -> None:
 def status_cmd(run_dir, config_path) -> None:
     """Where a run stands: cells done and failed (with the reasons), the run writing the store now if any, and
     every recorded invocation; with --config, the cells still pending. Reads the store only (no lock taken)."""
-    from medrobust.store import ResultStore, describe_spec, lock_holder
+    from medrobust.results.store import ResultStore, describe_spec, lock_holder
 
     with ResultStore(run_dir, create=False) as store:
         statuses, failures, runs, path = store.statuses(), store.failures(), store.runs(), store.path
@@ -267,8 +267,8 @@ def status_cmd(run_dir, config_path) -> None:
         click.echo(f"being written now by pid {holder['pid']} on {holder.get('host')} since "
                    f"{holder.get('started_at')}: {holder.get('command', '')}")
     if config_path is not None:
-        from medrobust.config import load_config
         from medrobust.runner import plan
+        from medrobust.runner.config import load_config
 
         config = load_config(config_path)
         cells = plan(config)

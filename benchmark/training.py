@@ -16,9 +16,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from medrobust.dataset import DatasetIndex, load_dataset_index
+from medrobust.data.features import FeatureScaler
+from medrobust.data.index import DatasetIndex, load_dataset_index
+from medrobust.data.preprocess import PreparedDataset, Preprocessing, prepare_dataset
+from medrobust.data.splits import load_or_create_splits
 from medrobust.errors import MedrobustError
-from medrobust.features import FeatureScaler
 from medrobust.models import (
     BrainAgeModel,
     create_model,
@@ -28,8 +30,6 @@ from medrobust.models import (
     save_checkpoint,
 )
 from medrobust.models.hybrid import HybridModel
-from medrobust.preprocess import PreparedDataset, Preprocessing, prepare_dataset
-from medrobust.splits import load_or_create_splits
 
 LOSSES = ("l1", "mse")
 # The order a multi-model call trains in: the two-stage hybrid needs a trained cnn3d.

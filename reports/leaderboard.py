@@ -21,8 +21,8 @@ from matplotlib.figure import Figure
 
 from medrobust.attacks import NORMS, THREAT_MODELS
 from medrobust.errors import MedrobustError
-from medrobust.metrics import AGE_BIN_KEYS, AGE_BIN_LABELS
-from medrobust.store import STORE_FILENAME, ResultStore
+from medrobust.results.metrics import AGE_BIN_KEYS, AGE_BIN_LABELS
+from medrobust.results.store import STORE_FILENAME, ResultStore
 
 PAGE_FILENAME = "leaderboard.html"
 FIGURE_FILENAME = "deviation_vs_epsilon.png"

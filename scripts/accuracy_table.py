@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from medrobust.cohort import CohortSpec, synthesize
+from medrobust.data.cohort import CohortSpec, synthesize
 from medrobust.training import TRAINING_ORDER, TrainingConfig, TrainRequest, train
 
 

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from medrobust.cohort import CohortGenerator, CohortSpec, draw_subject, load_template, synthesize
+from medrobust.data.cohort import CohortGenerator, CohortSpec, draw_subject, load_template, synthesize
 
 
 def _triple(text: str, kind: type) -> tuple:

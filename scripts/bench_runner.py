@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from medrobust.config import load_config
+from medrobust.results.store import ResultStore
 from medrobust.runner import run
-from medrobust.store import ResultStore
+from medrobust.runner.config import load_config
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from medrobust.cohort import (  # noqa: E402
+from medrobust.data.cohort import (  # noqa: E402
     CSF_LABEL,
     VENTRICLE_LABEL,
     WHITE_MATTER_LABEL,

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from medrobust.context import SoftVolumes
+from medrobust.attacks.extractors import SoftVolumes
 from medrobust.training import load_prepared
 
 

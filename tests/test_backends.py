@@ -99,7 +99,7 @@ def test_torchattacks_pgd_draws_the_random_start_of_pgd() -> None:
 def test_art_gets_float_labels_of_shape_n(objective: str, expected: str, monkeypatch) -> None:
     # (N, 1) or None would make ART's regressor loss broadcast to N x N with only a warning.
     needs("art-fgsm")
-    from medrobust.attacks import _art
+    from medrobust.attacks.backends import art as _art
 
     seen = []
     forward = _art.ObjectiveLoss.forward

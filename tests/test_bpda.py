@@ -9,7 +9,7 @@ from test_threat_models import NAMES, labelled_batch
 from test_threat_models_universal_l0 import image_blind_hybrid
 
 from medrobust.attacks import Budget, create_attack
-from medrobust.context import EXTRACTORS, HardVolumes, SoftVolumes, StraightThrough, make_extractor
+from medrobust.attacks.extractors import EXTRACTORS, HardVolumes, SoftVolumes, StraightThrough, make_extractor
 from medrobust.errors import MedrobustError
 
 FEATURE_LABELS = [None, None, 1, 3, 2]  # sex, field strength, then the volumes of labels 1, 3 ("ventricles"), 2

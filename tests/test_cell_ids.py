@@ -6,9 +6,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from medrobust.config import load_config
+from medrobust.results.store import ResultStore
 from medrobust.runner import plan, run
-from medrobust.store import ResultStore
+from medrobust.runner.config import load_config
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "pre_redesign"
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from test_resume import tiny_config
 
 from medrobust.cli import main
-from medrobust.store import ResultStore
+from medrobust.results.store import ResultStore
 
 FGSM = '\n[[attacks]]\nname = "fgsm"\n'
 
@@ -149,8 +149,8 @@ def test_bad_run_options_are_refused_before_anything_runs(tmp_path, options, mes
 
 
 # A process that holds a store as its writer, as a run does, until it is stopped.
-HOLDER = "import sys, time; from medrobust.store import ResultStore; s = ResultStore(sys.argv[1]); print('ok', " \
-         "flush=True); time.sleep(600)"
+HOLDER = "import sys, time; from medrobust.results.store import ResultStore; s = ResultStore(sys.argv[1]); " \
+         "print('ok', flush=True); time.sleep(600)"
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from medrobust.cli import main
-from medrobust.cohort import (
+from medrobust.data.cohort import (
     CSF_LABEL,
     VENTRICLE_LABEL,
     WHITE_MATTER_LABEL,
@@ -24,8 +24,8 @@ from medrobust.cohort import (
     load_template,
     synthesize,
 )
-from medrobust.dataset import load_dataset_index
-from medrobust.preprocess import Preprocessing, prepare_dataset
+from medrobust.data.index import load_dataset_index
+from medrobust.data.preprocess import Preprocessing, prepare_dataset
 
 TINY = CohortSpec(n=5, seed=3, shape=(24, 28, 24), voxel_size=(7.0, 7.0, 7.0), age_range=(20.0, 60.0))
 GREY = slice(1, 171)  # AAL3 grey-matter parcels

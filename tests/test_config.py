@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from medrobust.cli import main
-from medrobust.config import load_config
+from medrobust.runner.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -197,7 +197,7 @@ def test_bad_arguments_name_the_parameter(kwargs: dict, field: str) -> None:
 
 @pytest.mark.parametrize("threat_model", ["perturbed", "recomputed"])
 def test_moving_features_costs_no_extra_model_pass(threat_model: str) -> None:
-    from medrobust.context import SoftVolumes
+    from medrobust.attacks.extractors import SoftVolumes
 
     model = build("hybrid_e2e")
     images, features, _, mask = inputs("hybrid_e2e")

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-from medrobust.dataset import DatasetIndex, SubjectRecord, file_sha256, load_dataset_index, parse_sex
+from medrobust.data.index import DatasetIndex, SubjectRecord, file_sha256, load_dataset_index, parse_sex
 from medrobust.errors import MedrobustError
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from medrobust.dataset import SubjectError, SubjectRecord
-from medrobust.features import FeatureScaler, context_feature_names, context_features
+from medrobust.data.features import FeatureScaler, context_feature_names, context_features
+from medrobust.data.index import SubjectError, SubjectRecord
 from medrobust.models import create_model
 
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from medrobust.errors import MedrobustError
-from medrobust.metrics import (
+from medrobust.results.metrics import (
     SSIM_RADIUS,
     bootstrap_mean_intervals,
     cell_metrics,
     image_metrics,
     rows_metrics,
 )
-from medrobust.store import ResultStore
+from medrobust.results.store import ResultStore
 
 
 def _images(shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -28,7 +28,21 @@ PACKAGE_DIRS = {
     "medrobust.attacks": "attacks",
     "medrobust.reports": "reports",
 }
-SUBPACKAGES = [name for name in PACKAGE_DIRS if name != "medrobust"]
+
+
+def _packages() -> dict[str, Path]:
+    """Every package of the four code folders (each folder with an ``__init__.py``), by its import name."""
+    packages = {}
+    for package, folder in PACKAGE_DIRS.items():
+        for init in sorted((REPO / folder).rglob("__init__.py")):
+            parts = init.parent.relative_to(REPO / folder).parts
+            name = ".".join((package, *parts))
+            if name not in PACKAGE_DIRS or not parts:
+                packages[name] = init.parent
+    return packages
+
+
+PACKAGES = _packages()
 TIMEOUT = 120
 
 
@@ -56,16 +70,16 @@ def test_pyproject_maps_the_four_folders():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert config["tool"]["setuptools"]["package-dir"] == PACKAGE_DIRS
-    assert sorted(config["tool"]["setuptools"]["packages"]) == sorted(PACKAGE_DIRS)
+    assert sorted(config["tool"]["setuptools"]["packages"]) == sorted(PACKAGES)
     assert config["project"]["scripts"] == {"medrobust": "medrobust.cli:main"}
 
 
 def test_editable_install_imports_from_the_repo_folders():
     import medrobust
 
-    for name, folder in PACKAGE_DIRS.items():
+    for name, folder in PACKAGES.items():
         module = importlib.import_module(name)
-        assert Path(module.__file__).resolve() == (REPO / folder / "__init__.py").resolve(), name
+        assert Path(module.__file__).resolve() == (folder / "__init__.py").resolve(), name
     assert _is_under(medrobust.__file__, REPO / "benchmark")
     cli = importlib.import_module("medrobust.cli")
     assert Path(cli.__file__).resolve() == (REPO / "benchmark" / "cli.py").resolve()
@@ -138,8 +152,8 @@ def test_wheel_contents(built):
                  "medrobust/models/__init__.py", "medrobust/attacks/__init__.py", "medrobust/reports/__init__.py"]:
         assert name in names, f"{name} missing from the wheel: {sorted(names)}"
     # Every module of every code folder is shipped, under its namespace; nothing else is at the top level.
-    for package, folder in PACKAGE_DIRS.items():
-        for module in (REPO / folder).glob("*.py"):
+    for package, folder in PACKAGES.items():
+        for module in folder.glob("*.py"):
             assert f"{package.replace('.', '/')}/{module.name}" in names, f"{folder}/{module.name} not shipped"
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"medrobust"}
     lines = [line.replace(" ", "") for line in scripts.splitlines()]
@@ -147,12 +161,11 @@ def test_wheel_contents(built):
 
 
 CHECK = """
-import json, sys
-import medrobust, medrobust.models, medrobust.attacks, medrobust.reports, medrobust.cli
+import importlib, json, sys
 from importlib.metadata import distribution
+modules = [importlib.import_module(name) for name in sys.argv[1:]]
 print(json.dumps({
-    "files": {m.__name__: m.__file__ for m in
-              (medrobust, medrobust.models, medrobust.attacks, medrobust.reports, medrobust.cli)},
+    "files": {m.__name__: m.__file__ for m in modules},
     "dist": str(distribution("medrobust")._path),
     "editable_finder": [n for n in sys.modules if n.startswith("__editable__")],
     "sys_path": sys.path,
@@ -161,7 +174,7 @@ print(json.dumps({
 
 
 def test_fresh_venv_imports_the_installed_wheel(built):
-    result = _run([str(built["python"]), "-c", CHECK], built["root"])
+    result = _run([str(built["python"]), "-c", CHECK, *PACKAGES, "medrobust.cli"], built["root"])
     info = json.loads(result.stdout.strip().splitlines()[-1])
     for name, file in info["files"].items():
         assert _is_under(file, built["site"]), f"{name} imported from {file}, not from the fresh venv"

@@ -13,10 +13,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from medrobust import preprocess
-from medrobust.dataset import SubjectRecord, load_dataset_index
-from medrobust.errors import MedrobustError
-from medrobust.preprocess import (
+from medrobust.data import preprocess
+from medrobust.data.index import SubjectRecord, load_dataset_index
+from medrobust.data.preprocess import (
     Preprocessing,
     SubjectError,
     prepare_dataset,
@@ -24,6 +23,7 @@ from medrobust.preprocess import (
     resample_to_grid,
     subject_cache_key,
 )
+from medrobust.errors import MedrobustError
 
 SHAPE = (12, 14, 10)
 NATIVE = Preprocessing(shape=SHAPE, voxel_size=(1.0, 1.0, 1.0))

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 
 from medrobust.errors import MedrobustError
-from medrobust.metrics import cell_metrics
 from medrobust.reports import deviation_figure, format_epsilon, leaderboard_table, write_report
 from medrobust.reports.leaderboard import format_ssim, threat_model_table
-from medrobust.store import ResultStore
+from medrobust.results.metrics import cell_metrics
+from medrobust.results.store import ResultStore
 
 XSS = "<script>alert(1)</script>"
 MODELS = {"cnn3d": "cnn3d", XSS: "hybrid"}  # label -> registered architecture

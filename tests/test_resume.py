@@ -19,7 +19,13 @@ from click.testing import CliRunner
 from tiny_run import tiny_run_tables
 
 from medrobust.cli import main
-from medrobust.store import RUN_DEPENDENT_CELL_FIELDS, RUN_DEPENDENT_METRICS, SAMPLE_COLUMNS, ResultStore, lock_holder
+from medrobust.results.store import (
+    RUN_DEPENDENT_CELL_FIELDS,
+    RUN_DEPENDENT_METRICS,
+    SAMPLE_COLUMNS,
+    ResultStore,
+    lock_holder,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +105,7 @@ def _check_whole_cells(out: Path) -> None:
 
 
 def _comparable(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A store's cells without what depends on the run rather than the cell (see medrobust.store), and its
+    """A store's cells without what depends on the run rather than the cell (see medrobust.results.store), and its
     per-subject rows, both in a fixed order."""
     with ResultStore(out, create=False) as store:
         cells, samples = store.cells(), store.samples()

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from tiny_run import tiny_run_tables
 
 from medrobust.cli import main
-from medrobust.config import load_config
 from medrobust.models import load_checkpoint
+from medrobust.results.store import ResultStore
 from medrobust.runner import expand_cells
-from medrobust.store import ResultStore
+from medrobust.runner.config import load_config
 from medrobust.training import load_prepared, resolve_device
 
 CONFIG = """

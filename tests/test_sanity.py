@@ -6,9 +6,9 @@ import pandas as pd
 import torch
 
 from medrobust.attacks import create_attack
-from medrobust.metrics import cell_metrics
-from medrobust.sanity import reliability_flags
-from medrobust.store import ResultStore
+from medrobust.results.metrics import cell_metrics
+from medrobust.results.reliability import reliability_flags
+from medrobust.results.store import ResultStore
 
 SETTING = {"model": "cnn3d", "checkpoint_sha256": "w", "data_fingerprint": "d", "subjects_sha256": "s",
            "objective": "older", "threat_model": "fixed", "status": "done", "norm": "linf", "unit": "range"}

@@ -10,10 +10,10 @@ import pytest
 import torch
 from tiny_run import tiny_run_tables
 
-from medrobust.config import load_config
 from medrobust.errors import MedrobustError
+from medrobust.results.store import RUN_DEPENDENT_CELL_FIELDS, ResultStore
 from medrobust.runner import plan, resolve_devices, run, subject_seeds
-from medrobust.store import RUN_DEPENDENT_CELL_FIELDS, ResultStore
+from medrobust.runner.config import load_config
 
 CONFIG = """
 out = "{out}"
@@ -163,7 +163,7 @@ def test_reduced_precision_is_checked_against_fp32(trained):
 
 
 def test_a_precision_gap_marks_the_cell(trained):
-    from medrobust.sanity import reliability_flags
+    from medrobust.results.reliability import reliability_flags
 
     cells = pd.DataFrame([
         {"id": "a", "status": "done", "objective": "older", "precision": "bf16", "parity_mean_abs_deviation": 0.4,

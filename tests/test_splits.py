@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from medrobust.data.splits import load_or_create_splits, make_splits
 from medrobust.errors import MedrobustError
-from medrobust.splits import load_or_create_splits, make_splits
 
 SUBJECTS = [f"sub-{i:03d}" for i in range(50)]
 

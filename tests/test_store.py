@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from medrobust.errors import MedrobustError
-from medrobust.metrics import cell_metrics
-from medrobust.store import SAMPLE_COLUMNS, SCHEMA_VERSION, ResultStore, StoreBusyError, lock_holder, lock_path
+from medrobust.results.metrics import cell_metrics
+from medrobust.results.store import SAMPLE_COLUMNS, SCHEMA_VERSION, ResultStore, StoreBusyError, lock_holder, lock_path
 
 
 def _samples(n: int, shift: float = 1.0) -> list[dict]:
@@ -204,7 +204,7 @@ def test_a_store_of_a_newer_schema_is_refused(tmp_path):
 # A writer in another process: it opens the store as the runner does, says so, and waits to be stopped.
 _HOLDER = """
 import sys, time
-from medrobust.store import ResultStore
+from medrobust.results.store import ResultStore
 store = ResultStore(sys.argv[1])
 print("holding", flush=True)
 time.sleep(600)

@@ -150,7 +150,7 @@ def labelled_batch():
 
 
 def extractor_for(images, features, labels):
-    from medrobust.context import SoftVolumes
+    from medrobust.attacks.extractors import SoftVolumes
 
     # Features: sex, field strength, then the volumes of labels 1 ("hippocampus"), 3 ("ventricles"), 2.
     return SoftVolumes(labels, [None, None, 1, 3, 2], NAMES, images, features)

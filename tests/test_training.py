@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from medrobust.cli import main
-from medrobust.cohort import CohortSpec, synthesize
+from medrobust.data.cohort import CohortSpec, synthesize
 from medrobust.errors import MedrobustError
 from medrobust.models import load_checkpoint
 from medrobust.training import TrainingConfig, TrainRequest, load_prepared, resolve_device, train

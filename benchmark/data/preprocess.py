@@ -21,10 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from medrobust.data.features import COVARIATE_NAMES, context_feature_names, context_features, precomputed_volume_labels
+
 # SubjectError lives in dataset.py (the bottom of the import chain) so that features.py can raise it too.
-from medrobust.dataset import DatasetIndex, SkippedSubject, SubjectError, SubjectRecord, file_sha256
+from medrobust.data.index import DatasetIndex, SkippedSubject, SubjectError, SubjectRecord, file_sha256
 from medrobust.errors import MedrobustError
-from medrobust.features import COVARIATE_NAMES, context_feature_names, context_features, precomputed_volume_labels
 
 NORMALIZATIONS = ("zscore_brain", "zscore", "minmax", "none")
 # Bump when the preprocessing code changes what it produces, so that old cache entries are not reused.

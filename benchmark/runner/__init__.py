@@ -6,7 +6,7 @@ hash of everything that decides its result, so re-running a config skips the cel
 
 The driver (``run``) holds the store's writer lock, plans the grid (``_plan``; cached in the run folder so that a
 finished grid re-runs without loading anything), and hands the pending cells as ``CellTask``s to an executor
-(``medrobust.executors``: in this process, one worker per GPU, or Ray tasks); a worker runs a cell with
+(``medrobust.runner.executors``: in this process, one worker per GPU, or Ray tasks); a worker runs a cell with
 ``perform`` in its own ``Workspace`` (models and subjects loaded once per process and device) and returns a
 ``CellOutcome``, which only the driver writes.
 """
@@ -28,18 +28,18 @@ import torch
 from tqdm import tqdm
 
 from medrobust.attacks import Budget, attack_entrypoint, create_attack, perturbation_norms
-from medrobust.cohort import synthesize
-from medrobust.config import AttackSpec, ModelSpec, RunConfig, builtin_cohort
-from medrobust.context import make_extractor
+from medrobust.attacks.extractors import make_extractor
+from medrobust.data.cohort import synthesize
+from medrobust.data.preprocess import PreparedDataset
+from medrobust.data.splits import load_or_create_splits
 from medrobust.environment import describe_environment
 from medrobust.errors import MedrobustError
-from medrobust.metrics import image_metrics, rows_metrics
 from medrobust.models import BrainAgeModel, load_checkpoint
 from medrobust.models.checkpoint import checkpoint_paths
-from medrobust.preprocess import PreparedDataset
-from medrobust.sanity import reliability_flags
-from medrobust.splits import load_or_create_splits
-from medrobust.store import ResultStore, describe_spec
+from medrobust.results.metrics import image_metrics, rows_metrics
+from medrobust.results.reliability import reliability_flags
+from medrobust.results.store import ResultStore, describe_spec
+from medrobust.runner.config import AttackSpec, ModelSpec, RunConfig, builtin_cohort
 from medrobust.training import TRAINING_ORDER, TrainRequest, load_prepared, resolve_device, train
 
 # Spec keys that locate or describe a cell without changing its result: left out of its id.
@@ -541,7 +541,7 @@ def _plan_key(config: RunConfig, root: Path, checkpoints: dict[str, Path], devic
 
     files = [path for checkpoint in checkpoints.values() for path in checkpoint_paths(checkpoint)]
     for package in (medrobust, medrobust.attacks, medrobust.models):
-        files.extend(sorted(Path(package.__file__).parent.glob("*.py")))
+        files.extend(sorted(Path(package.__file__).parent.rglob("*.py")))
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         files.extend(Path(folder) / name for name in sorted(names))
@@ -609,7 +609,7 @@ def run(config: RunConfig, progress: bool = True, echo=tqdm.write, retry_failed:
 
 def _run(config: RunConfig, store: ResultStore, devices: list[torch.device], progress: bool, echo,
          retry_failed: bool, executor: str, ray_address: str | None) -> RunSummary:
-    from medrobust.executors import make_executor  # executors import this module
+    from medrobust.runner.executors import make_executor  # executors import this module
 
     root = ensure_dataset(config, progress)
     checkpoints = ensure_models(config, str(devices[0]), progress, echo)

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 
 from medrobust.attacks import OBJECTIVES, THREAT_MODELS, Budget, attack_entrypoint, create_attack, list_attacks
-from medrobust.cohort import CohortSpec
-from medrobust.context import EXTRACTORS
+from medrobust.attacks.extractors import EXTRACTORS
+from medrobust.data.cohort import CohortSpec
+from medrobust.data.splits import SPLIT_NAMES
 from medrobust.errors import MedrobustError
 from medrobust.models import list_models
 from medrobust.models.checkpoint import checkpoint_paths
-from medrobust.splits import SPLIT_NAMES
 from medrobust.training import TrainingConfig
 
 if sys.version_info >= (3, 11):
@@ -90,7 +90,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"  # fp32, or bf16/fp16 autocast (checked against fp32 on each cell's first batch)
-    extractor: str = "soft"  # how "recomputed" measures the volumes on an attacked image (medrobust.context)
+    extractor: str = "soft"  # how "recomputed" measures the volumes on an attacked image (medrobust.attacks.extractors)
     ssim: bool = True  # measure each attacked image's 3D SSIM (on a CPU about a fifth of a forward+backward pass)
     batch_size: int = 8
     brain_mask: bool = False

@@ -15,7 +15,7 @@ from medrobust.attacks.pgd import check_count
 
 
 @register_attack
-class L0(Attack):
+class GreedyL0(Attack):
     """The paper's greedy voxel attack under an ``l0`` budget (epsilon: the number of voxels that may change;
     default ``Budget("l0", 360)``, the paper's smallest).
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medrobust.dataset import SubjectError, SubjectRecord
+from medrobust.data.index import SubjectError, SubjectRecord
 from medrobust.errors import MedrobustError
 
 COVARIATE_NAMES = ("sex", "field_strength")

@@ -7,8 +7,8 @@ import functools
 import torch
 from torch import Tensor, nn
 
-from medrobust.attacks._external import ExternalAttack, ImageOnlyModel, check_steps
 from medrobust.attacks._registry import register_attack
+from medrobust.attacks.backends.base import ExternalAttack, ImageOnlyModel, check_steps
 from medrobust.attacks.base import AttackState
 from medrobust.errors import MedrobustError
 

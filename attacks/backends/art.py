@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from medrobust.attacks._external import ExternalAttack, ImageOnlyModel
+from medrobust.attacks._registry import register_attack
+from medrobust.attacks.backends.base import ExternalAttack, ImageOnlyModel, check_steps
 from medrobust.attacks.base import AttackState
 from medrobust.attacks.objectives import objective_score
 
@@ -98,3 +99,50 @@ def _reference(state: AttackState) -> Tensor:
 
 def _numpy(tensor: Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy()
+
+
+@register_attack
+class ARTFGSM(ARTAttack):
+    """``fgsm`` as ART computes it (``art.attacks.evasion.FastGradientMethod``): one step of the radius along
+    the sign of the objective's gradient (l-inf) or the normalized gradient (l2), clipped to each image's
+    range and projected. No arguments of its own. Needs ``adversarial-robustness-toolbox``.
+
+    Costs one forward and one backward pass, plus the clean and the final prediction.
+    """
+
+    name = "art-fgsm"
+    norms = ("linf", "l2")
+
+    def art_evasion(self, regressor, radius: np.ndarray, batch_size: int):
+        from art.attacks.evasion import FastGradientMethod
+
+        return FastGradientMethod(regressor, norm=self.art_norm(), eps=radius, eps_step=positive(radius),
+                                  batch_size=batch_size)
+
+
+@register_attack
+class ARTPGD(ARTAttack):
+    """``pgd`` with ``random_start=False`` as ART computes it (``art.attacks.evasion.ProjectedGradientDescent``,
+    the NumPy implementation ART uses for regressors): ``steps`` steps of ``step_size`` times the radius, each
+    clipped to the image's range and then projected onto the budget ball. Needs ``adversarial-robustness-toolbox``.
+
+    No random start: ART refuses one for regressors. Under an l2 budget, where the range clip binds, ART (clip,
+    then project onto the ball) and ``pgd`` (project, then clip) take different steps; both stay in the budget
+    and the range. Under l-inf the two orders give the same image.
+
+    Costs one forward and one backward pass per step, plus the clean and the final prediction.
+    """
+
+    name = "art-pgd"
+    norms = ("linf", "l2")
+
+    def __init__(self, model: nn.Module, *args, steps: int = 10, step_size: float = 0.25, **kwargs) -> None:
+        super().__init__(model, *args, **kwargs)
+        self.steps, self.step_size = check_steps(steps, step_size)
+
+    def art_evasion(self, regressor, radius: np.ndarray, batch_size: int):
+        from art.attacks.evasion import ProjectedGradientDescent
+
+        return ProjectedGradientDescent(regressor, norm=self.art_norm(), eps=radius,
+                                        eps_step=positive(self.step_size * radius), max_iter=self.steps,
+                                        batch_size=batch_size, verbose=False)

@@ -1,7 +1,7 @@
 """Dataset indexing: a BIDS folder or a CSV/TSV manifest becomes a list of subjects with ages and file paths.
 
 Only metadata-level problems (a missing file, an unreadable age) are detected here; problems inside the images
-are found when preprocessing (`medrobust.preprocess`). A bad subject is skipped with a recorded reason, or,
+are found when preprocessing (`medrobust.data.preprocess`). A bad subject is skipped with a recorded reason, or,
 with `strict=True`, stops the load with a MedrobustError.
 """
 
@@ -41,7 +41,7 @@ _MANIFEST_COLUMNS = {
 class SubjectError(MedrobustError):
     """A subject's files cannot be used (corrupt, wrong shape, non-finite, mismatched grids, bad features).
 
-    Raised by preprocessing and feature reading; `medrobust.preprocess.SubjectError` is this class.
+    Raised by preprocessing and feature reading; `medrobust.data.preprocess.SubjectError` is this class.
     """
 
 
