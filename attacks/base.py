@@ -416,6 +416,12 @@ class Attack:
     name: ClassVar[str] = ""
     norms: ClassVar[tuple[str, ...]] = NORMS
     threat_models: ClassVar[tuple[str, ...]] = ("fixed",)
+    # What the reliability checks hold the attack to (medrobust.vocabulary.ROLES): a baseline is the floor no real
+    # attack may fall to, a one-step attack the least an iterative one must reach. Iterative unless declared.
+    role: ClassVar[str] = "iterative"
+    # batch: attacks each batch on its own; set: fits one perturbation on a set of subjects (``fit``) and applies
+    # it to others (``apply``).
+    scope: ClassVar[str] = "batch"
     # True where the attack's first model pass is a gradient step at the clean images: that pass then also gives
     # the clean prediction (one forward pass fewer). An attack sets it only where that holds for every call.
     starts_clean: ClassVar[bool] = False

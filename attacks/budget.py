@@ -11,11 +11,7 @@ import torch
 from torch import Tensor
 
 from medrobust.errors import MedrobustError
-
-# l0 counts the voxels that change: its epsilon is a number of voxels, in unit abs.
-NORMS = ("linf", "l2", "l0")
-# abs: intensity units; range: a fraction of each image's max - min (the paper's unit); std: of each image's std.
-UNITS = ("abs", "range", "std")
+from medrobust.vocabulary import NORMS, UNITS
 
 
 def is_finite_real(value: object) -> bool:

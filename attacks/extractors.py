@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from medrobust.errors import MedrobustError
+from medrobust.vocabulary import EXTRACTORS
 
 # Regions whose content is fluid, dark on T1: for them the probability is inverted.
 FLUID_WORDS = ("ventric", "csf", "cerebrospinal")
@@ -164,7 +165,6 @@ class StraightThrough:
 
 # soft: differentiable soft volumes. hard: hard-threshold volumes alone (zero gradient: an attack through it
 # sees only the model's own image pathway). hard-bpda: hard-threshold values with the soft volumes' gradient.
-EXTRACTORS = ("soft", "hard", "hard-bpda")
 
 
 def make_extractor(name: str, labels: Tensor, feature_labels: Sequence[int | None], feature_names: Sequence[str],

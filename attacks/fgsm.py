@@ -18,6 +18,7 @@ class FGSM(Attack):
     """
 
     name = "fgsm"
+    role = "one-step"
     norms = ("linf", "l2")
     threat_models = ("fixed", "perturbed", "recomputed")
     starts_clean = True

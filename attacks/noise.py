@@ -38,6 +38,7 @@ class Noise(Attack):
     """
 
     name = "noise"
+    role = "baseline"
     norms = ("linf", "l2")
     threat_models = ("fixed", "perturbed", "recomputed")
 

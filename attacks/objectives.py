@@ -7,10 +7,7 @@ from torch import Tensor
 
 from medrobust.attacks.budget import is_finite_real
 from medrobust.errors import MedrobustError
-
-# older/younger: push the predicted age up/down (the paper); deviation: |p - p_clean|; target: reach an age;
-# error: |p - true age|.
-OBJECTIVES = ("older", "younger", "deviation", "target", "error")
+from medrobust.vocabulary import OBJECTIVES
 
 
 def check_objective(objective: str, target_age: float | None) -> float | None:

@@ -58,6 +58,7 @@ class Universal(Attack):
     """
 
     name = "universal"
+    scope = "set"
     norms = ("linf", "l2")
     threat_models = THREAT_MODELS
 

@@ -11,9 +11,13 @@ import sys
 
 import click
 
-from medrobust.errors import MedrobustError
+from medrobust.errors import FieldError, MedrobustError
+from medrobust.settings import LOSSES, CohortSpec, TrainingConfig
+from medrobust.vocabulary import EXECUTORS, PRECISIONS
 
 EXIT_FAILED_CELLS, EXIT_BAD_INPUT, EXIT_STORE_BUSY = 1, 2, 3
+# The defaults the options show are the settings' own.
+_COHORT, _TRAINING = CohortSpec(), TrainingConfig()
 
 
 def _one_line(text: str) -> str:
@@ -29,6 +33,8 @@ class _Group(click.Group):
         except MedrobustError as error:
             from medrobust.results.store import StoreBusyError
 
+            if isinstance(error, FieldError):  # a setting the library names by its field: name it by its flag
+                error = MedrobustError(f"--{error.field.replace('_', '-')} {error.problem}")
             click.echo(f"error: {_one_line(error)}", err=True)
             sys.exit(EXIT_STORE_BUSY if isinstance(error, StoreBusyError) else EXIT_BAD_INPUT)
 
@@ -67,17 +73,18 @@ def _triple(kind: type):
 @data.command("synth")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/cohort", show_default=True,
               help="Folder for the BIDS dataset (created; must be new or hold the same cohort).")
-@click.option("--n", type=int, default=500, show_default=True, help="Number of subjects.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--shape", callback=_triple(int), default="48x56x48", show_default=True,
+@click.option("--n", type=int, default=_COHORT.n, show_default=True, help="Number of subjects.")
+@click.option("--seed", type=int, default=_COHORT.seed, show_default=True)
+@click.option("--shape", callback=_triple(int), default="x".join(map(str, _COHORT.shape)), show_default=True,
               help="Output grid in voxels (x, y, z in RAS); the paper's grid is 172x220x156.")
-@click.option("--voxel-size", callback=_triple(float), default="3.5", show_default=True, help="Voxel size in mm.")
-@click.option("--age-range", nargs=2, type=float, default=(5.0, 90.0), show_default=True,
+@click.option("--voxel-size", callback=_triple(float), default="x".join(map(str, _COHORT.voxel_size)),
+              show_default=True, help="Voxel size in mm.")
+@click.option("--age-range", nargs=2, type=float, default=_COHORT.age_range, show_default=True,
               help="Ages are drawn uniformly between MIN and MAX years.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def data_synth(out, n, seed, shape, voxel_size, age_range, quiet) -> None:
     """Generate the built-in lifespan cohort (synthetic T1w + labels on MNI152/AAL3 anatomy) as BIDS."""
-    from medrobust.data.cohort import CohortSpec, synthesize
+    from medrobust.data.cohort import synthesize
 
     spec = CohortSpec(n=n, seed=seed, shape=shape, voxel_size=voxel_size, age_range=tuple(age_range))
     root = synthesize(out, spec, progress=not quiet)
@@ -96,7 +103,7 @@ def data_check(dataset, shape, voxel_size, cache_dir, strict, quiet) -> None:
     """Load and preprocess a dataset (BIDS folder or CSV manifest); list usable and skipped subjects."""
     from pathlib import Path
 
-    from medrobust.training import load_prepared
+    from medrobust.data import load_prepared
 
     index, preprocessing, prepared = load_prepared(dataset, shape, voxel_size, Path(cache_dir) if cache_dir else None,
                                                    strict=strict, progress=not quiet)
@@ -112,19 +119,24 @@ def data_check(dataset, shape, voxel_size, cache_dir, strict, quiet) -> None:
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True),
               help="A BIDS folder or a CSV/TSV manifest.")
 @click.option("--model", "models", multiple=True, default=("cnn3d",), show_default=True,
-              help="Registered model name; repeat to train several (hybrid then reuses the cnn3d trained here).")
+              help="Registered model name; repeat to train several (a model built from another reuses the one trained "
+                   "here).")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/models", show_default=True,
               help="Folder for checkpoints (<model>-seed<seed>.safetensors + .json) and test predictions.")
-@click.option("--trunk", type=click.Path(dir_okay=False), default=None,
-              help="Trained cnn3d checkpoint whose frozen trunk the two-stage hybrid uses.")
-@click.option("--epochs", type=int, default=30, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--weight-decay", type=float, default=0.03, show_default=True, help="L2 penalty of Adam.")
-@click.option("--loss", type=click.Choice(["l1", "mse"]), default="l1", show_default=True,
+@click.option("--trained", "--trunk", "trained", multiple=True, type=click.Path(dir_okay=False),
+              help="Checkpoint of a trained model that a requested model is built from (the two-stage hybrid: a "
+                   "cnn3d, whose trunk it freezes); repeat for several.")
+@click.option("--epochs", type=int, default=_TRAINING.epochs, show_default=True)
+@click.option("--batch-size", type=int, default=_TRAINING.batch_size, show_default=True)
+@click.option("--lr", type=float, default=_TRAINING.lr, show_default=True)
+@click.option("--weight-decay", type=float, default=_TRAINING.weight_decay, show_default=True,
+              help="L2 penalty of Adam.")
+@click.option("--loss", type=click.Choice(LOSSES), default=_TRAINING.loss, show_default=True,
               help="Loss on the standardized age.")
-@click.option("--patience", type=int, default=10, show_default=True, help="Early stopping on validation MAE.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of initialization and batch order.")
+@click.option("--patience", type=int, default=_TRAINING.patience, show_default=True,
+              help="Early stopping on validation MAE.")
+@click.option("--seed", type=int, default=_TRAINING.seed, show_default=True,
+              help="Seed of initialization and batch order.")
 @click.option("--split-seed", type=int, default=0, show_default=True,
               help="Seed of the subject-level train/val/test split (saved next to the dataset).")
 @click.option("--shape", callback=_triple(int), default=None, help="Model grid; default: the dataset's grid.")
@@ -134,18 +146,18 @@ def data_check(dataset, shape, voxel_size, cache_dir, strict, quiet) -> None:
               help="Preprocessed-tensor cache; default: <dataset>/.medrobust_cache.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad subject instead of skipping it.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train_cmd(data_path, models, out, trunk, epochs, batch_size, lr, weight_decay, loss, patience, seed, split_seed,
+def train_cmd(data_path, models, out, trained, epochs, batch_size, lr, weight_decay, loss, patience, seed, split_seed,
               shape, voxel_size, device, cache_dir, strict, quiet) -> None:
     """Train brain-age models; writes checkpoints and prints clean test MAE, Pearson r and n."""
     from pathlib import Path
 
-    from medrobust.training import TrainingConfig, TrainRequest, train
+    from medrobust.training import TrainRequest, train
 
     config = TrainingConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, loss=loss,
                             patience=patience, seed=seed)
     request = TrainRequest(
         data=Path(data_path), models=list(models), out=Path(out), config=config, shape=shape, voxel_size=voxel_size,
-        trunk=Path(trunk) if trunk else None, split_seed=split_seed, device=device,
+        trained=[Path(path) for path in trained], split_seed=split_seed, device=device,
         cache_dir=Path(cache_dir) if cache_dir else None, strict=strict, progress=not quiet)
     for result in train(request):
         m = result.test_metrics
@@ -160,21 +172,6 @@ def _device(ctx: click.Context, param: click.Parameter, value: str | None) -> st
     return value
 
 
-def _one_of(module: str, name: str):
-    """A click callback checking a value against the tuple ``name`` of ``module``, imported only when the option
-    is given (so that `medrobust --help` does not import torch)."""
-
-    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-        import importlib
-
-        allowed = getattr(importlib.import_module(module), name)
-        if value is not None and value not in allowed:
-            raise click.BadParameter(f"expected one of {', '.join(allowed)}, got {value!r}")
-        return value
-
-    return check
-
-
 @main.command("run")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--report/--no-report", default=True, show_default=True,
@@ -183,10 +180,10 @@ def _one_of(module: str, name: str):
               help="Run again the cells the store records as failed (by default they are skipped, and counted).")
 @click.option("--device", callback=_device, default=None,
               help="auto, cpu, cuda or cuda:N; overrides the config's `device`.")
-@click.option("--precision", callback=_one_of("medrobust.runner.config", "PRECISIONS"), default=None,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="fp32, bf16 or fp16 (autocast); overrides the config's `precision` (another precision makes other "
                    "cells).")
-@click.option("--executor", callback=_one_of("medrobust.runner.executors", "EXECUTORS"), default="local",
+@click.option("--executor", type=click.Choice(EXECUTORS), default="local",
               show_default=True,
               help="local (in this process) or ray (Ray tasks); either way only this process writes the store.")
 @click.option("--ray-address", default=None, metavar="ADDR",
@@ -204,9 +201,10 @@ def run_cmd(config_path, report, retry_failed, device, precision, executor, ray_
 
     from medrobust.runner import run
     from medrobust.runner.config import load_config
+    from medrobust.runner.executors import check_executor
 
-    if ray_address is not None and executor != "ray":
-        raise click.UsageError("--ray-address goes with --executor ray")
+    check_executor(executor, ray_address)
+
     config = load_config(config_path)
     overrides = {key: value for key, value in (("device", device), ("precision", precision)) if value is not None}
     if overrides:  # the run's record (its config) says what ran

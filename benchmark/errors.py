@@ -6,3 +6,15 @@ class MedrobustError(Exception):
 
     The command line prints it on one line and exits with code 2.
     """
+
+
+class FieldError(MedrobustError):
+    """A bad value of one named setting (a dataclass field): ``field`` and what is wrong with it (``problem``).
+
+    The library names the field; whoever took the value names it in the words of its source: the config as
+    ``training.epochs``, the command line as ``--epochs``.
+    """
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field, self.problem = field, problem
+        super().__init__(f"{field} {problem}")

@@ -5,17 +5,30 @@ Importing this package registers every built-in model:
 """
 
 from medrobust.models import cnn3d, features_mlp, hybrid  # noqa: F401  (registers the built-ins)
-from medrobust.models._registry import create_model, list_models, model_entrypoint, register_model
+from medrobust.models._registry import (
+    create_from_trained,
+    create_model,
+    list_models,
+    model_entrypoint,
+    model_requires,
+    register_model,
+    training_order,
+    variant,
+)
 from medrobust.models.base import BrainAgeModel, ModelMeta
 from medrobust.models.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = [
     "BrainAgeModel",
     "ModelMeta",
+    "create_from_trained",
     "create_model",
     "list_models",
     "load_checkpoint",
     "model_entrypoint",
+    "model_requires",
     "register_model",
     "save_checkpoint",
+    "training_order",
+    "variant",
 ]

@@ -204,3 +204,17 @@ class BrainAgeModel(nn.Module):
     def predict_standardized(self, image: Tensor | None, features: Tensor | None) -> Tensor:
         """Raw output [B] in standardized-target units; ``features`` are already standardized."""
         raise NotImplementedError
+
+    # A model with a frozen part (the two-stage hybrid's trunk) lets training compute that part once per subject
+    # instead of every epoch: ``cache_frozen`` gives its output, ``forward_cached`` the prediction from it.
+
+    def cache_frozen(self, image: Tensor) -> Tensor | None:
+        """The output [B, ...] of the model's frozen part for ``image``, or None where nothing is frozen."""
+        return None
+
+    def forward_cached(self, cache: Tensor, features: Tensor | None) -> Tensor:
+        """Predicted age [B] in years from ``cache_frozen``'s output and the raw context features."""
+        raise NotImplementedError(f"model '{self.meta.name}' has no frozen part to cache")
+
+    def fit_cache_scaling(self, cache: Tensor) -> None:
+        """Set what the model scales its frozen part's output by, from that output over the training split."""

@@ -6,7 +6,6 @@ Loading never unpickles: the architecture is rebuilt from the registry and the t
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import medrobust
 from medrobust.errors import MedrobustError
+from medrobust.files import atomic_write, file_sha256
 from medrobust.models._registry import create_model, list_models
 from medrobust.models.base import BrainAgeModel
 
@@ -32,21 +32,6 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     stem = path.with_suffix("") if path.suffix in _SUFFIXES else path
     # with_name, not with_suffix: a stem such as "cnn3d.seed0" must keep its dot.
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write(target: Path, write) -> None:
-    # Write beside the target then rename, so an interrupted run never leaves a half-written checkpoint.
-    tmp = target.with_name(target.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, target)
 
 
 def save_checkpoint(model: BrainAgeModel, path: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -86,10 +71,10 @@ def save_checkpoint(model: BrainAgeModel, path: str | os.PathLike, extra: dict |
     except (TypeError, ValueError) as err:
         raise MedrobustError(f"checkpoint {sidecar_path}: 'extra' must be JSON-serializable ({err})") from err
     weights_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(weights_path, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    sidecar["weights_sha256"] = _sha256(weights_path)
+    atomic_write(weights_path, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    sidecar["weights_sha256"] = file_sha256(weights_path)
     text = json.dumps(sidecar, indent=2)
-    _atomic_write(sidecar_path, lambda p: p.write_text(text + "\n", encoding="utf-8"))
+    atomic_write(sidecar_path, lambda p: p.write_text(text + "\n", encoding="utf-8"))
     return weights_path
 
 
@@ -117,7 +102,7 @@ def load_checkpoint(
             f"known: {', '.join(list_models())}"
         )
     expected_sha = sidecar.get("weights_sha256")
-    if expected_sha is not None and _sha256(weights_path) != expected_sha:
+    if expected_sha is not None and file_sha256(weights_path) != expected_sha:
         raise MedrobustError(
             f"checkpoint weights {weights_path} do not match their sidecar {sidecar_path} (sha256 differs); "
             "the pair was mixed up or the file is corrupt"

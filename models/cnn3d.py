@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from medrobust.errors import MedrobustError
-from medrobust.models._registry import register_model
+from medrobust.models._registry import register_model, variant
 from medrobust.models.base import (
     BrainAgeModel,
     ModelMeta,
@@ -70,6 +70,7 @@ class CNN3d(BrainAgeModel):
         normalization: str = "zscore_brain",
         filters: Sequence[int] = (8, 16, 32, 64, 128),
         dense: Sequence[int] = (128, 128),
+        name: str = "cnn3d",
     ) -> None:
         grid = as_grid(input_shape)
         voxels = as_voxel_size(voxel_size)
@@ -77,7 +78,7 @@ class CNN3d(BrainAgeModel):
         dense = as_widths(dense, "dense")
         normalization = as_normalization(normalization)
         meta = ModelMeta.from_kwargs(
-            "cnn3d",
+            name,
             {
                 "input_shape": list(grid),
                 "voxel_size": list(voxels),
@@ -100,13 +101,5 @@ class CNN3d(BrainAgeModel):
         return self.head(self.conv_trunk(image)).squeeze(1)
 
 
-@register_model
-def cnn3d(
-    input_shape: Sequence[int] = (48, 56, 48),
-    voxel_size: Sequence[float] = (3.5, 3.5, 3.5),
-    normalization: str = "zscore_brain",
-    filters: Sequence[int] = (8, 16, 32, 64, 128),
-    dense: Sequence[int] = (128, 128),
-) -> CNN3d:
-    """The paper's conventional network on an image grid; the paper's grid is 172x220x156 at 1 mm."""
-    return CNN3d(input_shape, voxel_size, normalization, filters, dense)
+cnn3d = register_model(variant(
+    CNN3d, "cnn3d", "The paper's conventional network on an image grid; the paper's grid is 172x220x156 at 1 mm."))

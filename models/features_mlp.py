@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from medrobust.models._registry import register_model
+from medrobust.models._registry import register_model, variant
 from medrobust.models.base import (
     BrainAgeModel,
     ModelMeta,
@@ -33,6 +33,7 @@ class FeaturesMLP(BrainAgeModel):
         input_shape: Sequence[int] = (48, 56, 48),
         voxel_size: Sequence[float] = (3.5, 3.5, 3.5),
         normalization: str = "zscore_brain",
+        name: str = "features_mlp",
     ) -> None:
         names = as_feature_names(feature_names)
         hidden = as_widths(hidden, "hidden")
@@ -40,7 +41,7 @@ class FeaturesMLP(BrainAgeModel):
         voxels = as_voxel_size(voxel_size)
         normalization = as_normalization(normalization)
         meta = ModelMeta.from_kwargs(
-            "features_mlp",
+            name,
             {
                 "feature_names": list(names),
                 "hidden": list(hidden),
@@ -58,13 +59,5 @@ class FeaturesMLP(BrainAgeModel):
         return self.head(features).squeeze(1)
 
 
-@register_model
-def features_mlp(
-    feature_names: Sequence[str] | None = None,
-    hidden: Sequence[int] = (128, 128),
-    input_shape: Sequence[int] = (48, 56, 48),
-    voxel_size: Sequence[float] = (3.5, 3.5, 3.5),
-    normalization: str = "zscore_brain",
-) -> FeaturesMLP:
-    """MLP on the context features alone (the paper's "features only" baseline)."""
-    return FeaturesMLP(feature_names, hidden, input_shape, voxel_size, normalization)
+features_mlp = register_model(variant(
+    FeaturesMLP, "features_mlp", 'MLP on the context features alone (the paper\'s "features only" baseline).'))

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from medrobust.errors import MedrobustError
-from medrobust.models._registry import register_model
+from medrobust.models._registry import register_model, variant
 from medrobust.models.base import (
     BrainAgeModel,
     ModelMeta,
@@ -131,32 +131,27 @@ class HybridModel(BrainAgeModel):
         joint = torch.cat([self.scale_trunk(self.conv_trunk(image)), features], dim=1)
         return self.head(joint).squeeze(1)
 
+    def cache_frozen(self, image: Tensor) -> Tensor | None:
+        """The raw trunk features [B, T] when the trunk is frozen (two-stage), else None."""
+        return self.trunk(image) if self.trunk_frozen else None
 
-@register_model
-def hybrid(
-    feature_names: Sequence[str] | None = None,
-    input_shape: Sequence[int] = (48, 56, 48),
-    voxel_size: Sequence[float] = (3.5, 3.5, 3.5),
-    normalization: str = "zscore_brain",
-    filters: Sequence[int] = (8, 16, 32, 64, 128),
-    dense: Sequence[int] = (128, 128),
-    trunk_frozen: bool = True,
-) -> HybridModel:
-    """The paper's two-stage hybrid: trunk from a trained cnn3d (``HybridModel.from_cnn3d``), head trained."""
-    return HybridModel(feature_names, input_shape, voxel_size, normalization, filters, dense, trunk_frozen,
-                       name="hybrid")
+    def forward_cached(self, cache: Tensor, features: Tensor | None) -> Tensor:
+        joint = torch.cat([self.scale_trunk(cache), self.standardize_features(features)], dim=1)
+        return self.head(joint).squeeze(1) * self.age_std + self.age_mean
+
+    def fit_cache_scaling(self, cache: Tensor) -> None:
+        self.set_trunk_scaling(cache.min(0).values, cache.max(0).values, cache.mean(0))
 
 
-@register_model
-def hybrid_e2e(
-    feature_names: Sequence[str] | None = None,
-    input_shape: Sequence[int] = (48, 56, 48),
-    voxel_size: Sequence[float] = (3.5, 3.5, 3.5),
-    normalization: str = "zscore_brain",
-    filters: Sequence[int] = (8, 16, 32, 64, 128),
-    dense: Sequence[int] = (128, 128),
-    trunk_frozen: bool = False,
-) -> HybridModel:
-    """The hybrid architecture trained end to end from scratch; trunk scaling is the identity unless set."""
-    return HybridModel(feature_names, input_shape, voxel_size, normalization, filters, dense, trunk_frozen,
-                       name="hybrid_e2e")
+def _from_cnn3d(trained: dict, feature_names: Sequence[str] | None = None, **kwargs) -> HybridModel:
+    # The trunk's grid and filters are the trained cnn3d's.
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("input_shape", "voxel_size", "normalization", "filters")}
+    return HybridModel.from_cnn3d(trained["cnn3d"], feature_names=feature_names, **kwargs)
+
+
+hybrid = register_model(variant(
+    HybridModel, "hybrid", "The paper's two-stage hybrid: trunk from a trained cnn3d (``HybridModel.from_cnn3d``), "
+    "head trained.", trunk_frozen=True), requires=("cnn3d",), from_trained=_from_cnn3d)
+hybrid_e2e = register_model(variant(
+    HybridModel, "hybrid_e2e", "The hybrid architecture trained end to end from scratch; trunk scaling is the "
+    "identity unless set.", trunk_frozen=False))

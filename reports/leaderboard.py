@@ -19,10 +19,9 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from medrobust.attacks import NORMS, THREAT_MODELS
 from medrobust.errors import MedrobustError
-from medrobust.results.metrics import AGE_BIN_KEYS, AGE_BIN_LABELS
 from medrobust.results.store import STORE_FILENAME, ResultStore
+from medrobust.vocabulary import AGE_BIN_KEYS, AGE_BIN_LABELS, NORMS, THREAT_MODELS
 
 PAGE_FILENAME = "leaderboard.html"
 FIGURE_FILENAME = "deviation_vs_epsilon.png"

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from medrobust.data.cohort import CohortSpec, synthesize
-from medrobust.training import TRAINING_ORDER, TrainingConfig, TrainRequest, train
+from medrobust.data.cohort import synthesize
+from medrobust.models import list_models, training_order
+from medrobust.settings import CohortSpec, TrainingConfig
+from medrobust.training import TrainRequest, train
 
 
 def main() -> None:
@@ -37,9 +39,9 @@ def main() -> None:
     started = time.perf_counter()
     spec = CohortSpec(n=args.n, seed=args.cohort_seed)
     cohort = synthesize(args.out / f"cohort-n{args.n}-seed{args.cohort_seed}", spec)
-    runs: dict[str, list[dict]] = {name: [] for name in TRAINING_ORDER}
+    runs: dict[str, list[dict]] = {name: [] for name in training_order(list_models())}
     for seed in args.seeds:
-        request = TrainRequest(data=cohort, models=list(TRAINING_ORDER), out=args.out / "models",
+        request = TrainRequest(data=cohort, models=training_order(list_models()), out=args.out / "models",
                                config=TrainingConfig(epochs=args.epochs, seed=seed), device=args.device)
         for result in train(request):
             runs[result.name].append({"seed": seed, **result.test_metrics, "best_epoch": result.best_epoch,
@@ -58,7 +60,7 @@ def main() -> None:
         "| model | test MAE (years), mean ± sd over seeds | per seed | Pearson r (mean) | n test |",
         "|---|---|---|---|---|",
     ]
-    ranked = sorted(TRAINING_ORDER, key=lambda name: statistics.mean(r["mae"] for r in runs[name]))
+    ranked = sorted(training_order(list_models()), key=lambda name: statistics.mean(r["mae"] for r in runs[name]))
     for name in ranked:
         maes = [r["mae"] for r in runs[name]]
         sd = statistics.stdev(maes) if len(maes) > 1 else float("nan")

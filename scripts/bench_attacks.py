@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from medrobust.attacks import Budget, create_attack
+from medrobust.devices import resolve_device
 from medrobust.environment import describe_environment
 from medrobust.models import create_model
-from medrobust.training import resolve_device
 
 N_FEATURES = 173  # the built-in cohort's context features
 

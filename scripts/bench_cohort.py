@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from medrobust.data.cohort import CohortGenerator, CohortSpec, draw_subject, load_template, synthesize
+from medrobust.data.cohort import CohortGenerator, draw_subject, load_template, synthesize
+from medrobust.settings import CohortSpec
 
 
 def _triple(text: str, kind: type) -> tuple:

@@ -15,8 +15,11 @@ from pathlib import Path
 
 import torch
 
-from medrobust.data.cohort import CohortSpec, synthesize
-from medrobust.training import TRAINING_ORDER, TrainRequest, load_prepared, train
+from medrobust.data import load_prepared
+from medrobust.data.cohort import synthesize
+from medrobust.models import list_models, training_order
+from medrobust.settings import CohortSpec
+from medrobust.training import TrainRequest, train
 
 
 def main() -> None:
@@ -35,7 +38,7 @@ def main() -> None:
     preprocessed = time.perf_counter() - start
 
     start = time.perf_counter()
-    results = train(TrainRequest(data=cohort, models=list(TRAINING_ORDER), out=args.out / "models",
+    results = train(TrainRequest(data=cohort, models=training_order(list_models()), out=args.out / "models",
                                  device=args.device, progress=False))
     total = time.perf_counter() - start
     rows = {r.name: {"seconds": round(r.seconds, 1), "best_epoch": r.best_epoch, **r.test_metrics} for r in results}

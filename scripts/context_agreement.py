@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from medrobust.attacks.extractors import SoftVolumes
-from medrobust.training import load_prepared
+from medrobust.data import load_prepared
 
 
 def main() -> None:

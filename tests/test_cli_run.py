@@ -136,8 +136,8 @@ def test_device_and_precision_override_the_config(trained):
 @pytest.mark.parametrize(("options", "message"), [
     (["--device", "gpu"], "expected auto, cpu, cuda or cuda:N, got 'gpu'"),
     (["--device", "cuda:x"], "expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),
-    (["--precision", "fp8"], "expected one of fp32, bf16, fp16, got 'fp8'"),
-    (["--executor", "dask"], "expected one of local, ray, got 'dask'"),
+    (["--precision", "fp8"], "'fp8' is not one of 'fp32', 'bf16', 'fp16'"),
+    (["--executor", "dask"], "'dask' is not one of 'local', 'ray'"),
     (["--ray-address", "10.0.0.1:6379"], "--ray-address goes with --executor ray"),
 ])
 def test_bad_run_options_are_refused_before_anything_runs(tmp_path, options, message):

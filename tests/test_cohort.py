@@ -19,13 +19,13 @@ from medrobust.data.cohort import (
     VENTRICLE_LABEL,
     WHITE_MATTER_LABEL,
     CohortGenerator,
-    CohortSpec,
     draw_subject,
     load_template,
     synthesize,
 )
 from medrobust.data.index import load_dataset_index
 from medrobust.data.preprocess import Preprocessing, prepare_dataset
+from medrobust.settings import CohortSpec
 
 TINY = CohortSpec(n=5, seed=3, shape=(24, 28, 24), voxel_size=(7.0, 7.0, 7.0), age_range=(20.0, 60.0))
 GREY = slice(1, 171)  # AAL3 grey-matter parcels

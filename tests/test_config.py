@@ -116,7 +116,7 @@ BAD = [
     ('objective = ["older", "younger"]', 'objective = "wiser"', "objective must be one of"),
     ('objective = ["older", "younger"]', 'objective = "target"', "target_age"),
     ('seed = 1', 'seed = 1\nthreat_model = "omniscient"', "threat_model must be one of"),
-    ('epochs = 1', 'epochs = 0', "training: epochs must be at least 1"),
+    ('epochs = 1', 'epochs = 0', "training.epochs must be at least 1"),
     ('split = "test"', 'split = "holdout"', "dataset.split"),
     ('builtin = true', 'builtin = false', "does not exist"),
     ('label = "hybrid (two-stage)"', 'label = "cnn3d"', "used twice"),

@@ -12,11 +12,12 @@ from click.testing import CliRunner
 from tiny_run import tiny_run_tables
 
 from medrobust.cli import main
+from medrobust.data import load_prepared
+from medrobust.devices import resolve_device
 from medrobust.models import load_checkpoint
 from medrobust.results.store import ResultStore
-from medrobust.runner import expand_cells
+from medrobust.runner.cells import expand_cells
 from medrobust.runner.config import load_config
-from medrobust.training import load_prepared, resolve_device
 
 CONFIG = """
 out = "{out}"
@@ -178,16 +179,16 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(demo_run, tmp_path, mon
     config = tmp_path / "again.toml"
     config.write_text(text)
 
-    import medrobust.runner as runner
+    import medrobust.runner.execute as execute
 
-    original = runner.run_cell
+    original = execute.run_cell
 
     def flaky(cell, model, *args, **kwargs):
         if cell.model == "hybrid" and cell.attack.name == "pgd":
             raise RuntimeError("simulated failure")
         return original(cell, model, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "run_cell", flaky)
+    monkeypatch.setattr(execute, "run_cell", flaky)
     result = CliRunner().invoke(main, ["run", str(config), "--quiet", "--no-report"])
     assert result.exit_code == 1
     assert "FAILED hybrid pgd" in result.output and "simulated failure" in result.output
@@ -198,7 +199,7 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(demo_run, tmp_path, mon
     assert (failed["error"] == "RuntimeError: simulated failure").all()
     assert (cells["status"] == "done").sum() == N_CELLS - 9
     # A re-run skips the failed cells and says so; once the cause is gone, --retry-failed does only them.
-    monkeypatch.setattr(runner, "run_cell", original)
+    monkeypatch.setattr(execute, "run_cell", original)
     result = CliRunner().invoke(main, ["run", str(config), "--quiet", "--no-report"])
     assert "9 cells failed in an earlier run; skipping them" in result.output
     with ResultStore(out, create=False) as store:

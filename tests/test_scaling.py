@@ -10,9 +10,11 @@ import pytest
 import torch
 from tiny_run import tiny_run_tables
 
+from medrobust.devices import resolve_devices
 from medrobust.errors import MedrobustError
 from medrobust.results.store import RUN_DEPENDENT_CELL_FIELDS, ResultStore
-from medrobust.runner import plan, resolve_devices, run, subject_seeds
+from medrobust.runner import plan, run
+from medrobust.runner.cells import subject_seeds
 from medrobust.runner.config import load_config
 
 CONFIG = """
@@ -95,9 +97,9 @@ def test_cells_draw_from_their_own_seeds(trained):
 
 
 def test_out_of_memory_halves_the_batch_and_gives_the_same_results(trained, monkeypatch):
-    import medrobust.runner as runner
+    import medrobust.runner.execute as execute
 
-    original = runner._attack_for
+    original = execute.build_attack
     sizes = []
 
     class Tight:
@@ -115,7 +117,7 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_results(trained, monk
                 raise torch.OutOfMemoryError("simulated: CUDA out of memory")
             return self.attack(images, features, ages, mask, sample_seeds=sample_seeds)
 
-    monkeypatch.setattr(runner, "_attack_for", lambda *args, **kwargs: Tight(original(*args, **kwargs)))
+    monkeypatch.setattr(execute, "build_attack", lambda *args, **kwargs: Tight(original(*args, **kwargs)))
     summary = run(write_config(trained, "tight"), progress=False, echo=lambda *_: None)
     assert summary.done == summary.cells and not summary.failed
     # Each cell: its first batch of 4 halved twice, then every later batch kept at 1 subject.
@@ -131,9 +133,9 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_results(trained, monk
 
 
 def test_out_of_memory_at_one_subject_fails_the_cell_only(trained, monkeypatch):
-    import medrobust.runner as runner
+    import medrobust.runner.execute as execute
 
-    original = runner._attack_for
+    original = execute.build_attack
 
     def broken(cell, *args, **kwargs):
         attack = original(cell, *args, **kwargs)
@@ -146,7 +148,7 @@ def test_out_of_memory_at_one_subject_fails_the_cell_only(trained, monkeypatch):
         call.params = attack.params
         return call
 
-    monkeypatch.setattr(runner, "_attack_for", broken)
+    monkeypatch.setattr(execute, "build_attack", broken)
     summary = run(write_config(trained, "no-memory"), progress=False, echo=lambda *_: None)
     assert len(summary.failed) == 3 and summary.done == 3  # pgd's cells fail, noise's do not
     assert all("OutOfMemoryError" in error for _, error in summary.failed)
@@ -197,10 +199,10 @@ def test_device_resolution():
 
 
 def test_local_executor_with_two_workers_fills_the_same_store(trained, monkeypatch):
-    import medrobust.runner as runner
+    import medrobust.runner.driver as driver
 
     # Two workers on the CPU stand in for two GPUs: the same threads-and-queue path runs.
-    monkeypatch.setattr(runner, "resolve_devices", lambda name: [torch.device("cpu"), torch.device("cpu")])
+    monkeypatch.setattr(driver, "resolve_devices", lambda name: [torch.device("cpu"), torch.device("cpu")])
     summary = run(write_config(trained, "two-workers"), progress=False, echo=lambda *_: None)
     assert summary.done == summary.cells
     cells, samples = stored(trained / "two-workers")
@@ -243,7 +245,7 @@ def test_unknown_executor_and_a_stray_ray_address_are_refused(trained):
 def test_a_finished_grid_reruns_without_loading_models_or_subjects(trained, monkeypatch):
     import os
 
-    import medrobust.runner as runner
+    import medrobust.runner.driver as driver
 
     config = write_config(trained, "reference")
     with ResultStore(trained / "reference", create=False) as store:
@@ -252,7 +254,7 @@ def test_a_finished_grid_reruns_without_loading_models_or_subjects(trained, monk
     def no_loading(*args, **kwargs):
         raise AssertionError("a finished grid must not load models or subjects")
 
-    monkeypatch.setattr(runner, "Workspace", no_loading)
+    monkeypatch.setattr(driver, "LoadedInputs", no_loading)
     summary = run(config, progress=False, echo=lambda *_: None)
     assert summary.done == 0 and summary.skipped == summary.cells == 6
     with ResultStore(trained / "reference", create=False) as store:

@@ -11,10 +11,13 @@ import torch
 from click.testing import CliRunner
 
 from medrobust.cli import main
-from medrobust.data.cohort import CohortSpec, synthesize
-from medrobust.errors import MedrobustError
+from medrobust.data import load_prepared
+from medrobust.data.cohort import synthesize
+from medrobust.devices import resolve_device
+from medrobust.errors import FieldError, MedrobustError
 from medrobust.models import load_checkpoint
-from medrobust.training import TrainingConfig, TrainRequest, load_prepared, resolve_device, train
+from medrobust.settings import CohortSpec, TrainingConfig
+from medrobust.training import TrainRequest, train
 
 # The paper's network pools five times, so 32 voxels per axis is the smallest grid it takes.
 TINY = CohortSpec(n=24, seed=3, shape=(32, 32, 32), voxel_size=(6.0, 6.0, 6.0), batch_size=8)
@@ -36,8 +39,9 @@ def trained(tiny_cohort, tmp_path_factory):
 
 def test_end_to_end_train_checkpoint_reload_predict(tiny_cohort, trained):
     out, results = trained
-    # hybrid needs the cnn3d trained in the same call, so cnn3d goes first whatever the order asked.
-    assert [r.name for r in results] == MODELS
+    # hybrid is built from the cnn3d trained in the same call, so cnn3d goes before it whatever the order asked;
+    # the others keep the order asked.
+    assert [r.name for r in results] == ["features_mlp", "hybrid_e2e", "cnn3d", "hybrid"]
     splits = json.loads((tiny_cohort / "splits-seed0.json").read_text())
     test_ids = splits["splits"]["test"]
     data = load_prepared(tiny_cohort, progress=False)[2].subset(test_ids)
@@ -98,14 +102,16 @@ def test_training_is_deterministic_under_a_seed(tiny_cohort, tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("epochs", 0, "--epochs"), ("batch_size", 0, "--batch-size"), ("lr", -1.0, "--lr"),
-    ("lr", float("nan"), "--lr"), ("weight_decay", -0.1, "--weight-decay"), ("loss", "huber", "--loss"),
-    ("patience", 0, "--patience"),
+    ("epochs", 0, "epochs must be at least 1"), ("batch_size", 0, "batch_size must be at least 1"),
+    ("lr", -1.0, "lr must be a positive"), ("lr", float("nan"), "lr must be a positive"),
+    ("weight_decay", -0.1, "weight_decay must be a non-negative"), ("loss", "huber", "loss must be one of"),
+    ("patience", 0, "patience must be at least 1"),
 ])
-def test_bad_training_config_names_the_option(field, value, message):
+def test_bad_training_config_names_the_field(field, value, message):
     config = TrainingConfig(**{field: value})
-    with pytest.raises(MedrobustError, match=message):
+    with pytest.raises(FieldError, match=message) as error:
         config.validate()
+    assert error.value.field == field
 
 
 def test_device_resolution():
@@ -118,8 +124,8 @@ def test_device_resolution():
             resolve_device("cuda")
 
 
-def test_hybrid_alone_needs_a_trunk(tiny_cohort, tmp_path):
-    with pytest.raises(MedrobustError, match="--trunk"):
+def test_hybrid_alone_needs_a_trained_cnn3d(tiny_cohort, tmp_path):
+    with pytest.raises(FieldError, match="trained needs a trained cnn3d for model 'hybrid'"):
         train(TrainRequest(data=tiny_cohort, models=["hybrid"], out=tmp_path, progress=False))
 
 
@@ -135,7 +141,7 @@ def test_cli_train_reports_and_bad_input_exits_2(tiny_cohort, trained, tmp_path)
 
     for args, expected in [
         (["--model", "resnet9000"], "--model 'resnet9000' is not a registered model"),
-        (["--model", "hybrid"], "--trunk"),
+        (["--model", "hybrid"], "--trained needs a trained cnn3d for model 'hybrid'"),
         (["--epochs", "0"], "--epochs"),
         (["--model", "hybrid", "--trunk", str(tmp_path / "missing")], "missing"),
     ]:

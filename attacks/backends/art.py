@@ -111,6 +111,7 @@ class ARTFGSM(ARTAttack):
     """
 
     name = "art-fgsm"
+    role = "one-step"
     norms = ("linf", "l2")
 
     def art_evasion(self, regressor, radius: np.ndarray, batch_size: int):

@@ -1,3 +1,45 @@
 """The data layer: files -> subjects -> tensors. A dataset folder (BIDS or a CSV manifest) is indexed
 (``index``), its images prepared on a model grid with their context features (``preprocess``, ``features``),
-and split by subject (``splits``); ``cohort`` writes the built-in synthetic cohort as such a folder."""
+and split by subject (``splits``); ``cohort`` writes the built-in synthetic cohort as such a folder.
+``load_prepared`` does the first three in one call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medrobust.data.index import DatasetIndex, load_dataset_index
+from medrobust.data.preprocess import PreparedDataset, Preprocessing, prepare_dataset
+from medrobust.errors import MedrobustError
+
+__all__ = ["DatasetIndex", "PreparedDataset", "Preprocessing", "dataset_grid", "load_prepared"]
+
+
+def dataset_grid(index: DatasetIndex) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """Grid (shape, voxel size) in RAS of the dataset's first readable 3D image: the default model grid."""
+    import nibabel as nib
+
+    for record in index.subjects:
+        try:
+            image = nib.as_closest_canonical(nib.load(str(record.t1_path)))
+        except Exception:  # a damaged file is skipped later with its reason; look at the next one
+            continue
+        if len(image.shape) >= 3:
+            shape = tuple(int(s) for s in image.shape[:3])
+            voxel_size = tuple(round(float(z), 4) for z in image.header.get_zooms()[:3])
+            return shape, voxel_size  # type: ignore[return-value]
+    raise MedrobustError(f"{index.root}: no readable 3D T1w image to take the model grid from; "
+                         "pass --shape and --voxel-size or fix the images")
+
+
+def load_prepared(data: str | Path, shape: tuple[int, int, int] | None = None,
+                  voxel_size: tuple[float, float, float] | None = None, cache_dir: Path | None = None,
+                  strict: bool = False, progress: bool = True) -> tuple[DatasetIndex, Preprocessing, PreparedDataset]:
+    """Index a dataset and prepare it on a grid (default: the dataset's own), through the content cache
+    (default: <dataset>/.medrobust_cache). Skipped subjects are in the result's `skipped`."""
+    index = load_dataset_index(data, strict=strict)
+    if shape is None or voxel_size is None:
+        default_shape, default_voxels = dataset_grid(index)
+        shape, voxel_size = shape or default_shape, voxel_size or default_voxels
+    preprocessing = Preprocessing(shape=shape, voxel_size=voxel_size)
+    cache = cache_dir or Path(index.root) / ".medrobust_cache"
+    return index, preprocessing, prepare_dataset(index, preprocessing, cache, strict=strict, progress=progress)

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 
 from medrobust.environment import package_versions
 from medrobust.errors import MedrobustError
+from medrobust.files import atomic_write
+from medrobust.settings import CohortSpec
 
 # Reference age of the template anatomy: ICBM152 2009 averages 152 adults aged 18-44.
 TEMPLATE_AGE = 25.0
@@ -66,39 +68,6 @@ def lifespan_curve(name: str, age: np.ndarray | float) -> np.ndarray:
     return curve / np.interp(TEMPLATE_AGE, knots, values)
 
 
-@dataclass(frozen=True)
-class CohortSpec:
-    """Everything that determines a generated cohort. Same spec, same files."""
-
-    n: int = 500
-    seed: int = 0
-    shape: tuple[int, int, int] = (48, 56, 48)
-    voxel_size: tuple[float, float, float] = (3.5, 3.5, 3.5)
-    age_range: tuple[float, float] = (5.0, 90.0)
-    # Biological minus chronological age of the anatomy (years, sd at age >= 40, less in children):
-    # a floor on any model's error, shared by image and regional volumes.
-    anatomy_age_sd: float = 3.0
-    # Scatter of the age that drives intensity (contrast maturation, white-matter hypointensities):
-    # smaller than the anatomy's, so the image carries age information the volumes miss.
-    intensity_age_sd: float = 1.5
-    # Simulated segmentation error: per-region and per-subject bias of the grey-matter class
-    # (in tissue-fraction units) when the label map is derived from the subject's tissue maps.
-    segmentation_noise: float = 0.20
-    segmentation_bias: float = 0.08
-    deformation_mm: float = 3.0
-    batch_size: int = 16
-
-    def validate(self) -> None:
-        """Raise MedrobustError naming the first bad parameter."""
-        if self.n < 1:
-            raise MedrobustError(f"--n must be at least 1, got {self.n}")
-        if len(self.shape) != 3 or min(self.shape) < 8:
-            raise MedrobustError(f"--shape must be three sizes of at least 8 voxels, got {self.shape}")
-        if len(self.voxel_size) != 3 or not all(0.25 <= v <= 10 for v in self.voxel_size):
-            raise MedrobustError(f"--voxel-size must be three sizes in mm between 0.25 and 10, got {self.voxel_size}")
-        low, high = self.age_range
-        if not (0 <= low < high <= 110):
-            raise MedrobustError(f"--age-range must be MIN MAX with 0 <= MIN < MAX <= 110, got {low} {high}")
 
 
 def _package_file(package: str, *parts: str) -> Path:
@@ -482,9 +451,7 @@ def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    tmp = path.with_name(path.name + ".part.nii.gz")
-    nib.save(img, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda temporary: nib.save(img, temporary), suffix=".nii.gz")
 
 
 def synthesize(out: str | Path, spec: CohortSpec, progress: bool = True) -> Path:

@@ -13,17 +13,16 @@ import torch
 
 from medrobust.data.index import SubjectError, SubjectRecord
 from medrobust.errors import MedrobustError
+from medrobust.vocabulary import COVARIATE_NAMES, MISSING_VALUES, VOLUME_PREFIX
 
-COVARIATE_NAMES = ("sex", "field_strength")
 _SEX_VALUES = {"F": 0.0, "M": 1.0}
-_MISSING_VALUES = {"", "n/a", "na", "nan", "none", "null"}
 
 
 def context_feature_names(label_names: dict[int, str], labels: list[int]) -> list[str]:
     """Feature names: `sex`, `field_strength`, then `vol_<label name or id>` in label-id order."""
     names = list(COVARIATE_NAMES)
     for label in sorted(labels):
-        name = f"vol_{label_names.get(label, label)}"
+        name = f"{VOLUME_PREFIX}{label_names.get(label, label)}"
         # Two labels sharing a name would make the columns ambiguous: disambiguate with the id.
         names.append(f"{name}_{label}" if name in names else name)
     return names
@@ -40,7 +39,7 @@ def _read_precomputed(path: Path) -> dict[str, float]:
     values = {}
     for name, text in table.iloc[0].items():
         text = str(text).strip()
-        if text.lower() in _MISSING_VALUES:
+        if text.lower() in MISSING_VALUES:
             values[str(name).strip()] = float("nan")
             continue
         try:
@@ -58,7 +57,8 @@ def precomputed_volume_labels(record: SubjectRecord) -> list[int]:
         header = pd.read_csv(record.features_path, sep=None, engine="python", nrows=0).columns
     except (OSError, ValueError, pd.errors.ParserError):
         return []  # reported by context_features when the file is read for real
-    return [int(m.group(1)) for m in (re.fullmatch(r"vol_(\d+)", str(c).strip()) for c in header) if m]
+    pattern = re.escape(VOLUME_PREFIX) + r"(\d+)"
+    return [int(m.group(1)) for m in (re.fullmatch(pattern, str(c).strip()) for c in header) if m]
 
 
 def context_features(

@@ -18,10 +18,11 @@ from pathlib import Path
 import pandas as pd
 
 from medrobust.errors import MedrobustError
+from medrobust.files import file_sha256
+from medrobust.vocabulary import MISSING_VALUES
 
 # BIDS allows `89+` for privacy; ages above it are reported as this value.
 _TOP_CODED_AGE = 89.0
-_MISSING_VALUES = {"", "n/a", "na", "nan", "none", "null"}
 _SEX_CODES = {
     "f": "F", "female": "F", "w": "F", "woman": "F", "0": "F",
     "m": "M", "male": "M", "man": "M", "1": "M",
@@ -93,25 +94,6 @@ class DatasetIndex:
         return digest.hexdigest()
 
 
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 hex digest of a file's bytes, cached in-process by (path, size, mtime)."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    cached = _HASH_CACHE.get(key)
-    if cached is None:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        cached = digest.hexdigest()
-        _HASH_CACHE[key] = cached
-    return cached
-
-
 def load_dataset_index(path: str | Path, strict: bool = False) -> DatasetIndex:
     """Index a dataset: a folder is read as BIDS, a .csv/.tsv file as a manifest.
 
@@ -150,7 +132,7 @@ def _skip(skipped: list[SkippedSubject], subject_id: str, reason: str, source: P
 def parse_age(value: object) -> float:
     """Read an age in years: `89+` is read as 89 (with a warning) and a decimal comma is accepted."""
     text = str(value).strip()
-    if text.lower() in _MISSING_VALUES:
+    if text.lower() in MISSING_VALUES:
         raise _Skip("age is missing (n/a)")
     if text.endswith("+"):
         text = text[:-1].strip()
@@ -173,7 +155,7 @@ def parse_sex(value: object) -> str | None:
 
 def _parse_field_strength(value: object) -> float | None:
     text = "" if value is None else str(value).strip().lower().removesuffix("t").strip()
-    if text in _MISSING_VALUES:
+    if text in MISSING_VALUES:
         return None
     try:
         tesla = float(text.replace(",", "."))
@@ -308,7 +290,7 @@ def _load_manifest(manifest: Path, strict: bool) -> DatasetIndex:
 
     def cell(row: dict, name: str) -> str | None:
         value = row.get(columns[name]) if columns[name] is not None else None
-        return None if value is None or str(value).strip().lower() in _MISSING_VALUES else str(value).strip()
+        return None if value is None or str(value).strip().lower() in MISSING_VALUES else str(value).strip()
 
     def resolve(text: str | None) -> Path | None:
         if text is None:

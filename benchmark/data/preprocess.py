@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,8 +22,9 @@ from tqdm import tqdm
 from medrobust.data.features import COVARIATE_NAMES, context_feature_names, context_features, precomputed_volume_labels
 
 # SubjectError lives in dataset.py (the bottom of the import chain) so that features.py can raise it too.
-from medrobust.data.index import DatasetIndex, SkippedSubject, SubjectError, SubjectRecord, file_sha256
+from medrobust.data.index import DatasetIndex, SkippedSubject, SubjectError, SubjectRecord
 from medrobust.errors import MedrobustError
+from medrobust.files import atomic_write, file_sha256
 
 NORMALIZATIONS = ("zscore_brain", "zscore", "minmax", "none")
 # Bump when the preprocessing code changes what it produces, so that old cache entries are not reused.
@@ -257,18 +256,6 @@ def subject_cache_key(record: SubjectRecord, preprocessing: Preprocessing) -> st
     return hashlib.sha256(json.dumps([parts, preprocessing.key()]).encode()).hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    # Write beside the target then rename, so that a killed run never leaves a half-written cache entry.
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp_name)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def _save_cached(path: Path, subject: PreparedSubject) -> None:
     labels = sorted(subject.volumes)
     tensors = {
@@ -279,7 +266,7 @@ def _save_cached(path: Path, subject: PreparedSubject) -> None:
         # Always present (empty without a label map), so an entry written before labels were kept is a miss.
         "labels": subject.labels.contiguous() if subject.labels is not None else torch.zeros(0, dtype=torch.int16),
     }
-    _atomic_write(path, lambda name: save_file(tensors, name))
+    atomic_write(path, lambda name: save_file(tensors, str(name)))
 
 
 def _load_cached(path: Path, preprocessing: Preprocessing) -> PreparedSubject | None:
@@ -328,7 +315,7 @@ def _prepare_cached(
         subject = prepare_subject(record, preprocessing)
     except SubjectError as error:
         reason = json.dumps({"reason": str(error)})
-        _atomic_write(failure, lambda name: Path(name).write_text(reason))
+        atomic_write(failure, lambda name: name.write_text(reason))
         raise
     _save_cached(entry, subject)
     return subject

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from medrobust.errors import MedrobustError
-
-SPLIT_NAMES = ("train", "val", "test")
+from medrobust.files import atomic_write_text
+from medrobust.vocabulary import SPLIT_NAMES
 
 
 def _check_fractions(fractions) -> tuple[float, float, float]:
@@ -90,10 +88,7 @@ def load_or_create_splits(
     payload = json.dumps({"seed": seed, "fractions": list(fractions), "splits": splits}, indent=1)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(handle, "w") as out:
-            out.write(payload)
-        os.replace(temp_name, path)
+        atomic_write_text(path, payload)
     except OSError as error:
         raise MedrobustError(f"{path}: cannot save the splits ({error}); make the folder writable") from None
     return splits

@@ -9,13 +9,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from medrobust.attacks.budget import perturbation_norms
 from medrobust.errors import MedrobustError
+from medrobust.vocabulary import AGE_BIN_EDGES, AGE_BIN_KEYS
 
-# The paper's true-age bins (Li et al. 2020 binned by predicted age; we bin by the TRUE age): <15, 15-25, 25-50,
-# 50-65, >65 years, each bin closed on the left.
-AGE_BIN_EDGES = (15.0, 25.0, 50.0, 65.0)
-AGE_BIN_KEYS = ("lt15", "15_25", "25_50", "50_65", "ge65")
-AGE_BIN_LABELS = ("<15", "15-25", "25-50", "50-65", ">65")
 # Success: the attack moved the prediction by at least tau years.
 SUCCESS_THRESHOLDS = (1, 2, 5, 10)
 
@@ -45,6 +42,33 @@ def _median(values: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------- per sample: l0, PSNR, SSIM
+
+
+def sample_rows(subjects: Sequence[str], true_ages: Tensor, images: Tensor, features: Tensor | None,
+                mask: Tensor | None, result, ssim: bool = True) -> tuple[list[dict], Tensor | None]:
+    """The per-subject rows of one attacked batch (design.md section 6): predictions, deviation, the
+    perturbation's l-inf, l2 (absolute and relative to each image's range) and ``image_metrics``, with one host
+    transfer; and how far the threat model moved each subject's context features (the largest relative change
+    of any feature, [B] on the host; 0 under ``fixed``), or None for a model without features. ``result`` is the
+    attack's ``AttackResult`` for ``images``."""
+    norms = perturbation_norms(result.images - images)
+    image_range = (images.flatten(1).amax(1) - images.flatten(1).amin(1)).clamp_min(1e-12)
+    moved = None
+    if features is not None:
+        change = ((result.features - features).abs() / features.abs().clamp_min(1e-12)).nan_to_num(0.0)
+        moved = change.amax(dim=1).detach().double().cpu()
+    host = {k: v.detach().double().cpu() for k, v in {
+        "clean_prediction": result.clean_prediction, "adversarial_prediction": result.adversarial_prediction,
+        "linf": norms["linf"], "l2": norms["l2"], "linf_rel": norms["linf"] / image_range,
+        "l2_rel": norms["l2"] / image_range,
+        **image_metrics(images, result.images.to(images.dtype), mask, ssim)}.items()}
+    rows = []
+    for i, subject in enumerate(subjects):
+        row = {"subject": subject, "true_age": float(true_ages[i]), **{k: float(v[i]) for k, v in host.items()}}
+        row["l0"] = int(row["l0"])
+        row["deviation"] = row["adversarial_prediction"] - row["clean_prediction"]
+        rows.append(row)
+    return rows, moved
 
 
 def image_metrics(clean: Tensor, adversarial: Tensor, mask: Tensor | None = None,

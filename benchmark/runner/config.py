@@ -15,14 +15,12 @@ from typing import Any
 
 import torch
 
-from medrobust.attacks import OBJECTIVES, THREAT_MODELS, Budget, attack_entrypoint, create_attack, list_attacks
-from medrobust.attacks.extractors import EXTRACTORS
-from medrobust.data.cohort import CohortSpec
-from medrobust.data.splits import SPLIT_NAMES
-from medrobust.errors import MedrobustError
+from medrobust.attacks import Budget, attack_entrypoint, create_attack, list_attacks
+from medrobust.errors import FieldError, MedrobustError
 from medrobust.models import list_models
 from medrobust.models.checkpoint import checkpoint_paths
-from medrobust.training import TrainingConfig
+from medrobust.settings import CohortSpec, TrainingConfig
+from medrobust.vocabulary import EXTRACTORS, OBJECTIVES, PRECISIONS, SPLIT_NAMES, THREAT_MODELS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -69,8 +67,6 @@ class DatasetSpec:
     voxel_size: tuple[float, float, float] | None = None
 
 
-# fp32; or the model's passes under torch.autocast in bfloat16 or float16 (the attack's iterates stay fp32).
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -230,8 +226,8 @@ def _dataset(table: _Table) -> DatasetSpec:
             entry.fail(f"dataset.subjects must be at least 10 for the built-in cohort, got {spec.subjects}")
         try:
             builtin_cohort(spec).validate()
-        except MedrobustError as err:
-            entry.fail(f"dataset: {str(err).replace('--voxel-size', 'voxel_size').replace('--', '')}")
+        except FieldError as err:
+            entry.fail(f"dataset.{'subjects' if err.field == 'n' else err.field} {err.problem}")
 
     return spec
 
@@ -296,8 +292,8 @@ def parse_config(data: dict, source: str = "config") -> RunConfig:
     training = TrainingConfig(**training_values)
     try:
         training.validate()
-    except MedrobustError as err:
-        table.fail(f"training: {str(err).replace('--', '').replace('-', '_')}")
+    except FieldError as err:
+        table.fail(f"training.{err.field} {err.problem}")
     out = Path(table.take("out", "str", f"runs/{Path(source).stem}"))
     config = RunConfig(
         source=Path(source), out=out, models_dir=Path(table.take("models_dir", "str", str(out / "models"))),

@@ -1,4 +1,4 @@
-"""Executors: where a run's cells are computed. The driver (``medrobust.runner.run``) hands an executor its
+"""Executors: where a run's cells are computed. The driver (``medrobust.runner.driver.run``) hands an executor its
 pending ``CellTask``s and writes each ``CellOutcome`` to the store as it arrives; executors never touch the store.
 
 ``local``: in this process, one cell after the other; with several devices (several visible GPUs), one worker
@@ -15,10 +15,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from medrobust.devices import deterministic_cuda
 from medrobust.errors import MedrobustError
-from medrobust.runner import CellOutcome, CellTask, Workspace, perform
+from medrobust.runner.execute import CellOutcome, CellTask, compute_cell
+from medrobust.runner.inputs import LoadedInputs
+from medrobust.vocabulary import EXECUTORS
 
-EXECUTORS = ("local", "ray")
 # How many times Ray reruns a task whose worker process died (out of memory, a lost node).
 RAY_MAX_RETRIES = 2
 
@@ -26,8 +28,8 @@ RAY_MAX_RETRIES = 2
 class LocalExecutor:
     """Cells in this process: in order on one device, or one cell per device with several."""
 
-    def __init__(self, workspaces: list[Workspace]) -> None:
-        self.workspaces = workspaces
+    def __init__(self, loaded: list[LoadedInputs]) -> None:
+        self.loaded = loaded
 
     def __enter__(self) -> LocalExecutor:
         return self
@@ -37,26 +39,26 @@ class LocalExecutor:
 
     def map(self, tasks: list[CellTask], on_batch: Callable[[dict], None] | None = None) -> Iterator[CellOutcome]:
         """The outcomes in the order the cells finish."""
-        if len(self.workspaces) == 1:
+        if len(self.loaded) == 1:
             for task in tasks:
-                yield perform(task, self.workspaces[0], on_batch)
+                yield compute_cell(task, self.loaded[0], on_batch)
             return
         todo: queue.SimpleQueue = queue.SimpleQueue()
         for task in tasks:
             todo.put(task)
         finished: queue.SimpleQueue = queue.SimpleQueue()
 
-        def worker(workspace: Workspace) -> None:
-            if workspace.device.type == "cuda":
-                torch.cuda.set_device(workspace.device)
+        def worker(loaded: LoadedInputs) -> None:
+            if loaded.device.type == "cuda":
+                torch.cuda.set_device(loaded.device)
             while True:
                 try:
                     task = todo.get_nowait()
                 except queue.Empty:
                     return
-                finished.put(perform(task, workspace))
+                finished.put(compute_cell(task, loaded))
 
-        threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in self.workspaces]
+        threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in self.loaded]
         for thread in threads:
             thread.start()
         for _ in tasks:
@@ -65,25 +67,23 @@ class LocalExecutor:
             thread.join()
 
 
-# Per Ray worker process: workspaces by (config file, dataset, device), so a worker loads each model once.
-_WORKER_WORKSPACES: dict[tuple, Workspace] = {}
+# Per Ray worker process: the loaded inputs by (config file, dataset, device), so a worker loads each model once.
+_WORKER_INPUTS: dict[tuple, LoadedInputs] = {}
 
 
-def _ray_perform(task: CellTask, device_type: str, threads: int) -> CellOutcome:
+def _ray_compute_cell(task: CellTask, device_type: str, threads: int) -> CellOutcome:
     """One cell in a Ray worker: the GPU Ray gave it (visible as cuda:0), or the CPU with the driver's thread count
     (so the arithmetic, and the results, are those of the local executor)."""
     if device_type == "cuda":
         device = torch.device("cuda", 0)
-        from medrobust.runner import _deterministic_cuda
-
-        _deterministic_cuda()
+        deterministic_cuda()
     else:
         device = torch.device("cpu")
         torch.set_num_threads(threads)
     key = (str(task.config.source), str(task.root), str(device))
-    if key not in _WORKER_WORKSPACES:
-        _WORKER_WORKSPACES[key] = Workspace(task.config, task.root, device)
-    return perform(task, _WORKER_WORKSPACES[key])
+    if key not in _WORKER_INPUTS:
+        _WORKER_INPUTS[key] = LoadedInputs(task.config, task.root, device)
+    return compute_cell(task, _WORKER_INPUTS[key])
 
 
 class RayExecutor:
@@ -107,7 +107,7 @@ class RayExecutor:
             self.started = True
         self.device_type = devices[0].type
         gpus = 1 if self.device_type == "cuda" else 0
-        self.remote = ray.remote(num_gpus=gpus, max_retries=max_retries)(_ray_perform)
+        self.remote = ray.remote(num_gpus=gpus, max_retries=max_retries)(_ray_compute_cell)
         self.threads = torch.get_num_threads()
 
     def __enter__(self) -> RayExecutor:
@@ -131,13 +131,18 @@ class RayExecutor:
                     yield CellOutcome(task.cell.id, "failed", {}, [], 0.0, f"{type(err).__name__}: {err}")
 
 
-def make_executor(name: str, workspace: Workspace, devices: list[torch.device], ray_address: str | None = None):
-    """The executor ``name`` for a run whose driver loaded ``workspace`` on ``devices[0]``."""
+def check_executor(name: str, ray_address: str | None = None) -> None:
+    """Refuse an unknown executor, and a Ray address without the Ray executor, before anything runs."""
     if name not in EXECUTORS:
         raise MedrobustError(f"executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
+    if ray_address is not None and name != "ray":
+        raise MedrobustError("--ray-address goes with --executor ray")
+
+
+def make_executor(name: str, loaded: LoadedInputs, devices: list[torch.device], ray_address: str | None = None):
+    """The executor ``name`` for a run whose driver loaded ``loaded`` on ``devices[0]``."""
+    check_executor(name, ray_address)
     if name == "ray":
         return RayExecutor(devices, ray_address)
-    if ray_address is not None:
-        raise MedrobustError("--ray-address goes with --executor ray")
-    others = [Workspace(workspace.config, workspace.root, device) for device in devices[1:]]
-    return LocalExecutor([workspace, *others])
+    others = [LoadedInputs(loaded.config, loaded.root, device) for device in devices[1:]]
+    return LocalExecutor([loaded, *others])

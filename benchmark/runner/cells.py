@@ -1,0 +1,99 @@
+"""Cells: one model under one attack, budget, objective and threat model; their ids, seeds and the grid.
+
+A cell's id is a hash of everything that decides its result (its spec, less the keys that only locate it), so
+re-running a config skips the cells already in the store. Its seed comes from its attack setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from medrobust.attacks import Attack, Budget, attack_entrypoint, create_attack
+from medrobust.models import BrainAgeModel
+from medrobust.results.store import describe_spec
+from medrobust.runner.config import AttackSpec, RunConfig
+
+# Spec keys that locate or describe a cell without changing its result: left out of its id.
+_NOT_IDENTITY = ("checkpoint", "dataset", "device", "cell_seed")
+# Spec keys that decide what is measured, not what the attack does: part of a cell's id, not of its seed.
+_MEASUREMENT_ONLY = ("ssim",)
+# How a cell's random draws are seeded (part of its id, so cells computed under another scheme are redone):
+# 2 = the attack's seed derived from the cell's attack setting, and one random stream per subject.
+SEEDING = 2
+
+
+@dataclass
+class Cell:
+    """One unit of work and of results: a model under one attack, budget, objective and threat model."""
+
+    model: str  # the model's label
+    attack: AttackSpec
+    budget: Budget
+    objective: str
+    threat_model: str
+    spec: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return _digest({k: v for k, v in self.spec.items() if k not in _NOT_IDENTITY})
+
+    @property
+    def seed(self) -> int:
+        """The seed of the cell's random draws, from everything that decides what its attack does (not what is
+        measured of it): two cells draw differently, a re-run repeats, and switching a measurement off or on
+        leaves the attacked images as they were."""
+        drop = _NOT_IDENTITY + _MEASUREMENT_ONLY
+        return int(_digest({k: v for k, v in self.spec.items() if k not in drop})[:8], 16)
+
+    def describe(self) -> str:
+        return describe_spec({"model": self.model, "attack": self.attack.name, **self.budget.as_dict(),
+                              "objective": self.objective, "threat_model": self.threat_model})
+
+
+def is_set_level(attack_name: str) -> bool:
+    """Whether the attack fits one perturbation on a set of subjects (its declared ``scope`` is ``set``, as a
+    universal perturbation's) rather than attacking each batch."""
+    return attack_entrypoint(attack_name).scope == "set"
+
+
+def expand_cells(config: RunConfig, base_spec: dict[str, dict], uses_features: dict[str, bool] | None = None
+                 ) -> list[Cell]:
+    """Every (model, attack, budget, objective, threat model) of the config, with its spec. An attack meets only
+    the budgets and threat models it supports; a model without context features (``uses_features`` False) only
+    the threat model ``fixed``, the others being the same for it."""
+    cells = []
+    for spec in config.models:
+        for attack in config.attacks:
+            entry = attack_entrypoint(attack.name)
+            budgets = [b for b in (attack.budgets or config.budgets) if b.norm in entry.norms]
+            threat_models = [t for t in config.threat_models if t in entry.threat_models
+                             and (t == "fixed" or (uses_features or {}).get(spec.label, True))]
+            for budget in budgets:
+                for objective in config.objectives:
+                    for threat_model in threat_models:
+                        cell = Cell(spec.label, attack, budget, objective, threat_model)
+                        cell.spec = {**base_spec[spec.label], "attack": attack.name, **budget.as_dict(),
+                                     "objective": objective, "threat_model": threat_model}
+                        if threat_model == "recomputed":  # how the features are measured on the attacked image
+                            cell.spec["extractor"] = config.extractor
+                        cells.append(cell)
+    return cells
+
+
+def _digest(content: dict) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def subject_seeds(seed: int, subjects: list[str]) -> list[int]:
+    """One seed per subject (its own random stream), so that a result does not depend on how the subjects are cut
+    into batches: a batch halved after an out-of-memory error gives the same images."""
+    return [int(hashlib.sha256(f"{seed}:{subject}".encode()).hexdigest()[:8], 16) for subject in subjects]
+
+
+def build_attack(cell: Cell, model: BrainAgeModel, config: RunConfig, seed: int | None = None) -> Attack:
+    """The cell's attack on ``model``, seeded with ``seed`` (default: the run's seed)."""
+    return create_attack(cell.attack.name, model, budget=cell.budget, objective=cell.objective,
+                         target_age=config.target_age, threat_model=cell.threat_model,
+                         seed=config.seed if seed is None else seed, **cell.attack.params)

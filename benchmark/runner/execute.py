@@ -1,0 +1,198 @@
+"""Computing a cell: its attack over the subjects batch by batch (out-of-memory backoff, reduced precision and
+its fp32 parity check, timing), a universal perturbation's fit on its own subjects, and the per-subject rows.
+
+An executor hands ``compute_cell`` a ``CellTask`` (a cell and the paths of its model and data) and gets a
+``CellOutcome`` back, which only the driver writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medrobust.data.preprocess import PreparedDataset
+from medrobust.models import BrainAgeModel
+from medrobust.results.metrics import rows_metrics, sample_rows
+from medrobust.runner.cells import Cell, build_attack, is_set_level, subject_seeds
+from medrobust.runner.config import RunConfig
+from medrobust.runner.inputs import LoadedInputs, attack_inputs, batches, model_grid
+
+# The autocast dtype of each reduced precision (fp32: no autocast).
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """The context the model's passes run in: nothing for fp32, torch.autocast in bfloat16 or float16 otherwise."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=PRECISION_DTYPES[precision])
+
+
+def _takes(call: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(call).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class _Timer:
+    """Attack time: CUDA events on a GPU (device time, no host stall inside the attack), wall clock elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def measure(self):
+        if not self.cuda:
+            began = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - began
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        end.synchronize()
+        self.seconds += start.elapsed_time(end) / 1000
+
+
+def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: RunConfig, device: torch.device,
+                     on_batch: Callable[[dict], None] | None = None, recompute: bool = False, seed: int = 0,
+                     parity: bool = True) -> tuple[dict, list[dict]]:
+    """Run ``call`` (an attack, or a fitted universal perturbation's ``apply``) over every subject of `data`;
+    returns (metrics, per-subject rows). With ``recompute`` (threat model ``recomputed``) each batch comes with
+    the config's feature extractor over its label maps. A callable that takes ``sample_seeds`` gets one seed per
+    subject.
+
+    Batches have ``config.batch_size`` subjects until the device runs out of memory: the batch is then halved and
+    retried (down to one subject), and later batches keep the smaller size; ``batch_size_used`` records it. In
+    reduced precision (``config.precision``), the first batch is attacked in fp32 too and both mean |deviation|
+    are kept (``parity_*``) for the sanity checks (with ``parity``)."""
+    rows: list[dict] = []
+    counters = {"forward": 0, "backward": 0, "steps": 0}
+    timer = _Timer(device)
+    feature_change: list[torch.Tensor] = []
+    extra: dict = {}
+    size, count, start = config.batch_size, len(data.subject_ids), 0
+    seeded = _takes(call, "sample_seeds")
+    while start < count:
+        batch = slice(start, min(start + size, count))
+        subjects = data.subject_ids[batch]
+        try:
+            inputs = attack_inputs(data, batch, model, config, device, recompute)
+            if seeded:
+                inputs["sample_seeds"] = subject_seeds(seed, subjects)
+            with timer.measure(), autocast(device, config.precision):
+                result = call(**inputs)
+            if parity and config.precision != "fp32" and "parity_mean_abs_deviation" not in extra:
+                reference = call(**inputs)  # the same first batch in fp32, outside the attack's time
+                extra["parity_mean_abs_deviation"] = _mean_abs_deviation(result)
+                extra["parity_fp32_mean_abs_deviation"] = _mean_abs_deviation(reference)
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+            inputs = result = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            size = max(1, size // 2)
+            continue
+        batch_rows, moved = sample_rows(subjects, data.ages[batch], inputs["images"], inputs["features"],
+                                        inputs["mask"], result, config.ssim)
+        rows.extend(batch_rows)
+        if moved is not None:
+            feature_change.append(moved)
+        for key in counters:
+            counters[key] += getattr(result, key)
+        start = batch.stop
+        if on_batch is not None:
+            on_batch({"done": len(rows), "of": count,
+                      "mean_abs_deviation": sum(abs(r["deviation"]) for r in rows) / len(rows)})
+    metrics = rows_metrics(rows)
+    metrics.update(counters, attack_seconds=timer.seconds, batch_size_used=size, **extra)
+    if feature_change:  # the largest relative change of any context feature, averaged over subjects
+        metrics["mean_feature_change_rel"] = float(torch.cat(feature_change).mean())
+    return metrics, rows
+
+
+def _mean_abs_deviation(result) -> float:
+    return float((result.adversarial_prediction.double() - result.clean_prediction.double()).abs().mean())
+
+
+# Metrics of a universal perturbation on the subjects it was fitted on, reported beside the held-out ones.
+FIT_METRICS = ("n", "clean_mae", "adversarial_mae", "mean_abs_deviation", "mean_deviation", "success_5y")
+
+
+def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: RunConfig, device: torch.device,
+             on_batch: Callable[[dict], None] | None = None, fit_data: PreparedDataset | None = None,
+             seed: int | None = None) -> tuple[dict, list[dict]]:
+    """Attack every subject of `data` in batches; returns (cell metrics, per-subject rows). A universal
+    perturbation is fitted once on `fit_data` (its batches stay in host memory until used), then applied to
+    `data` (the held-out subjects whose rows are stored); its effect on the fitting subjects is in `fit_*`.
+    ``seed``: of the attack's random draws (default: the run's seed)."""
+    seed = config.seed if seed is None else seed
+    attack = build_attack(cell, model, config, seed)
+    recompute = cell.threat_model == "recomputed"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if fit_data is None or not is_set_level(cell.attack.name):
+        metrics, rows = _attack_subjects(attack, data, model, config, device, on_batch, recompute, seed)
+    else:
+        began = time.perf_counter()
+        with autocast(device, config.precision):
+            attack.fit(batches(fit_data, model, config, None, recompute))
+        fit_seconds = time.perf_counter() - began
+        metrics, rows = _attack_subjects(attack.apply, data, model, config, device, on_batch, recompute, seed)
+        on_fit, _ = _attack_subjects(attack.apply, fit_data, model, config, device, None, recompute, seed,
+                                     parity=False)
+        for key, count in zip(("forward", "backward", "steps"), attack.fit_counters, strict=True):
+            metrics[key] += count
+        metrics["attack_seconds"] += fit_seconds
+        metrics.update({f"fit_{key}": on_fit[key] for key in FIT_METRICS})
+    metrics["timing"] = "cuda-events" if device.type == "cuda" else "wall-clock"
+    metrics["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return metrics, rows
+
+
+@dataclass
+class CellTask:
+    """What an executor runs: one cell and where its model and data live (paths, no tensors: it pickles small)."""
+
+    cell: Cell
+    config: RunConfig
+    root: Path
+    checkpoint: Path
+
+
+@dataclass
+class CellOutcome:
+    """A finished cell as the driver writes it: status ``done`` with metrics and rows, or ``failed`` and why."""
+
+    cell_id: str
+    status: str
+    metrics: dict
+    rows: list[dict]
+    seconds: float
+    error: str | None = None
+
+
+def compute_cell(task: CellTask, loaded: LoadedInputs, on_batch: Callable[[dict], None] | None = None) -> CellOutcome:
+    """Run one cell with the models and subjects of ``loaded``; an exception becomes a ``failed`` outcome with its
+    reason (the grid goes on)."""
+    cell, started = task.cell, time.perf_counter()
+    try:
+        model, _ = loaded.model(task.checkpoint)
+        grid = model_grid(model)
+        fit_data = loaded.subjects(grid, fitting=True) if is_set_level(cell.attack.name) else None
+        report = None if on_batch is None else (lambda state: on_batch({**state, "cell": cell.describe()}))
+        metrics, rows = run_cell(cell, model, loaded.subjects(grid), task.config, loaded.device, report,
+                                 fit_data, cell.spec.get("cell_seed"))
+    except Exception as err:  # a broken cell is recorded with its reason
+        return CellOutcome(cell.id, "failed", {}, [], time.perf_counter() - started, f"{type(err).__name__}: {err}")
+    return CellOutcome(cell.id, "done", metrics, rows, time.perf_counter() - started)

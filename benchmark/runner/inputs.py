@@ -1,0 +1,100 @@
+"""What a process attacks: models and prepared subjects loaded once per process and device (``LoadedInputs``),
+the subjects a config selects, and the keyword arguments of an attack for a batch of them."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from medrobust.attacks.extractors import make_extractor
+from medrobust.data import load_prepared
+from medrobust.data.preprocess import PreparedDataset
+from medrobust.data.splits import load_or_create_splits
+from medrobust.errors import MedrobustError
+from medrobust.models import BrainAgeModel, load_checkpoint
+from medrobust.runner.config import RunConfig
+
+
+def evaluation_subset(config: RunConfig, root: Path, all_ids: list[str], data: PreparedDataset,
+                      fitting: bool = False) -> PreparedDataset:
+    """The configured split's usable subjects, `count` of them drawn with the split seed, in id order; with
+    ``fitting``, those of the split a universal perturbation is fitted on (`fit_split`, `fit_count`)."""
+    name, key = ("fit_split", "fit_count") if fitting else ("split", "count")
+    split = load_or_create_splits(root, all_ids, config.dataset.split_seed)[getattr(config.dataset, name)]
+    usable = set(data.subject_ids)
+    ids = [s for s in split if s in usable]
+    count = getattr(config.dataset, key) or (config.dataset.count if fitting else None) or len(ids)
+    if count > len(ids):
+        raise MedrobustError(f"{config.source}: dataset.{key} = {count} but the {getattr(config.dataset, name)} "
+                             f"split of {root} has {len(ids)} usable subjects; lower dataset.{key}")
+    return data.subset(sorted(random.Random(config.dataset.split_seed).sample(ids, count)))
+
+
+def model_grid(model: BrainAgeModel) -> tuple:
+    """(input shape, voxel size) of a model: the grid its subjects are prepared on."""
+    return tuple(model.meta.input_shape), tuple(model.meta.voxel_size)
+
+
+def attack_inputs(data: PreparedDataset, rows: slice, model: BrainAgeModel, config: RunConfig,
+            device: torch.device | None, recompute: bool = False) -> dict:
+    """An attack's keyword arguments for the subjects ``rows`` of `data`, on `device` (None: host memory); with
+    ``recompute`` (threat model ``recomputed``), the config's feature extractor over the batch's label maps."""
+    def move(tensor):
+        return tensor if device is None else tensor.to(device)
+
+    images = move(data.images[rows])
+    inputs = {"images": images, "features": move(data.features[rows]) if model.meta.uses_features else None,
+              "ages": move(data.ages[rows]), "mask": move(data.masks[rows]) if config.brain_mask else None}
+    if recompute:
+        inputs["extractor"] = make_extractor(config.extractor, data.labels[rows].to(images.device),
+                                             data.feature_labels, data.feature_names, images, inputs["features"])
+    return inputs
+
+
+def batches(data: PreparedDataset, model: BrainAgeModel, config: RunConfig, device: torch.device | None,
+             recompute: bool = False) -> list[tuple]:
+    """The batches of `data` as (images, features, ages, mask[, extractor]) tuples: what a universal attack fits on."""
+    size = config.batch_size
+    return [tuple(attack_inputs(data, slice(start, start + size), model, config, device, recompute).values())
+            for start in range(0, len(data.subject_ids), size)]
+
+
+class LoadedInputs:
+    """The models and prepared subjects one process attacks on one device, each loaded once.
+
+    The driver's also plans the grid; an executor's worker builds its own from the paths of its tasks.
+    """
+
+    def __init__(self, config: RunConfig, root: Path, device: torch.device, progress: bool = False) -> None:
+        self.config, self.root, self.device, self.progress = config, Path(root), device, progress
+        self._models: dict[str, tuple[BrainAgeModel, dict]] = {}
+        self._prepared: dict[tuple, tuple] = {}  # grid -> (index, prepared dataset)
+        self._subjects: dict[tuple, PreparedDataset] = {}  # (grid, fitting) -> subjects
+
+    def model(self, checkpoint: Path) -> tuple[BrainAgeModel, dict]:
+        """The model of a checkpoint on this process's device, and its sidecar."""
+        key = str(checkpoint)
+        if key not in self._models:
+            self._models[key] = load_checkpoint(checkpoint, self.device)
+        return self._models[key]
+
+    def _index(self, grid: tuple) -> tuple:
+        if grid not in self._prepared:
+            index, _, prepared = load_prepared(self.root, *grid, strict=self.config.dataset.strict,
+                                               progress=self.progress)
+            self._prepared[grid] = (index, prepared)
+        return self._prepared[grid]
+
+    def fingerprint(self, grid: tuple) -> str:
+        return self._index(grid)[0].fingerprint()
+
+    def subjects(self, grid: tuple, fitting: bool = False) -> PreparedDataset:
+        """The attacked subjects of the model grid ``grid`` (or, with ``fitting``, those a universal perturbation
+        is fitted on), drawn as the config says."""
+        if (grid, fitting) not in self._subjects:
+            index, prepared = self._index(grid)
+            all_ids = [s.subject_id for s in index.subjects]
+            self._subjects[grid, fitting] = evaluation_subset(self.config, index.root, all_ids, prepared, fitting)
+        return self._subjects[grid, fitting]

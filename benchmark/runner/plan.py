@@ -1,0 +1,111 @@
+"""Planning a run: every cell of a config with its full spec and id, checked against its models and data, and
+the plan cache that lets a finished grid re-run without loading anything."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from medrobust.errors import MedrobustError
+from medrobust.models.checkpoint import checkpoint_paths
+from medrobust.runner.cells import SEEDING, Cell, build_attack, expand_cells, is_set_level
+from medrobust.runner.config import RunConfig
+from medrobust.runner.inputs import LoadedInputs, model_grid
+from medrobust.runner.provision import checkpoint_exists, model_checkpoint
+
+
+def plan_cells(config: RunConfig, root: Path, checkpoints: dict[str, Path], loaded: LoadedInputs) -> list[Cell]:
+    """Every cell of `config` with its full spec and id, checking that models and data fit together."""
+    base_spec: dict[str, dict] = {}
+    uses_features: dict[str, bool] = {}
+    fitting = any(is_set_level(attack.name) for attack in config.attacks)
+    for spec in config.models:
+        model, sidecar = loaded.model(checkpoints[spec.label])
+        grid = model_grid(model)
+        subset = loaded.subjects(grid)
+        if "recomputed" in config.threat_models and model.meta.uses_features and subset.labels is None:
+            raise MedrobustError(f"{config.source}: threat_model 'recomputed' recomputes the regional volumes from "
+                                 f"each subject's label map, and some subjects of {root} have none (dseg)")
+        if model.meta.uses_features and list(model.meta.feature_names) != list(subset.feature_names):
+            raise MedrobustError(f"model {spec.label!r} ({checkpoints[spec.label]}) was trained on other context "
+                                 f"features than {root} provides; retrain it on this dataset")
+        uses_features[spec.label] = model.meta.uses_features
+        base_spec[spec.label] = {
+            "model": spec.label, "model_name": spec.name, "checkpoint": str(checkpoints[spec.label]),
+            "checkpoint_sha256": sidecar.get("weights_sha256"), "dataset": str(root),
+            "data_fingerprint": loaded.fingerprint(grid), "split": config.dataset.split,
+            "split_seed": config.dataset.split_seed, "count": len(subset.subject_ids),
+            "subjects_sha256": hashlib.sha256(json.dumps(subset.subject_ids).encode()).hexdigest(),
+            "brain_mask": config.brain_mask, "seed": config.seed, "seeding": SEEDING,
+            "batch_size": config.batch_size, "precision": config.precision, "ssim": config.ssim,
+            "device": str(loaded.device)}
+        if fitting:  # the subjects a universal perturbation is fitted on belong to its cells' identity
+            fit_ids = loaded.subjects(grid, fitting=True).subject_ids
+            base_spec[spec.label]["fit"] = {
+                "fit_split": config.dataset.fit_split, "fit_count": len(fit_ids),
+                "fit_subjects_sha256": hashlib.sha256(json.dumps(fit_ids).encode()).hexdigest()}
+    cells = expand_cells(config, base_spec, uses_features)
+    for cell in cells:
+        fit = cell.spec.pop("fit", None)
+        if fit is not None and is_set_level(cell.attack.name):
+            cell.spec.update(fit)
+        try:  # the attack's full argument list (defaults included) belongs to the cell's identity
+            model, _ = loaded.model(checkpoints[cell.model])
+            cell.spec["params"] = build_attack(cell, model, config).params()
+        except MedrobustError as err:  # e.g. an image attack on a features-only model: a config mistake
+            raise MedrobustError(f"{config.source}: {cell.describe()}: {err}") from None
+        cell.spec["cell_seed"] = cell.seed
+    return cells
+
+
+def plan(config: RunConfig) -> list[Cell]:
+    """The cells `config` describes, with their ids, without running or training anything (the dataset and every
+    checkpoint must exist): what ``medrobust status --config`` compares with a store."""
+    root = config.dataset.path
+    checkpoints = {spec.label: model_checkpoint(config, spec) for spec in config.models}
+    missing = [f"{label} ({path})" for label, path in checkpoints.items() if not checkpoint_exists(path)]
+    if missing:
+        raise MedrobustError(f"{config.source}: no checkpoint yet for {', '.join(missing)}; `medrobust run` trains "
+                             f"them")
+    if not Path(root).is_dir():
+        raise MedrobustError(f"{config.source}: dataset {root} does not exist yet; `medrobust run` creates it")
+    return plan_cells(config, root, checkpoints, LoadedInputs(config, root, torch.device("cpu")))
+
+
+# The grid's cell ids, cached in the run folder under a key of everything they derive from, so that re-running a
+# finished grid answers without loading models or subjects.
+PLAN_CACHE = "plan-cache.json"
+
+
+def plan_key(config: RunConfig, root: Path, checkpoints: dict[str, Path], device: torch.device) -> str:
+    """A hash of the config, this package's version and seeding scheme, the device, and the size and modification
+    time of every checkpoint and dataset file (the preprocessing cache aside) and of this package's own source
+    files (an attack's supported threat models or defaults decide the grid): any change means a new plan."""
+    import medrobust
+    import medrobust.attacks
+    import medrobust.models
+    from medrobust import __version__
+
+    files = [path for checkpoint in checkpoints.values() for path in checkpoint_paths(checkpoint)]
+    for package in (medrobust, medrobust.attacks, medrobust.models):
+        files.extend(sorted(Path(package.__file__).parent.rglob("*.py")))
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        files.extend(Path(folder) / name for name in sorted(names))
+    stats = [(str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files]
+    content = {"config": config.raw, "source": str(config.source), "version": __version__, "seeding": SEEDING,
+               "device": str(device), "files": stats}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cached_plan(config: RunConfig, key: str) -> list[str] | None:
+    """The cell ids of the plan cached under ``key``, or None."""
+    try:
+        cached = json.loads((config.out / PLAN_CACHE).read_text())
+    except (OSError, ValueError):
+        return None
+    return cached.get("cells") if isinstance(cached, dict) and cached.get("key") == key else None

@@ -1,0 +1,66 @@
+"""Provisioning a run: the dataset (the built-in cohort generated when asked) and every model's checkpoint
+(missing ones trained, after the trained models they are built from: each model declares what it requires)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from medrobust.data.cohort import synthesize
+from medrobust.errors import MedrobustError
+from medrobust.models import model_requires, training_order
+from medrobust.models.checkpoint import checkpoint_paths
+from medrobust.runner.config import ModelSpec, RunConfig, builtin_cohort
+from medrobust.training import TrainRequest, train
+
+
+def model_checkpoint(config: RunConfig, spec: ModelSpec) -> Path:
+    """Where a model's checkpoint is: the configured one, else <models_dir>/<name>-seed<training seed>."""
+    return spec.checkpoint or config.models_dir / f"{spec.name}-seed{config.training.seed}"
+
+
+def checkpoint_exists(checkpoint: Path) -> bool:
+    """Whether both files of a checkpoint are there."""
+    return all(path.is_file() for path in checkpoint_paths(checkpoint))
+
+
+def ensure_dataset(config: RunConfig, progress: bool = True) -> Path:
+    """The dataset folder; the built-in cohort is generated there first when asked and not there yet."""
+    if config.dataset.builtin:
+        return synthesize(config.dataset.path, builtin_cohort(config.dataset), progress=progress)
+    return config.dataset.path
+
+
+def ensure_models(config: RunConfig, device: str, progress: bool = True, echo=tqdm.write) -> dict[str, Path]:
+    """Checkpoint per model label, training the missing registered ones on the run's dataset. A model built from
+    trained models (its declared ``requires``) is built from their checkpoints: the config's model of that name,
+    else the default checkpoint, trained first when it is not there either."""
+    checkpoints = {spec.label: model_checkpoint(config, spec) for spec in config.models}
+    for spec in config.models:
+        if not checkpoint_exists(checkpoints[spec.label]) and not spec.train_if_missing:
+            raise MedrobustError(f"{config.source}: model {spec.label!r} has no checkpoint at "
+                                 f"{checkpoints[spec.label]} and train_if_missing = false")
+    pending = list(dict.fromkeys(spec.name for spec in config.models if not checkpoint_exists(checkpoints[spec.label])))
+    if not pending:
+        return checkpoints
+    built_from: list[Path] = []
+    for name in pending:  # grows while it is walked: a missing requirement is trained too
+        for required in model_requires(name):
+            spec = next((s for s in config.models if s.name == required), ModelSpec(required, required))
+            path = model_checkpoint(config, spec)
+            if required in pending or path in built_from:
+                continue
+            if checkpoint_exists(path):
+                built_from.append(path)
+            else:
+                pending.append(required)
+    names = training_order(pending)
+    echo(f"training {', '.join(names)} on {config.dataset.path} (checkpoints into {config.models_dir})")
+    request = TrainRequest(data=config.dataset.path, models=names, out=config.models_dir, config=config.training,
+                           trained=built_from, split_seed=config.dataset.split_seed, device=device,
+                           strict=config.dataset.strict, progress=progress)
+    for trained in train(request):
+        echo(f"trained {trained.name}: clean test MAE {trained.test_metrics['mae']:.2f} y "
+             f"({trained.seconds:.0f} s) -> {trained.checkpoint}")
+    return checkpoints
