@@ -108,3 +108,20 @@ def test_a_model_with_masked_gradients_is_flagged():
     # The gradient attacks cannot move a model that hides its gradient; noise can: both are flagged.
     assert set(flags) == {"fgsm", "pgd"}
     assert all("random noise" in reasons[0] for reasons in flags.values())
+
+
+def test_the_checks_read_each_attacks_declared_role_not_a_list_of_names():
+    # An attack of another name that declares itself iterative is held to the one-step attack; a set-level one
+    # (a universal perturbation) and one declared a baseline are not; a declared baseline is what others must beat.
+    roles = {"fgsm": ("one-step", "batch"), "my-attack": ("iterative", "batch"), "my-universal": ("iterative", "set"),
+             "my-noise": ("baseline", "batch")}
+    cells = pd.DataFrame([cell("f1", "fgsm", 1e-3, 3.0), cell("m1", "my-attack", 1e-3, 2.0),
+                          cell("u1", "my-universal", 1e-3, 1.0), cell("n1", "my-noise", 1e-3, 1.5)])
+    flags = reliability_flags(cells, roles)
+    assert sorted(flags) == ["m1", "u1"]
+    assert "weaker than fgsm" in flags["m1"][0] and "random my-noise" in flags["u1"][0]
+    # By default the roles are those the registered attacks declare: the ART and torchattacks PGD backends are
+    # iterative, so they are held to fgsm too.
+    registered = pd.DataFrame([cell("f1", "fgsm", 1e-3, 3.0), cell("a1", "art-pgd", 1e-3, 2.0),
+                               cell("t1", "torchattacks-pgd", 1e-3, 2.0), cell("u1", "universal", 1e-3, 1.0)])
+    assert sorted(reliability_flags(registered)) == ["a1", "t1"]

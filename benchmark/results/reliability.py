@@ -1,7 +1,9 @@
-"""Sanity checks over a run's finished cells, after RobustBench's habit of flagging unreliable evaluations.
+"""Reliability checks over a run's finished cells, after RobustBench's habit of flagging unreliable evaluations.
 
-A real attack must beat random noise of the same norm and budget; a stronger attack (PGD, APGD, BIM, C&W) must
-reach at least what a one-step FGSM reaches; and an attack's effect must not shrink as its budget grows. A cell
+Each attack declares its role (``Attack.role``: baseline, one-step, iterative) and scope (``Attack.scope``), and
+the checks read those declarations, not lists of names. A real attack must beat the baseline (random noise) of
+the same norm and budget; an iterative attack on each batch must reach at least what a one-step attack reaches;
+and an attack's effect must not shrink as its budget grows. A cell
 that breaks one of these is marked "possibly unreliable" (masked gradients or a broken attack), with the reason.
 A cell run in reduced precision (bf16, fp16) is also marked when its first batch, attacked again in fp32, moved
 the model by a clearly different amount: low precision can round gradients away and so mask them.
@@ -21,10 +23,6 @@ REL_TOLERANCE = 0.02
 # larger mean |deviation|.
 PARITY_ABS_TOLERANCE = 0.25
 PARITY_REL_TOLERANCE = 0.10
-# Attacks that take many gradient steps and must do at least as well as a single FGSM step.
-STRONG_ATTACKS = ("pgd", "bim", "apgd", "cw")
-WEAK_ATTACK = "fgsm"
-BASELINE_ATTACK = "noise"
 # What a cell achieved for its objective, in years, larger = stronger attack (the objective `target` has no
 # stored summary of its own and is left unchecked).
 _STRENGTH = {
@@ -41,6 +39,10 @@ _BUDGET = ("norm", "unit", "epsilon")
 def _below(value: float, reference: float) -> bool:
     """``value`` falls short of ``reference`` by more than the tolerance."""
     return value < reference - ABS_TOLERANCE - REL_TOLERANCE * max(abs(value), abs(reference))
+
+
+def _names(cells: pd.DataFrame) -> str:
+    return ", ".join(sorted(set(cells["attack"])))
 
 
 def _attack_config(params: object) -> str:
@@ -64,10 +66,25 @@ def _parity_flags(cells: pd.DataFrame, flag) -> None:
                              f"gradients")
 
 
-def reliability_flags(cells: pd.DataFrame) -> dict[str, list[str]]:
-    """Reasons per cell id for the cells of ``cells`` (a store's ``cells()`` frame) that fail a check."""
+def declared_roles(names) -> dict[str, tuple[str, str]]:
+    """(role, scope) of each registered attack among ``names``, as the attack declares them; attacks that are not
+    registered here (a plugin not loaded) are left out, and only the baseline check applies to them."""
+    from medrobust.attacks import attack_entrypoint, list_attacks
+
+    known = set(list_attacks())
+    return {name: (attack_entrypoint(name).role, attack_entrypoint(name).scope) for name in names if name in known}
+
+
+def reliability_flags(cells: pd.DataFrame, roles: dict[str, tuple[str, str]] | None = None) -> dict[str, list[str]]:
+    """Reasons per cell id for the cells of ``cells`` (a store's ``cells()`` frame) that fail a check. ``roles``:
+    (role, scope) per attack name (default: as the registered attacks declare them)."""
     if cells.empty or "status" not in cells:
         return {}
+    if roles is None:
+        roles = declared_roles(set(cells["attack"]))
+    role = {name: declared[0] for name, declared in roles.items()}
+    held_to_one_step = {name for name, (declared, scope) in roles.items()
+                        if declared == "iterative" and scope == "batch"}
     flags: dict[str, list[str]] = {}
 
     def flag(cell_id: str, reason: str) -> None:
@@ -80,21 +97,24 @@ def reliability_flags(cells: pd.DataFrame) -> dict[str, list[str]]:
     done["strength"] = [_STRENGTH[row["objective"]](row) for _, row in done.iterrows()]
     done["attack_config"] = done["params"].map(_attack_config)
 
+    done["role"] = done["attack"].map(role)
     for _, group in done.groupby(list(_SETTING + _BUDGET), dropna=False):
-        noise = group[group["attack"] == BASELINE_ATTACK]["strength"]
-        weak = group[group["attack"] == WEAK_ATTACK]["strength"]
+        baseline = group[group["role"] == "baseline"]
+        one_step = group[group["role"] == "one-step"]
+        strongest = one_step.loc[one_step["strength"].idxmax()] if len(one_step) else None
         for _, cell in group.iterrows():
             # Beating noise needs no margin beyond rounding: a model that barely reacts to its image (a small
             # deviation) is not an unreliable evaluation; an attack no better than noise is.
-            if cell["attack"] != BASELINE_ATTACK and len(noise) and cell["strength"] <= noise.max() + 1e-3:
-                flag(cell["id"], f"does not beat random noise of the same budget ({cell['strength']:.2f} y vs "
-                                 f"noise {noise.max():.2f} y)")
-            if cell["attack"] in STRONG_ATTACKS and len(weak) and _below(cell["strength"], weak.max()):
-                flag(cell["id"], f"weaker than fgsm at the same budget ({cell['strength']:.2f} y vs "
-                                 f"{weak.max():.2f} y)")
+            if cell["role"] != "baseline" and len(baseline) and cell["strength"] <= baseline["strength"].max() + 1e-3:
+                flag(cell["id"], f"does not beat random {_names(baseline)} of the same budget "
+                                 f"({cell['strength']:.2f} y vs {baseline['strength'].max():.2f} y)")
+            if (cell["attack"] in held_to_one_step and strongest is not None
+                    and _below(cell["strength"], strongest["strength"])):
+                flag(cell["id"], f"weaker than {strongest['attack']} at the same budget ({cell['strength']:.2f} y "
+                                 f"vs {strongest['strength']:.2f} y)")
     # Growth with epsilon is asked of attacks, not of the noise baseline: its draws differ from cell to cell (each
     # cell has its own seed), and under "perturbed" its random volume changes can outweigh the image's.
-    attacks = done[done["attack"] != BASELINE_ATTACK]
+    attacks = done[done["role"] != "baseline"]
     for _, group in attacks.groupby(list(_SETTING + ("attack", "attack_config", "norm", "unit")), dropna=False):
         best_so_far, best_epsilon = -math.inf, None
         for _, cell in group.sort_values("epsilon").iterrows():
