@@ -9,7 +9,7 @@ from medrobust.attacks.apgd import APGD
 
 # Cross-checks through other libraries (ART, torchattacks)
 from medrobust.attacks.backends import ARTFGSM, ARTPGD, TorchattacksPGD
-from medrobust.attacks.base import THREAT_MODELS, Attack, AttackResult
+from medrobust.attacks.base import Attack, AttackResult
 from medrobust.attacks.bim import BIM
 from medrobust.attacks.budget import NORMS, UNITS, Budget, perturbation_norms
 from medrobust.attacks.cw import CW
@@ -22,6 +22,7 @@ from medrobust.attacks.greedy_l0 import GreedyL0
 from medrobust.attacks.noise import Noise
 from medrobust.attacks.objectives import OBJECTIVES
 from medrobust.attacks.pgd import PGD
+from medrobust.attacks.threats import THREAT_MODELS
 
 # One perturbation fitted on a set of subjects
 from medrobust.attacks.universal import Universal

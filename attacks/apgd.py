@@ -6,9 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from medrobust.attacks._registry import register_attack
+from medrobust.attacks.arguments import check_count, check_flag
 from medrobust.attacks.base import Attack, AttackState
-from medrobust.attacks.pgd import check_count
-from medrobust.errors import MedrobustError
 
 # The paper's constants: momentum alpha, the fraction rho of a window's steps that must raise the objective
 # for the step size to stay, and the first step size (2 epsilon) as a fraction of the radius.
@@ -80,9 +79,7 @@ class APGD(Attack):
     def __init__(self, model: nn.Module, *args, steps: int = 100, random_start: bool = True, **kwargs) -> None:
         super().__init__(model, *args, **kwargs)
         self.steps = check_count("steps", steps)
-        if not isinstance(random_start, bool):
-            raise MedrobustError(f"random_start must be True or False, got {random_start!r}")
-        self.random_start = random_start
+        self.random_start = check_flag("random_start", random_start)
 
     @property
     def starts_clean(self) -> bool:

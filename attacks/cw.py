@@ -9,9 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from medrobust.attacks._registry import register_attack
+from medrobust.attacks.arguments import check_count, check_non_negative, check_positive
 from medrobust.attacks.base import Attack, AttackState
-from medrobust.attacks.budget import is_finite_real
-from medrobust.attacks.pgd import check_count
 from medrobust.errors import MedrobustError
 
 # paper: Li et al. 2020's settings; fast: a few seconds instead of minutes, for smoke runs and demos.
@@ -93,10 +92,8 @@ class CW(Attack):
         for key, value in counts.items():
             counts[key] = PRESETS[preset][key] if value is None else check_count(key, value)
         for key, value in {"learning_rate": learning_rate, "initial_constant": initial_constant}.items():
-            if not is_finite_real(value) or value <= 0:
-                raise MedrobustError(f"{key} must be a finite number > 0, got {value!r}")
-        if not is_finite_real(success_years) or success_years < 0:
-            raise MedrobustError(f"success_years must be a finite number >= 0 (years), got {success_years!r}")
+            check_positive(key, value)
+        check_non_negative("success_years", success_years, "years")
         self.preset = preset
         self.iterations = int(counts["iterations"])
         self.search_steps = int(counts["search_steps"])

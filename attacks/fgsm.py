@@ -6,7 +6,6 @@ from torch import Tensor
 
 from medrobust.attacks._registry import register_attack
 from medrobust.attacks.base import Attack, AttackState
-from medrobust.attacks.pgd import ascend
 
 
 @register_attack
@@ -24,4 +23,4 @@ class FGSM(Attack):
     starts_clean = True
 
     def perturb(self, state: AttackState) -> Tensor:
-        return ascend(state, state.images, state.gradient(state.images), 1.0)
+        return state.ascend(state.images, state.gradient(state.images), 1.0, consume=True)

@@ -9,9 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from medrobust.attacks._registry import register_attack
-from medrobust.attacks.base import THREAT_MODELS, Attack, AttackState
+from medrobust.attacks.arguments import check_count
+from medrobust.attacks.base import Attack, AttackState
 from medrobust.attacks.budget import Budget
-from medrobust.attacks.pgd import check_count
+from medrobust.attacks.threats import THREAT_MODELS
 
 
 @register_attack

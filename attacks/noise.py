@@ -6,9 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from medrobust.attacks._registry import register_attack
+from medrobust.attacks.arguments import check_count
 from medrobust.attacks.base import Attack, AttackState
 from medrobust.attacks.budget import perturbation_norms
-from medrobust.attacks.pgd import check_count
 from medrobust.errors import MedrobustError
 
 # uniform: a random sign per voxel; gaussian: a standard normal draw per voxel. Either is then scaled.

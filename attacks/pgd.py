@@ -4,25 +4,16 @@ restarts and a step-size schedule."""
 from __future__ import annotations
 
 import math
-import numbers
 
-import torch
 from torch import Tensor, nn
 
 from medrobust.attacks._registry import register_attack
+from medrobust.attacks.arguments import check_count, check_flag, check_step_size
 from medrobust.attacks.base import Attack, AttackState
-from medrobust.attacks.budget import is_finite_real
 from medrobust.errors import MedrobustError
 
 # constant: every step is step_size; cosine and linear decay from step_size towards 0 over the steps.
 SCHEDULES = ("constant", "cosine", "linear")
-
-
-def check_count(name: str, value: object) -> int:
-    """``value`` as an int if it is an integer >= 1 (not a bool), else a MedrobustError naming ``name``."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise MedrobustError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
 
 
 @register_attack
@@ -64,12 +55,8 @@ class PGD(Attack):
     ) -> None:
         super().__init__(model, *args, **kwargs)
         self.steps = check_count("steps", steps)
-        # A fraction of the budget radius, so one setting serves every epsilon and unit.
-        if not is_finite_real(step_size) or step_size <= 0:
-            raise MedrobustError(f"step_size must be a finite number > 0 (a fraction of the radius), "
-                                 f"got {step_size!r}")
-        if not isinstance(random_start, bool):
-            raise MedrobustError(f"random_start must be True or False, got {random_start!r}")
+        check_step_size(step_size)
+        check_flag("random_start", random_start)
         self.restarts = check_count("restarts", restarts)
         if self.restarts > 1 and not random_start:
             raise MedrobustError(f"restarts={restarts} needs random_start=True: without a random start every "
@@ -102,20 +89,9 @@ class PGD(Attack):
         for restart in range(self.restarts):
             adversarial = state.random_start() if self.random_start else state.images
             for fraction in fractions:
-                adversarial = ascend(state, adversarial, state.gradient(adversarial), fraction)
+                adversarial = state.ascend(adversarial, state.gradient(adversarial), fraction, consume=True)
             if restart < self.restarts - 1:
                 # The last restart's final iterate is scored by finish(); the others' are scored here.
                 prediction = state.predict(adversarial)
                 state.record(adversarial, prediction, state.score(prediction))
         return adversarial
-
-
-def ascend(state: AttackState, adversarial: Tensor, grad: Tensor, fraction: float) -> Tensor:
-    """``state.ascend`` with fewer passes over the volume where the image alone moves under an l-inf budget: the
-    sign is taken in ``grad``'s own memory (a fresh gradient, used once), the step is added in one fused pass,
-    and the mask is left to the projection, whose per-voxel box already pins every voxel outside it. The same
-    image, bit for bit: sign times step is exact, so the fused add rounds as the separate one does."""
-    if state.attack.budget.norm != "linf" or state.feature_radius is not None:
-        return state.ascend(adversarial, grad, fraction)
-    step = fraction * state.radius.view((-1,) + (1,) * (grad.dim() - 1))
-    return state.project(torch.addcmul(adversarial, grad.sign_(), step))

@@ -6,24 +6,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
+from medrobust.attacks import threats
 from medrobust.attacks._registry import register_attack
-from medrobust.attacks.base import (
-    THREAT_MODELS,
-    Attack,
-    AttackResult,
-    AttackState,
-    _check_images,
-    _check_mask,
-    _feature_radius,
-)
-from medrobust.attacks.budget import is_finite_real
+from medrobust.attacks.arguments import check_count, check_step_size
+from medrobust.attacks.base import Attack, AttackResult, AttackState, check_images, check_mask, evaluating
 from medrobust.attacks.objectives import objective_score
-from medrobust.attacks.pgd import check_count
 from medrobust.errors import MedrobustError
 
 # sign: the paper's vote, each image's gradient sign summed over the set; pgd: the gradient of the set's summed
@@ -60,7 +51,7 @@ class Universal(Attack):
     name = "universal"
     scope = "set"
     norms = ("linf", "l2")
-    threat_models = THREAT_MODELS
+    threat_models = threats.THREAT_MODELS
 
     def __init__(
         self,
@@ -74,9 +65,7 @@ class Universal(Attack):
         super().__init__(model, *args, **kwargs)
         if algorithm not in ALGORITHMS:
             raise MedrobustError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
-        if not is_finite_real(step_size) or step_size <= 0:
-            raise MedrobustError(f"step_size must be a finite number > 0 (a fraction of the radius), "
-                                 f"got {step_size!r}")
+        check_step_size(step_size)
         self.algorithm = algorithm
         self.steps = check_count("steps", steps)
         self.step_size = float(step_size)
@@ -133,7 +122,7 @@ class Universal(Attack):
         if iter(batches) is batches:
             raise MedrobustError("batches must be re-iterable (a list or a DataLoader), not an iterator or "
                                  "generator: the universal attack reads the set once per step")
-        with _evaluating(self.model):
+        with evaluating(self.model):
             self.perturbation, self.feature_perturbation = self._fit(batches)
         return self.perturbation
 
@@ -158,7 +147,7 @@ class Universal(Attack):
                     raise MedrobustError("threat_model 'recomputed' needs the clean context features and a feature "
                                          "extractor with every mini-batch: (images, features, ages, mask, "
                                          "extractor), extractor a callable(images) -> features")
-                feature_radius = _feature_radius(self, features)
+                feature_radius = threats.feature_radius(self.threat_model, self.feature_budget, self.model, features)
                 if feature_radius is not None and shift is None:
                     shift = best_shift = torch.zeros_like(features[:1])
                 if step == 0:
@@ -246,7 +235,7 @@ def _summed(tensor: Tensor, mask: Tensor | None) -> Tensor:
 
 def _shifted(features: Tensor, shift: Tensor, radius: Tensor) -> Tensor:
     """``features`` [B, F] moved by the relative change ``shift`` ([1, F] or [B, F]), v + shift x |v|, where
-    ``radius`` (``_feature_radius``) lets them move, and kept within it (float rounding included)."""
+    ``radius`` (``threats.feature_radius``) lets them move, and kept within it (float rounding included)."""
     moved = torch.clamp(features + shift * features.abs(), features - radius, features + radius)
     return torch.where(radius > 0, moved, features)
 
@@ -261,12 +250,12 @@ def _mini_batches(batches: Iterable, device: torch.device | None, check: bool) -
                                  "features, ages, mask, extractor); pass None for features, ages, mask or "
                                  "extractor where there are none")
         images, features, ages, mask, extractor = (*batch, None) if len(batch) == 4 else batch
-        images = (_check_images(images) if check else images.detach())
+        images = (check_images(images) if check else images.detach())
         device = images.device if device is None else device
         images = images.to(device)
         if mask is not None:
             if check:
-                _check_mask(mask, images)
+                check_mask(mask, images)
             mask = torch.as_tensor(mask, device=device) != 0
             mask = mask.view((1,) * (images.dim() - mask.dim()) + tuple(mask.shape))
         if features is not None:
@@ -278,17 +267,3 @@ def _mini_batches(batches: Iterable, device: torch.device | None, check: bool) -
         if extractor is not None and hasattr(extractor, "to"):
             extractor = extractor.to(device)
         yield images, features, ages, mask, extractor
-
-
-@contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """The model in eval mode with gradients on, its modes restored after. Its parameters need no freezing:
-    ``torch.autograd.grad`` with respect to the images computes no parameter gradient."""
-    modes = [module.training for module in model.modules()]
-    model.eval()
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        for module, mode in zip(model.modules(), modes, strict=True):
-            module.training = mode

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from medrobust.attacks._registry import register_attack
-from medrobust.attacks.backends.base import ExternalAttack, ImageOnlyModel, check_steps
+from medrobust.attacks.arguments import check_count, check_step_size
+from medrobust.attacks.backends.base import ExternalAttack, ImageOnlyModel
 from medrobust.attacks.base import AttackState
 from medrobust.attacks.objectives import objective_score
 
@@ -139,7 +140,7 @@ class ARTPGD(ARTAttack):
 
     def __init__(self, model: nn.Module, *args, steps: int = 10, step_size: float = 0.25, **kwargs) -> None:
         super().__init__(model, *args, **kwargs)
-        self.steps, self.step_size = check_steps(steps, step_size)
+        self.steps, self.step_size = check_count("steps", steps), check_step_size(step_size)
 
     def art_evasion(self, regressor, radius: np.ndarray, batch_size: int):
         from art.attacks.evasion import ProjectedGradientDescent

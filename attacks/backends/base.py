@@ -4,7 +4,6 @@ and the attacked model as the image-only regressor those libraries call."""
 from __future__ import annotations
 
 import importlib
-import numbers
 from types import ModuleType
 from typing import ClassVar
 
@@ -12,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from medrobust.attacks.base import Attack, AttackState
-from medrobust.attacks.budget import is_finite_real
 from medrobust.errors import MedrobustError
 
 
@@ -38,16 +36,6 @@ class ExternalAttack(Attack):
                 f"attack '{self.name}' needs the optional package {self.package!r}, which cannot be imported "
                 f"({err}); install it with: {self.install}"
             ) from None
-
-
-def check_steps(steps: int, step_size: float) -> tuple[int, float]:
-    """``steps`` and ``step_size`` as ``pgd`` takes them: an integer >= 1, and a finite fraction of the radius
-    > 0; a ``MedrobustError`` names the bad one."""
-    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
-        raise MedrobustError(f"steps must be an integer >= 1, got {steps!r}")
-    if not is_finite_real(step_size) or step_size <= 0:
-        raise MedrobustError(f"step_size must be a finite number > 0 (a fraction of the radius), got {step_size!r}")
-    return int(steps), float(step_size)
 
 
 class ImageOnlyModel(nn.Module):

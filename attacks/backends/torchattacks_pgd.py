@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from medrobust.attacks._registry import register_attack
-from medrobust.attacks.backends.base import ExternalAttack, ImageOnlyModel, check_steps
+from medrobust.attacks.arguments import check_count, check_flag, check_step_size
+from medrobust.attacks.backends.base import ExternalAttack, ImageOnlyModel
 from medrobust.attacks.base import AttackState
-from medrobust.errors import MedrobustError
 
 
 @register_attack
@@ -34,10 +34,8 @@ class TorchattacksPGD(ExternalAttack):
     def __init__(self, model: nn.Module, *args, steps: int = 10, step_size: float = 0.25, random_start: bool = True,
                  **kwargs) -> None:
         super().__init__(model, *args, **kwargs)
-        self.steps, self.step_size = check_steps(steps, step_size)
-        if not isinstance(random_start, bool):
-            raise MedrobustError(f"random_start must be True or False, got {random_start!r}")
-        self.random_start = random_start
+        self.steps, self.step_size = check_count("steps", steps), check_step_size(step_size)
+        self.random_start = check_flag("random_start", random_start)
 
     def perturb(self, state: AttackState) -> Tensor:
         self.backend()

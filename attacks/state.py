@@ -1,0 +1,290 @@
+"""The per-call state of an attack (``AttackState``): the clean batch and its budget ball, the threat model's
+features, one random stream per sample, the pass counters, the clean prediction and the best iterate."""
+
+from __future__ import annotations
+
+import hashlib
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from medrobust.attacks.geometry import ball_for
+from medrobust.attacks.objectives import objective_score
+from medrobust.attacks.result import AttackResult
+from medrobust.attacks.threats import check_recomputed, feature_box, feature_radius
+from medrobust.errors import MedrobustError
+
+if TYPE_CHECKING:
+    from medrobust.attacks.base import Attack
+
+
+@dataclass
+class Pass:
+    """One iterate's forward and backward pass (``AttackState.evaluate``), all detached.
+
+    ``grad``: the objective's gradient with respect to the image (through the extractor under ``recomputed``);
+    ``feature_grad``: with respect to the context features under ``perturbed``, else None; ``prediction`` and
+    ``score`` [B]: the model's prediction at the iterate and the attack's objective of it. Gradients are
+    scaled per sample by the ``weights`` given to ``evaluate``.
+    """
+
+    grad: Tensor
+    feature_grad: Tensor | None
+    prediction: Tensor
+    score: Tensor
+
+
+class AttackState:
+    """One call's clean batch, bounds, counters and best iterate: what ``Attack.perturb`` works with.
+
+    Iterates are adversarial images rather than perturbations so that the image scored is, bit for bit, the
+    image returned. Everything here runs without a host synchronisation: per-sample choices use torch.where.
+    The budget's geometry (projection, steps, random starts) is ``self.ball``; the threat model's feature radius
+    and box come from ``medrobust.attacks.threats``.
+    """
+
+    def __init__(self, attack: Attack, images: Tensor, features: Tensor | None, ages: Tensor | None,
+                 mask: Tensor | None, extractor: Callable[[Tensor], Tensor] | None = None,
+                 sample_seeds: Sequence[int] | Tensor | None = None) -> None:
+        check_recomputed(attack.threat_model, extractor, features)
+        self.extractor = extractor if attack.threat_model == "recomputed" else None
+        self.attack = attack
+        self.images = images
+        self.clean_features = features
+        self.features = features  # the current iterate's features: the clean ones unless the threat model moves them
+        self.feature_radius = feature_radius(attack.threat_model, attack.feature_budget, attack.model, features)
+        self._feature_grad: Tensor | None = None
+        self.ages = ages
+        self.mask = mask
+        self.forward = 0
+        self.backward = 0
+        self.steps = 0
+        # One random stream per sample, created per call from (the attack's seed, the sample's seed): two calls
+        # with the same inputs give identical output, and a sample's draws do not depend on its batch.
+        self.generators = sample_generators(attack.seed, sample_seeds, images)
+        self._view = (-1,) + (1,) * (images.dim() - 1)
+        self.radius = attack.budget.radius(images)
+        self.lower = self.upper = None
+        self._feature_box: tuple[Tensor, Tensor] | None = None  # the features' box under perturbed, built once
+        if attack.clip == "image":
+            flat = images.flatten(1)
+            self.lower = flat.amin(dim=1).view(self._view)
+            self.upper = flat.amax(dim=1).view(self._view)
+        # The budget's geometry: projections, steps and random starts (medrobust.attacks.geometry).
+        self.ball = ball_for(attack.budget.norm, images, self.radius, mask, self.lower, self.upper)
+        self.best_images = images
+        self.best_features = features
+        self._clean_prediction: Tensor | None = None
+        self._clean_hook = None
+        if attack.starts_clean:
+            # The attack's first model pass is at the clean images (its first gradient step): that pass's
+            # prediction is the clean prediction, taken by a one-shot forward hook before the pass is scored,
+            # instead of a forward pass of its own.
+            self._clean_hook = attack.model.register_forward_hook(self._take_clean)
+        else:
+            self._set_clean(self.predict(images))
+
+    @property
+    def clean_prediction(self) -> Tensor:
+        """The model's prediction [B] for the clean images: from the attack's first pass where it starts at the
+        clean images (``Attack.starts_clean``), else (or when asked for before that pass) a forward pass of its own."""
+        if self._clean_prediction is None:
+            self.release()
+            self._set_clean(self.predict(self.images))
+        return self._clean_prediction
+
+    def _set_clean(self, prediction: Tensor) -> None:
+        self._clean_prediction = prediction
+        self.best_prediction = prediction
+        self.best_score = self.score(prediction)
+
+    def _take_clean(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self.release()
+        self._set_clean(output.detach())
+
+    def release(self) -> None:
+        """Remove the clean-prediction hook from the model, if it is still there (the call ends or failed)."""
+        if self._clean_hook is not None:
+            self._clean_hook.remove()
+            self._clean_hook = None
+
+    def draw(self, sampler: Callable[..., Tensor] = torch.rand, per_voxel: bool = True) -> Tensor:
+        """Random draws from ``sampler`` (``torch.rand``, ``torch.randn``), each sample's from its own stream:
+        shaped like the images with ``per_voxel``, else one value per sample [B]; in the images' dtype."""
+        images = self.images
+        shape = images.shape[1:] if per_voxel else ()
+        return torch.stack([sampler(shape, generator=generator, dtype=images.dtype, device=images.device)
+                            for generator in self.generators])
+
+    def predict(self, images: Tensor) -> Tensor:
+        """The model's prediction [B] for ``images`` (features as the threat model says), without gradient."""
+        self.forward += 1
+        with torch.no_grad():
+            if self.extractor is not None:  # the features the attacked image would be measured to have
+                self.features = self.extractor(images)
+            return self.attack.model(images, self.features)
+
+    def score(self, prediction: Tensor) -> Tensor:
+        """The attack's objective [B] for a prediction: higher is better for the attacker."""
+        attack = self.attack
+        return objective_score(attack.objective, prediction, self.clean_prediction, self.ages, attack.target_age)
+
+    def evaluate(self, adversarial: Tensor, features: Tensor | None = None,
+                 weights: Tensor | None = None) -> Pass:
+        """One step's forward and backward pass at ``adversarial``: its gradients, prediction and score, counted and
+        recorded for ``keep_best``; ``state.features`` becomes the features the model was given.
+
+        The features are the clean ones under ``fixed``; under ``recomputed`` the extractor measures them on
+        ``adversarial`` and the image gradient flows through it; under ``perturbed`` they are ``features`` (an
+        iterate the attack carries, [B, F]), by default ``state.features``, and their gradient comes from the
+        same backward pass. ``weights`` [B] scales each sample's gradients (samples are independent, so one
+        backward pass weighted by w gives w times each sample's gradient); by default 1.
+        """
+        if features is not None and self.feature_radius is None:
+            raise MedrobustError(f"features can be given to evaluate only under threat_model 'perturbed', not "
+                                 f"{self.attack.threat_model!r}")
+        # The gradient w.r.t. the adversarial image equals that w.r.t. the perturbation; parameters are frozen,
+        # so autograd computes nothing else.
+        leaf = adversarial.detach().requires_grad_(True)
+        inputs = (leaf,)
+        if self.extractor is not None:  # the features the attacked image would be measured to have
+            features = self.extractor(leaf)
+        elif self.feature_radius is not None:
+            features = (self.features if features is None else features).detach().requires_grad_(True)
+            inputs = (leaf, features)
+        else:
+            features = self.features
+        prediction = self.attack.model(leaf, features)
+        score = self.score(prediction)
+        grads = torch.autograd.grad(score, inputs, torch.ones_like(score) if weights is None else weights,
+                                    allow_unused=True)
+        # A model that ignores the image, or (under perturbed) the features: a zero gradient, not None.
+        grad = torch.zeros_like(leaf) if grads[0] is None else grads[0]
+        feature_grad = None
+        if len(grads) > 1:
+            feature_grad = torch.zeros_like(features) if grads[1] is None else grads[1]
+        self.features = None if features is None else features.detach()
+        self.forward += 1
+        self.backward += 1
+        self.steps += 1
+        prediction, score = prediction.detach(), score.detach()
+        self.record(adversarial, prediction, score)
+        return Pass(grad, feature_grad, prediction, score)
+
+    def gradient(self, adversarial: Tensor) -> Tensor:
+        """Gradient of the objective with respect to the image at ``adversarial`` (``evaluate`` at the current
+        features); under ``perturbed`` the next ``ascend`` moves the features along their gradient."""
+        evaluation = self.evaluate(adversarial)
+        self._feature_grad = evaluation.feature_grad
+        return evaluation.grad
+
+    def ascend(self, adversarial: Tensor, grad: Tensor, fraction: float | Tensor, consume: bool = False) -> Tensor:
+        """Step of ``fraction`` of the radius along the steepest-ascent direction of the budget's norm (sign of the
+        gradient for l-inf, the normalized gradient for l2), then projected; under ``perturbed`` the features take
+        their signed step along the gradient of the last ``gradient`` call. ``consume``: ``grad`` is not used
+        afterwards (a fresh gradient), so the step may reuse its memory."""
+        self._ascend_features(fraction)
+        return self.ball.step(adversarial, grad, fraction, consume)
+
+    def _ascend_features(self, fraction: float) -> None:
+        """Under ``perturbed``: ``state.features`` take the signed step of ``ascend_features`` along the
+        gradient of the last ``gradient`` call."""
+        if self.feature_radius is None or self._feature_grad is None:
+            return
+        self.features = self.ascend_features(self.features, self._feature_grad, fraction)
+        self._feature_grad = None
+
+    def ascend_features(self, features: Tensor, feature_grad: Tensor, fraction: float | Tensor) -> Tensor:
+        """Under ``perturbed``: ``features`` moved by a signed step of ``fraction`` of each feature's radius along
+        ``feature_grad`` (the steepest ascent in the features' box, an l-inf ball), kept in the box.
+        ``fraction``: a number, or a tensor with one value per sample ([B] or shaped like the images)."""
+        if isinstance(fraction, Tensor):
+            fraction = fraction.reshape(fraction.shape[0], -1)[:, :1]
+        return self.project_features(features + fraction * self.feature_radius * feature_grad.sign())
+
+    def project_features(self, features: Tensor) -> Tensor:
+        """Under ``perturbed``: the nearest features in the box of each feature's radius around its clean value
+        (the clean value itself where the radius is 0: sex, field strength, missing values)."""
+        if self._feature_box is None:  # built once per call: each projection is then one clamp
+            self._feature_box = feature_box(self.clean_features, self.feature_radius)
+        return torch.clamp(features, *self._feature_box).detach()
+
+    def random_start(self) -> Tensor:
+        """A random point of the budget ball around the clean images (uniform for l-inf; for l2 a uniform
+        direction at radius r * u^(1/d), d the number of voxels that may move), projected; each sample's from
+        its own stream."""
+        return self.ball.random_start(self.draw)
+
+    def project(self, adversarial: Tensor) -> Tensor:
+        """The nearest allowed image: perturbation zero outside the mask, within the budget, then clipped
+        into the clean image's range (clipping only shrinks each voxel's move, so the norm stays in budget)."""
+        return self.ball.project(adversarial)
+
+    def project_delta(self, delta: Tensor, scale: Tensor | None = None) -> Tensor:
+        """``project(images + scale * delta)`` for a ``delta`` already zero outside the mask: the same image in fewer
+        passes (under l2, the perturbation is not taken back out of the sum and masked again). ``scale`` [B]: a
+        factor per sample, 1 by default; under l2 it must bring scale * delta into the ball (include the
+        ``l2_shrink`` of scale * delta's norm), and by default is delta's ``l2_shrink``."""
+        return self.ball.project_delta(delta, scale)
+
+    def l2_shrink(self, norm: Tensor, radius: Tensor | None = None) -> Tensor:
+        """Per sample [B], the factor that brings a perturbation of l2 norm ``norm`` [B] into the ball: min(1, r /
+        norm) (1 for a zero perturbation); ``radius`` [B] in place of r for a perturbation measured in other
+        units (r / a for a perturbation a * delta measured as ||delta||)."""
+        return self.ball.shrink(norm, radius)
+
+    def record(self, adversarial: Tensor, prediction: Tensor, score: Tensor) -> None:
+        """Keep, per sample, the iterate with the highest score so far (when the attack keeps the best)."""
+        if not self.attack.keep_best:
+            return
+        better = score > self.best_score
+        self.best_score = torch.where(better, score, self.best_score)
+        self.best_prediction = torch.where(better, prediction, self.best_prediction)
+        self.best_images = torch.where(better.view(self._view), adversarial.detach(), self.best_images)
+        if self.feature_radius is not None or self.extractor is not None:  # the features that went with the image
+            self.best_features = torch.where(better.view(-1, 1), self.features, self.best_features)
+
+    def finish(self, adversarial: Tensor) -> AttackResult:
+        """The result for the final iterate, or for the best iterate per sample under ``keep_best``; one
+        forward pass predicts (and scores) the final iterate."""
+        clean_prediction = self.clean_prediction  # before the final pass, which must not be taken for the clean one
+        prediction = self.predict(adversarial)
+        features = self.features
+        if self.attack.keep_best:
+            self.record(adversarial, prediction, self.score(prediction))
+            adversarial, prediction, features = self.best_images, self.best_prediction, self.best_features
+        return AttackResult(
+            images=adversarial.detach(),
+            features=features,
+            clean_prediction=clean_prediction,
+            adversarial_prediction=prediction,
+            forward=self.forward,
+            backward=self.backward,
+            steps=self.steps,
+        )
+
+
+def sample_generators(seed: int, sample_seeds: Sequence[int] | Tensor | None, images: Tensor) -> list[torch.Generator]:
+    """One generator per sample on the images' device, seeded from (``seed``, that sample's seed); without
+    ``sample_seeds`` the samples' positions in the batch (0, 1, ...) serve as their seeds."""
+    count = images.shape[0]
+    if sample_seeds is None:
+        sample_seeds = range(count)
+    else:
+        if isinstance(sample_seeds, Tensor):
+            if sample_seeds.is_floating_point() or sample_seeds.is_complex() or sample_seeds.dim() != 1:
+                raise MedrobustError(f"sample_seeds must hold one integer per image, got a tensor of dtype "
+                                     f"{sample_seeds.dtype} and shape {list(sample_seeds.shape)}")
+            sample_seeds = sample_seeds.tolist()  # once per call, before any model pass
+        sample_seeds = list(sample_seeds)
+        if len(sample_seeds) != count or not all(
+                isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0 for s in sample_seeds):
+            raise MedrobustError(f"sample_seeds must hold one integer >= 0 per image ({count} here), got "
+                                 f"{sample_seeds!r}")
+    # A hash mixes the two seeds, so that nearby seeds give unrelated streams.
+    return [torch.Generator(device=images.device).manual_seed(
+        int(hashlib.sha256(f"{seed}:{int(sample)}".encode()).hexdigest()[:16], 16)) for sample in sample_seeds]
