@@ -3,11 +3,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# glibc malloc thrashes on large 3D activations without these (see docs/benchmarks.md).
+# glibc malloc thrashes on large 3D activations without these (see docs/speed.md).
 export MALLOC_MMAP_THRESHOLD_ := 1073741824
 export MALLOC_TRIM_THRESHOLD_ := 1073741824
 
-.PHONY: venv test demo lint bench bench-attacks bench-runner accuracy clean
+.PHONY: venv test demo lint speed speed-attacks speed-runner speed-gpu accuracy clean
 
 venv: $(VENV)/.installed
 
@@ -32,30 +32,36 @@ demo: venv
 lint: venv
 	$(VENV)/bin/ruff check benchmark models attacks reports tests scripts
 
-# Speed figures of docs/benchmarks.md: cohort generation, and training the four models on the demo cohort.
-bench: venv
-	$(PY) scripts/bench_cohort.py
-	$(PY) scripts/bench_training.py --out runs/bench-training
+# Everything that times lives in tests/speed (pytest-benchmark) and scripts/speed; figures in docs/speed.md.
+# speed: cohort generation, and training the four models on the demo cohort.
+speed: venv
+	$(PY) scripts/speed/cohort.py
+	$(PY) scripts/speed/training.py --out runs/speed-training
 
 # Attack speed against the floor (one forward + backward w.r.t. the input), the pytest-benchmark benchmarks of
-# tests/benchmarks at the demo grid: the JSON (ratios in each benchmark's extra_info) and a markdown table go to
-# $(BENCH_OUT). Settings from MEDROBUST_BENCH_* (tests/benchmarks/ratios.py), e.g. MEDROBUST_BENCH_THREADS=1 on a
+# tests/speed at the demo grid: the JSON (ratios in each benchmark's extra_info) and a markdown table go to
+# $(SPEED_OUT). Settings from MEDROBUST_BENCH_* (tests/speed/ratios.py), e.g. MEDROBUST_BENCH_THREADS=1 on a
 # shared CPU.
-BENCH_OUT ?= runs/bench-attacks
-bench-attacks: venv
-	mkdir -p $(BENCH_OUT)
-	MEDROBUST_BENCH_TABLE=$(BENCH_OUT)/ratios.md $(PY) -m pytest -q -p no:cacheprovider tests/benchmarks \
-		--benchmark-only --benchmark-json=$(BENCH_OUT)/benchmarks.json
+SPEED_OUT ?= runs/speed-attacks
+speed-attacks: venv
+	mkdir -p $(SPEED_OUT)
+	MEDROBUST_BENCH_TABLE=$(SPEED_OUT)/ratios.md $(PY) -m pytest -q -p no:cacheprovider tests/speed \
+		--benchmark-only --benchmark-json=$(SPEED_OUT)/benchmarks.json
 
 # Runner overhead (the demo grid's wall time against its attack time) and the finished-grid re-run, with and
-# without SSIM (docs/benchmarks.md); needs the demo's trained models (make demo).
-bench-runner: venv
-	$(PY) scripts/bench_runner.py --json runs/bench-runner.json
-	$(PY) scripts/bench_runner.py --no-ssim --out runs/bench-runner-nossim --json runs/bench-runner-nossim.json
+# without SSIM (docs/speed.md); needs the demo's trained models (make demo).
+speed-runner: venv
+	$(PY) scripts/speed/runner.py --json runs/speed-runner.json
+	$(PY) scripts/speed/runner.py --no-ssim --out runs/speed-runner-nossim --json runs/speed-runner-nossim.json
+
+# On a CUDA machine: the suite, the demo from scratch, and the attack-speed benchmarks (scripts/speed/gpu.sh).
+SPEED_GPU_OUT ?= runs/speed-gpu
+speed-gpu: venv
+	scripts/speed/gpu.sh $(SPEED_GPU_OUT)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
 
 # Clean-accuracy table of docs/accuracy.md: 1000-subject cohort, four models, three training seeds.
 accuracy: venv
-	$(PY) scripts/accuracy_table.py --n 1000 --seeds 0 1 2 --out runs/accuracy --markdown docs/accuracy.md
+	$(PY) scripts/docs/accuracy_table.py --n 1000 --seeds 0 1 2 --out runs/accuracy --markdown docs/accuracy.md

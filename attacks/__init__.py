@@ -4,7 +4,13 @@ Importing this package registers every built-in attack. The imports below are it
 attack is adding its file and one line here.
 """
 
-from medrobust.attacks._registry import attack_entrypoint, create_attack, list_attacks, register_attack
+from medrobust.attacks._registry import (
+    attack_entrypoint,
+    create_attack,
+    list_attacks,
+    register_attack,
+    unregister_attack,
+)
 from medrobust.attacks.apgd import APGD
 
 # Cross-checks through other libraries (ART, torchattacks)
@@ -51,4 +57,5 @@ __all__ = [
     "list_attacks",
     "perturbation_norms",
     "register_attack",
+    "unregister_attack",
 ]

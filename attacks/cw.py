@@ -70,6 +70,7 @@ class CW(Attack):
     """
 
     name = "cw"
+    quick = {"iterations": 3, "search_steps": 2}
     norms = ("linf", "l2")
     threat_models = ("fixed", "perturbed", "recomputed")
 

@@ -40,6 +40,7 @@ class GreedyL0(Attack):
     """
 
     name = "l0"
+    quick = {"max_failures": 4, "rerank_every": 4}
     norms = ("l0",)
     threat_models = THREAT_MODELS
 

@@ -29,6 +29,11 @@ class Registry:
         self._factories[name] = factory
         return factory
 
+    def unregister(self, name: str) -> None:
+        """Forget ``name`` (a notebook cell that registers a model again, a test's temporary entry)."""
+        self.entrypoint(name)
+        del self._factories[name]
+
     def names(self, pattern: str = "*") -> list[str]:
         """Registered names matching the shell-style ``pattern``, sorted."""
         return sorted(name for name in self._factories if fnmatch.fnmatchcase(name, pattern))

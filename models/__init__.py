@@ -13,6 +13,7 @@ from medrobust.models._registry import (
     model_requires,
     register_model,
     training_order,
+    unregister_model,
     variant,
 )
 from medrobust.models.base import BrainAgeModel, ModelMeta
@@ -30,5 +31,6 @@ __all__ = [
     "register_model",
     "save_checkpoint",
     "training_order",
+    "unregister_model",
     "variant",
 ]

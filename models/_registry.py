@@ -54,6 +54,11 @@ def variant(cls: type, name: str, doc: str, **overrides) -> Callable[..., nn.Mod
     return factory
 
 
+def unregister_model(name: str) -> None:
+    """Forget the registered model ``name`` (to register it again, as a notebook cell re-run does)."""
+    _models.unregister(name)
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching the shell-style ``pattern``, sorted."""
     return _models.names(pattern)

@@ -1,0 +1,70 @@
+"""Runner overhead: a grid's total wall time against the sum of its cells' attack times, and the time of
+re-running a finished grid.
+
+    python scripts/speed/runner.py [--config configs/demo.toml] [--out runs/speed-runner] [--no-ssim]
+
+The config's models must exist already (run `make demo` once): the grid runs into a fresh folder ``--out`` with
+the config's checkpoints, so only attacking, metrics and store writes are timed. It reports (1) the wall time of
+``medrobust.runner.run`` from the call to its return, which includes loading the models and the subjects, (2) the
+sum of the cells' ``attack_seconds`` (the attack calls alone), their ratio, and (3) the wall time of a second
+``medrobust run CONFIG --no-report`` as a new process (Python start-up and imports included), which finds every
+cell finished. Prints a markdown table; --json writes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from medrobust.results.store import ResultStore
+from medrobust.runner import run
+from medrobust.runner.config import load_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/demo.toml")
+    parser.add_argument("--out", default="runs/speed-runner")
+    parser.add_argument("--no-ssim", action="store_true", help="run the grid with ssim = false")
+    parser.add_argument("--json", default=None, help="write the figures to this file")
+    args = parser.parse_args()
+
+    original = load_config(args.config)
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    # The same grid into a fresh folder, with the config's own checkpoints (nothing is trained here).
+    path = out / "config.toml"
+    text = Path(args.config).read_text().replace(f'out = "{original.out}"', "", 1)
+    ssim = "ssim = false\n" if args.no_ssim else ""
+    path.write_text(f'out = "{out}"\nmodels_dir = "{original.models_dir}"\n{ssim}' + text)
+    config = load_config(path)
+    began = time.perf_counter()
+    summary = run(config, progress=False, echo=lambda *_: None)
+    wall = time.perf_counter() - began
+    if summary.failed:
+        sys.exit(f"{len(summary.failed)} cells failed: {summary.failed[0]}")
+    with ResultStore(out, writer=False) as store:
+        cells = store.cells()
+    attack = float(cells["attack_seconds"].sum())
+    began = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "medrobust.cli", "run", str(path), "--quiet", "--no-report"],
+                   check=True, capture_output=True)
+    rerun = time.perf_counter() - began
+    figures = {"config": args.config, "ssim": not args.no_ssim, "cells": summary.cells, "wall_seconds": wall,
+               "attack_seconds": attack, "overhead_ratio": wall / attack, "rerun_seconds": rerun}
+    print("| ssim | cells | run wall time | sum of attack times | ratio | finished grid re-run (new process) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {'no' if args.no_ssim else 'yes'} | {summary.cells} | {wall:.1f} s | {attack:.1f} s | "
+          f"{wall / attack:.3f} | {rerun:.2f} s |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
