@@ -43,6 +43,9 @@ class _Group(click.Group):
 @click.version_option(package_name="medrobust")
 def main() -> None:
     """Adversarial-robustness benchmark for deep models on 3D medical images."""
+    from medrobust.plugins import load_entry_points
+
+    load_entry_points()  # the installed plugins' models and attacks, by name in every command
 
 
 @main.group(cls=_Group)

@@ -31,6 +31,7 @@ from medrobust.models import (
     save_checkpoint,
     training_order,
 )
+from medrobust.plugins import load_entry_points
 from medrobust.settings import TrainingConfig
 
 
@@ -206,6 +207,7 @@ def train(request: TrainRequest) -> list[TrainedModel]:
     """Train the requested models on one dataset and write their checkpoints and test predictions. Models come
     after those they are built from; a model built from trained models works on their grid."""
     request.config.validate()
+    load_entry_points()  # installed plugins' models are trainable by name
     unknown = [m for m in request.models if m not in list_models()]
     if unknown:
         raise FieldError("model", f"{unknown[0]!r} is not a registered model; known: {', '.join(list_models())}")

@@ -49,6 +49,8 @@ def variant(cls: type, name: str, doc: str, **overrides) -> Callable[..., nn.Mod
         return cls(**{**overrides, **kwargs}, name=name)
 
     factory.__name__ = factory.__qualname__ = name
+    factory.__module__ = cls.__module__
+    factory.__wrapped__ = cls  # where its source is (the signature is its own: __signature__ below)
     factory.__doc__ = doc
     factory.__signature__ = signature.replace(parameters=parameters, return_annotation=cls.__name__)
     return factory

@@ -19,6 +19,7 @@ from medrobust.attacks import Budget, attack_entrypoint, create_attack, list_att
 from medrobust.errors import FieldError, MedrobustError
 from medrobust.models import list_models
 from medrobust.models.checkpoint import checkpoint_paths
+from medrobust.plugins import import_plugins
 from medrobust.settings import CohortSpec, TrainingConfig
 from medrobust.vocabulary import EXTRACTORS, OBJECTIVES, PRECISIONS, SPLIT_NAMES, THREAT_MODELS
 
@@ -91,6 +92,7 @@ class RunConfig:
     batch_size: int = 8
     brain_mask: bool = False
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    plugins: list[str] = field(default_factory=list)  # modules or .py files imported first (medrobust.plugins)
     raw: dict = field(default_factory=dict)
 
 
@@ -275,8 +277,11 @@ def _attacks(table: _Table) -> list[AttackSpec]:
 
 
 def parse_config(data: dict, source: str = "config") -> RunConfig:
-    """Validate a config already read from TOML into a RunConfig."""
+    """Validate a config already read from TOML into a RunConfig. Plugins (installed entry points, then the
+    config's ``plugins``) are imported first, so that their models and attacks are known by name."""
     table = _Table(data, "", source)
+    plugins = [_check(p, "str", f"plugins[{i}]", table) for i, p in enumerate(table.take("plugins", "list", []))]
+    import_plugins(plugins, f"{source}: plugins")
     objectives = [_choice(o, OBJECTIVES, "objective", table) for o in table.take_list("objective", "str", "older")]
     threat_models = [_choice(t, THREAT_MODELS, "threat_model", table)
                      for t in table.take_list("threat_model", "str", "fixed")]
@@ -305,7 +310,7 @@ def parse_config(data: dict, source: str = "config") -> RunConfig:
         ssim=table.take("ssim", "bool", True),
         batch_size=table.take("batch_size", "int", 8),
         brain_mask=table.take("brain_mask", "bool", False),
-        training=training, raw=data)
+        training=training, plugins=plugins, raw=data)
     table.done()
     if config.batch_size < 1:
         table.fail(f"batch_size must be at least 1, got {config.batch_size}")

@@ -17,6 +17,7 @@ import torch
 
 from medrobust.devices import deterministic_cuda
 from medrobust.errors import MedrobustError
+from medrobust.plugins import import_plugins
 from medrobust.runner.execute import CellOutcome, CellTask, compute_cell
 from medrobust.runner.inputs import LoadedInputs
 from medrobust.vocabulary import EXECUTORS
@@ -80,6 +81,7 @@ def _ray_compute_cell(task: CellTask, device_type: str, threads: int) -> CellOut
     else:
         device = torch.device("cpu")
         torch.set_num_threads(threads)
+    import_plugins(task.config.plugins, f"{task.config.source}: plugins")  # a worker registers them too
     key = (str(task.config.source), str(task.root), str(device))
     if key not in _WORKER_INPUTS:
         _WORKER_INPUTS[key] = LoadedInputs(task.config, task.root, device)

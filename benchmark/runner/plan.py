@@ -12,6 +12,7 @@ import torch
 
 from medrobust.errors import MedrobustError
 from medrobust.models.checkpoint import checkpoint_paths
+from medrobust.plugins import registered_source_files
 from medrobust.runner.cells import SEEDING, Cell, build_attack, expand_cells, is_set_level
 from medrobust.runner.config import RunConfig
 from medrobust.runner.inputs import LoadedInputs, model_grid
@@ -83,8 +84,9 @@ PLAN_CACHE = "plan-cache.json"
 
 def plan_key(config: RunConfig, root: Path, checkpoints: dict[str, Path], device: torch.device) -> str:
     """A hash of the config, this package's version and seeding scheme, the device, and the size and modification
-    time of every checkpoint and dataset file (the preprocessing cache aside) and of this package's own source
-    files (an attack's supported threat models or defaults decide the grid): any change means a new plan."""
+    time of every checkpoint and dataset file (the preprocessing cache aside), of this package's own source files
+    and of every registered model's and attack's, plugins included (an attack's supported threat models or
+    defaults decide the grid): any change means a new plan."""
     import medrobust
     import medrobust.attacks
     import medrobust.models
@@ -93,6 +95,7 @@ def plan_key(config: RunConfig, root: Path, checkpoints: dict[str, Path], device
     files = [path for checkpoint in checkpoints.values() for path in checkpoint_paths(checkpoint)]
     for package in (medrobust, medrobust.attacks, medrobust.models):
         files.extend(sorted(Path(package.__file__).parent.rglob("*.py")))
+    files.extend(path for path in registered_source_files() if path not in files)
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         files.extend(Path(folder) / name for name in sorted(names))

@@ -22,9 +22,9 @@ def run_config(tiny_config):
     """Factory: ``run_config(root, name, linf, attacks, extra)``, a tiny run (conftest's ``tiny_config``) of one
     cnn3d, batches of 3 subjects, l-inf budgets ``linf``, the budgets ``extra`` and the attacks ``attacks``."""
 
-    def write(root: Path, name: str, linf: str = "[1e-3]", attacks: str = FGSM, extra: str = "") -> Path:
+    def write(root: Path, name: str, linf: str = "[1e-3]", attacks: str = FGSM, extra: str = "", top: str = "") -> Path:
         grid = f'\n[[budgets]]\nnorm = "linf"\nepsilon = {linf}\n' + extra + attacks
-        return tiny_config(root, name, "batch_size = 3\nseed = 1\n", grid)
+        return tiny_config(root, name, "batch_size = 3\nseed = 1\n" + top, grid)
 
     return write
 
@@ -77,24 +77,25 @@ class Careful(FGSM):
 '''
 BROKEN = 'if self.budget.norm == "l2":\n            raise ValueError("the l2 step is not written yet")'
 FIXED = "pass"
-# `medrobust` in a process that imports the plugin first, as a user's entry script would.
-ENTRY = "import careful_plugin, sys; from medrobust.cli import main; sys.exit(main())"
 
 
-def _run_with_plugin(root: Path, config: Path, *options: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-           "MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
-    return subprocess.run([sys.executable, "-c", ENTRY, "run", str(config), "--quiet", "--no-report", *options],
-                          capture_output=True, text=True, env=env, timeout=300)
+def _medrobust_run(config: Path, *options: str, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+    """A plain `medrobust run` in a process of its own (``pythonpath``: a folder put first on its path)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), os.environ.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "medrobust.cli", "run", str(config), "--quiet", "--no-report",
+                           *options], capture_output=True, text=True, env=env, timeout=300)
 
 
 @pytest.mark.slow
 def test_a_failed_cell_is_listed_by_status_and_rerun_by_retry_failed(trained, run_config):
     plugin = trained / "careful_plugin.py"
     plugin.write_text(PLUGIN.format(body=BROKEN))
+    # The plugin is named by the config (`plugins`), and a plain `medrobust run` imports it.
     config = run_config(trained, "plugin", attacks='\n[[attacks]]\nname = "careful-fgsm"\n',
-                     extra='\n[[budgets]]\nnorm = "l2"\nepsilon = [0.5, 1.0]\n')
-    first = _run_with_plugin(trained, config)
+                        extra='\n[[budgets]]\nnorm = "l2"\nepsilon = [0.5, 1.0]\n', top=f'plugins = ["{plugin}"]\n')
+    first = _medrobust_run(config)
     assert first.returncode == 1, first.stdout + first.stderr  # the grid went on past the failures
     assert "1 cells run, 0 already finished, 2 failed" in first.stdout
     lines = _status(trained / "plugin")
@@ -108,7 +109,7 @@ def test_a_failed_cell_is_listed_by_status_and_rerun_by_retry_failed(trained, ru
     # The plugin is fixed; the cells are the same (an attack's code is not part of a cell), so only
     # --retry-failed runs them again, and only them.
     plugin.write_text(PLUGIN.format(body=FIXED))
-    retried = _run_with_plugin(trained, config, "--retry-failed")
+    retried = _medrobust_run(config, "--retry-failed")
     assert retried.returncode == 0, retried.stdout + retried.stderr
     assert "2 cells run, 1 already finished, 0 failed" in retried.stdout
     with ResultStore(trained / "plugin", create=False) as store:
@@ -176,3 +177,50 @@ def test_a_second_run_on_a_busy_store_is_refused_with_exit_code_3(trained, run_c
         holder.wait()
     result = CliRunner().invoke(main, ["run", str(config), "--quiet", "--no-report"])
     assert result.exit_code == 0, result.output
+
+
+ENTRY_POINT_PLUGIN = '''
+from medrobust.attacks import register_attack
+from medrobust.attacks.fgsm import FGSM
+
+
+@register_attack
+class Installed(FGSM):
+    name = "installed-fgsm"
+'''
+
+
+@pytest.mark.slow
+def test_an_installed_plugin_is_found_by_its_entry_point(trained, run_config, tmp_path):
+    # A lab's package as pip installs it: its module and a dist-info declaring the entry point
+    # medrobust.attacks; nothing in the config names it.
+    site = tmp_path / "site"
+    (site / "lab_attacks-0.1.dist-info").mkdir(parents=True)
+    (site / "lab_attacks.py").write_text(ENTRY_POINT_PLUGIN)
+    (site / "lab_attacks-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: lab-attacks\n"
+                                                                "Version: 0.1\n")
+    (site / "lab_attacks-0.1.dist-info" / "entry_points.txt").write_text("[medrobust.attacks]\nlab = lab_attacks\n")
+    config = run_config(trained, "installed", attacks='\n[[attacks]]\nname = "installed-fgsm"\n')
+    result = _medrobust_run(config, pythonpath=site)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 cells run, 0 already finished, 0 failed" in result.stdout
+    # Without the package, the name is unknown: one line, exit 2.
+    missing = _medrobust_run(config)
+    assert missing.returncode == 2 and "attacks[0].name" in missing.stderr and "installed-fgsm" in missing.stderr
+    assert missing.stderr.strip().count("\n") == 0, missing.stderr
+
+
+@pytest.mark.parametrize(("plugins", "message"), [
+    ('["no_such_lab_module"]', "plugins[0]: no module named 'no_such_lab_module'"),
+    ('["missing/attacks.py"]', "plugins[0]: no Python file at 'missing/attacks.py'"),
+    ('["{broken}"]', "plugins[0]: importing"),
+    ("[3]", "plugins[0] must be a string"),
+])
+def test_a_bad_plugin_is_one_line_and_exit_2(tmp_path, plugins, message):
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('this plugin is broken')\n")
+    config = tmp_path / "bad.toml"
+    config.write_text(f'plugins = {plugins.replace("{broken}", str(broken))}\n[dataset]\npath = "nowhere"\n')
+    result = CliRunner().invoke(main, ["run", str(config)])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
