@@ -112,3 +112,11 @@ def test_no_test_module_imports_another() -> None:
     offences = [f"{path.relative_to(REPO)}: {module}" for path in (REPO / "tests").rglob("*.py")
                 for module, _ in _imports(path) if module.split(".")[0] in tests]
     assert offences == []
+
+
+def test_the_documented_api_is_importable_from_medrobust() -> None:
+    import medrobust
+
+    for name in ("create_model", "list_models", "create_attack", "list_attacks", "load_config", "run", "plan",
+                 "ResultStore", "write_report"):
+        assert callable(getattr(medrobust, name)), name
