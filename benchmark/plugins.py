@@ -22,6 +22,7 @@ plan-cache key (``registered_source_files``), so a changed plugin is planned aga
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -59,7 +60,9 @@ def import_plugin(spec: str, where: str = "plugins") -> ModuleType:
         path = Path(spec).resolve()
         if not path.is_file():
             raise MedrobustError(f"{where}: no Python file at {spec!r}")
-        name = f"medrobust_plugin_{path.stem}_{abs(hash(str(path))):x}"
+        # Named by the file's path and content: the same file is imported once, a changed one afresh.
+        digest = hashlib.sha256(str(path).encode() + path.read_bytes()).hexdigest()[:16]
+        name = f"medrobust_plugin_{path.stem}_{digest}"
         if name in sys.modules:
             return sys.modules[name]
         module_spec = importlib.util.spec_from_file_location(name, path)

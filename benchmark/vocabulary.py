@@ -21,6 +21,9 @@ EXTRACTORS = ("soft", "hard", "hard-bpda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Where a run's cells are computed (medrobust.runner.executors).
 EXECUTORS = ("local", "ray")
+# Intensity normalizations of a prepared image: z-score inside the brain mask, z-score over the volume, min-max
+# to [0, 1], or none.
+NORMALIZATIONS = ("zscore_brain", "zscore", "minmax", "none")
 # Subject-level splits of a dataset.
 SPLIT_NAMES = ("train", "val", "test")
 

@@ -33,13 +33,15 @@ def dataset_grid(index: DatasetIndex) -> tuple[tuple[int, int, int], tuple[float
 
 def load_prepared(data: str | Path, shape: tuple[int, int, int] | None = None,
                   voxel_size: tuple[float, float, float] | None = None, cache_dir: Path | None = None,
-                  strict: bool = False, progress: bool = True) -> tuple[DatasetIndex, Preprocessing, PreparedDataset]:
-    """Index a dataset and prepare it on a grid (default: the dataset's own), through the content cache
-    (default: <dataset>/.medrobust_cache). Skipped subjects are in the result's `skipped`."""
+                  strict: bool = False, progress: bool = True,
+                  normalization: str = "zscore_brain") -> tuple[DatasetIndex, Preprocessing, PreparedDataset]:
+    """Index a dataset and prepare it on a grid (default: the dataset's own) with an intensity normalization,
+    through the content cache (default: <dataset>/.medrobust_cache). Skipped subjects are in the result's
+    `skipped`."""
     index = load_dataset_index(data, strict=strict)
     if shape is None or voxel_size is None:
         default_shape, default_voxels = dataset_grid(index)
         shape, voxel_size = shape or default_shape, voxel_size or default_voxels
-    preprocessing = Preprocessing(shape=shape, voxel_size=voxel_size)
+    preprocessing = Preprocessing(shape=shape, voxel_size=voxel_size, normalization=normalization)
     cache = cache_dir or Path(index.root) / ".medrobust_cache"
     return index, preprocessing, prepare_dataset(index, preprocessing, cache, strict=strict, progress=progress)

@@ -25,8 +25,8 @@ from medrobust.data.features import COVARIATE_NAMES, context_feature_names, cont
 from medrobust.data.index import DatasetIndex, SkippedSubject, SubjectError, SubjectRecord
 from medrobust.errors import MedrobustError
 from medrobust.files import atomic_write, file_sha256
+from medrobust.vocabulary import NORMALIZATIONS
 
-NORMALIZATIONS = ("zscore_brain", "zscore", "minmax", "none")
 # Bump when the preprocessing code changes what it produces, so that old cache entries are not reused.
 _ALGORITHM_VERSION = 1
 # Grids closer than this (affine entries, mm) are treated as the same grid.

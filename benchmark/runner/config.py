@@ -7,6 +7,7 @@ a finite number >= 0, got nan``. Relative paths are relative to the current dire
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import sys
 from dataclasses import dataclass, field, fields
@@ -18,7 +19,9 @@ import torch
 from medrobust.attacks import Budget, attack_entrypoint, create_attack, list_attacks
 from medrobust.errors import FieldError, MedrobustError
 from medrobust.models import list_models
+from medrobust.models.adapter import contract_from
 from medrobust.models.checkpoint import checkpoint_paths
+from medrobust.models.sources import ModelSource
 from medrobust.plugins import import_plugins
 from medrobust.settings import CohortSpec, TrainingConfig
 from medrobust.vocabulary import EXTRACTORS, OBJECTIVES, PRECISIONS, SPLIT_NAMES, THREAT_MODELS
@@ -34,12 +37,15 @@ RUN_LEVEL_ATTACK_ARGS = ("budget", "objective", "target_age", "threat_model", "s
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model of the grid: a registered architecture and its checkpoint (trained if missing and allowed)."""
+    """One model of the grid: a registered architecture and its checkpoint (trained if missing and allowed), or a
+    model of one's own (``source``: a factory or a TorchScript file with its declared input contract; ``name``
+    then says which kind and where, e.g. ``factory:my_lab.nets:SFCN``)."""
 
     name: str
     label: str
     checkpoint: Path | None = None
     train_if_missing: bool = True
+    source: ModelSource | None = None
 
 
 @dataclass(frozen=True)
@@ -234,6 +240,14 @@ def _dataset(table: _Table) -> DatasetSpec:
     return spec
 
 
+# The keys of a [[models]] entry that name its source: exactly one of them.
+MODEL_SOURCES = ("name", "factory", "torchscript")
+# The input contract of a model of one's own (medrobust.models.adapter.InputContract).
+CONTRACT_KEYS = {"input_shape": "list", "voxel_size": "list", "normalization": "str", "inputs": "str",
+                 "features": "list", "output": "str", "age_mean": "number", "age_std": "number",
+                 "bin_centres": "list"}
+
+
 def _models(table: _Table) -> list[ModelSpec]:
     items = table.take("models", "list")
     if not items:
@@ -241,20 +255,75 @@ def _models(table: _Table) -> list[ModelSpec]:
     models, labels = [], set()
     for i, item in enumerate(items):
         entry = _Table(item, f"models[{i}]", table.source)
-        name = _choice(entry.take("name", "str"), list_models(), entry.name("name"), entry)
-        checkpoint = entry.take("checkpoint", "str", None)
-        spec = ModelSpec(name=name, label=entry.take("label", "str", name),
-                         checkpoint=Path(checkpoint) if checkpoint else None,
-                         train_if_missing=entry.take("train_if_missing", "bool", True))
+        given = [key for key in MODEL_SOURCES if isinstance(entry.data, dict) and key in entry.data]
+        if len(given) != 1:
+            entry.fail(f"models[{i}] must name exactly one source: name (a registered model), factory "
+                       f"('package.module:callable') or torchscript (a file); got {', '.join(given) or 'none'}")
+        spec = _registered_model(entry) if given == ["name"] else _own_model(entry, given[0])
         entry.done()
         if spec.label in labels:
             entry.fail(f"{entry.name('label')} {spec.label!r} is used twice; give each model its own label")
         labels.add(spec.label)
-        if spec.checkpoint is not None and not all(path.is_file() for path in checkpoint_paths(spec.checkpoint)):
-            entry.fail(f"{entry.name('checkpoint')}: no checkpoint at {str(spec.checkpoint)!r} "
-                       "(needs <stem>.safetensors and <stem>.json); leave checkpoint out to train one")
         models.append(spec)
     return models
+
+
+def _registered_model(entry: _Table) -> ModelSpec:
+    name = _choice(entry.take("name", "str"), list_models(), entry.name("name"), entry)
+    checkpoint = entry.take("checkpoint", "str", None)
+    spec = ModelSpec(name=name, label=entry.take("label", "str", name),
+                     checkpoint=Path(checkpoint) if checkpoint else None,
+                     train_if_missing=entry.take("train_if_missing", "bool", True))
+    if spec.checkpoint is not None and not all(path.is_file() for path in checkpoint_paths(spec.checkpoint)):
+        weights, sidecar = checkpoint_paths(spec.checkpoint)
+        if weights.is_file() or spec.checkpoint.suffix in (".pt", ".pth"):
+            entry.fail(f"{entry.name('checkpoint')}: {str(spec.checkpoint)!r} is not a medrobust checkpoint "
+                       f"(no sidecar {sidecar.name}); weights of a model of your own go in `weights`, with "
+                       f"`factory` and its input contract (docs/your-model.md)")
+        entry.fail(f"{entry.name('checkpoint')}: no checkpoint at {str(spec.checkpoint)!r} "
+                   "(needs <stem>.safetensors and <stem>.json); leave checkpoint out to train one")
+    return spec
+
+
+def _own_model(entry: _Table, kind: str) -> ModelSpec:
+    """A model of one's own: a factory (with kwargs and weights) or a TorchScript file, and its contract."""
+    where = f"{entry.source}: {entry.where}"
+    value = entry.take(kind, "str")
+    values = {key: entry.take(key, kinds, None) for key, kinds in CONTRACT_KEYS.items()}
+    for key in ("input_shape", "voxel_size"):
+        if values[key] is None:
+            entry.fail(f"{entry.name(key)} is required for a model of your own: the grid it was trained on "
+                       f"(the data are prepared on it)")
+    try:
+        contract = contract_from(values)
+    except FieldError as err:
+        entry.fail(f"{entry.name(err.field)} {err.problem}")
+    except (TypeError, ValueError) as err:
+        entry.fail(f"{entry.where}: the input contract is malformed ({err})")
+    kwargs = entry.take("kwargs", "table", {}) if kind == "factory" else {}
+    weights = entry.take("weights", "str", None)
+    strict = entry.take("strict", "bool", True)
+    if kind == "torchscript":
+        if weights is not None:
+            entry.fail(f"{entry.name('weights')}: a TorchScript file carries its weights; leave weights out")
+        if not Path(value).is_file():
+            entry.fail(f"{entry.name('torchscript')}: no file at {value!r}")
+        label = Path(value).stem
+        name = f"torchscript:{Path(value).name}"
+    else:
+        label = value.rpartition(":")[2] or value
+        name = f"factory:{value}"
+    try:
+        kwargs_json = json.dumps(kwargs, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        entry.fail(f"{entry.name('kwargs')} must be JSON-like values ({err})")
+    source = ModelSource(factory=value if kind == "factory" else None, kwargs_json=kwargs_json,
+                         torchscript=Path(value) if kind == "torchscript" else None,
+                         weights=Path(weights) if weights else None, strict=strict, contract=contract,
+                         name=entry.data.get("label", label), where=where)
+    if source.weights is not None and not source.weights.is_file():
+        entry.fail(f"{entry.name('weights')}: no file at {weights!r}")
+    return ModelSpec(name=name, label=entry.take("label", "str", label), train_if_missing=False, source=source)
 
 
 def _attacks(table: _Table) -> list[AttackSpec]:

@@ -90,13 +90,13 @@ def _run(config: RunConfig, store: ResultStore, devices: list[torch.device], pro
          retry_failed: bool, executor: str, ray_address: str | None) -> RunSummary:
 
     root = ensure_dataset(config, progress)
-    checkpoints = ensure_models(config, str(devices[0]), progress, echo)
-    key = plan_key(config, root, checkpoints, devices[0])
+    sources = ensure_models(config, str(devices[0]), progress, echo)
+    key = plan_key(config, root, sources, devices[0])
     finished = _finished_already(config, store, key, retry_failed, echo)
     if finished is not None:  # nothing to run: no models or subjects loaded, no run recorded
         return finished
     loaded = LoadedInputs(config, root, devices[0], progress)
-    cells = plan_cells(config, root, checkpoints, loaded)
+    cells = plan_cells(config, root, sources, loaded)
     (config.out / PLAN_CACHE).write_text(json.dumps({"key": key, "cells": [cell.id for cell in cells]}))
     statuses = store.statuses()
     pending = [c for c in cells if statuses.get(c.id) != "done" and (retry_failed or statuses.get(c.id) is None)]
@@ -104,7 +104,7 @@ def _run(config: RunConfig, store: ResultStore, devices: list[torch.device], pro
         out=config.out, store=store.path, cells=len(cells), skipped=len(cells) - len(pending), done=0,
         failed_before=0 if retry_failed else sum(1 for c in cells if statuses.get(c.id) == "failed")), echo)
     run_id = store.start_run(config.raw, describe_environment(devices[0]))
-    tasks = [CellTask(cell, config, root, checkpoints[cell.model]) for cell in pending]
+    tasks = [CellTask(cell, config, root, sources[cell.model]) for cell in pending]
     names = {cell.id: cell.describe() for cell in cells}
     specs = {cell.id: cell.spec for cell in pending}
     bar = tqdm(total=len(tasks), unit="cell", disable=not progress or not tasks)

@@ -18,6 +18,7 @@ import torch
 
 from medrobust.data.preprocess import PreparedDataset
 from medrobust.models import BrainAgeModel
+from medrobust.models.sources import ModelSource
 from medrobust.results.metrics import rows_metrics, sample_rows
 from medrobust.runner.cells import Cell, build_attack, is_set_level, subject_seeds
 from medrobust.runner.config import RunConfig
@@ -167,7 +168,7 @@ class CellTask:
     cell: Cell
     config: RunConfig
     root: Path
-    checkpoint: Path
+    model: ModelSource
 
 
 @dataclass
@@ -187,7 +188,7 @@ def compute_cell(task: CellTask, loaded: LoadedInputs, on_batch: Callable[[dict]
     reason (the grid goes on)."""
     cell, started = task.cell, time.perf_counter()
     try:
-        model, _ = loaded.model(task.checkpoint)
+        model, _ = loaded.model(task.model)
         grid = model_grid(model)
         fit_data = loaded.subjects(grid, fitting=True) if is_set_level(cell.attack.name) else None
         report = None if on_batch is None else (lambda state: on_batch({**state, "cell": cell.describe()}))

@@ -13,7 +13,8 @@ from medrobust.data import load_prepared
 from medrobust.data.preprocess import PreparedDataset
 from medrobust.data.splits import load_or_create_splits
 from medrobust.errors import MedrobustError
-from medrobust.models import BrainAgeModel, load_checkpoint
+from medrobust.models import BrainAgeModel
+from medrobust.models.sources import ModelSource
 from medrobust.runner.config import RunConfig
 
 
@@ -33,8 +34,8 @@ def evaluation_subset(config: RunConfig, root: Path, all_ids: list[str], data: P
 
 
 def model_grid(model: BrainAgeModel) -> tuple:
-    """(input shape, voxel size) of a model: the grid its subjects are prepared on."""
-    return tuple(model.meta.input_shape), tuple(model.meta.voxel_size)
+    """(input shape, voxel size, normalization) of a model: how its subjects are prepared."""
+    return tuple(model.meta.input_shape), tuple(model.meta.voxel_size), model.meta.normalization
 
 
 def attack_inputs(data: PreparedDataset, rows: slice, model: BrainAgeModel, config: RunConfig,
@@ -69,21 +70,21 @@ class LoadedInputs:
 
     def __init__(self, config: RunConfig, root: Path, device: torch.device, progress: bool = False) -> None:
         self.config, self.root, self.device, self.progress = config, Path(root), device, progress
-        self._models: dict[str, tuple[BrainAgeModel, dict]] = {}
+        self._models: dict[ModelSource, tuple[BrainAgeModel, dict]] = {}
         self._prepared: dict[tuple, tuple] = {}  # grid -> (index, prepared dataset)
         self._subjects: dict[tuple, PreparedDataset] = {}  # (grid, fitting) -> subjects
 
-    def model(self, checkpoint: Path) -> tuple[BrainAgeModel, dict]:
-        """The model of a checkpoint on this process's device, and its sidecar."""
-        key = str(checkpoint)
-        if key not in self._models:
-            self._models[key] = load_checkpoint(checkpoint, self.device)
-        return self._models[key]
+    def model(self, source: ModelSource) -> tuple[BrainAgeModel, dict]:
+        """The model of a source on this process's device, and its record (a checkpoint's sidecar)."""
+        if source not in self._models:
+            self._models[source] = source.load(self.device)
+        return self._models[source]
 
     def _index(self, grid: tuple) -> tuple:
         if grid not in self._prepared:
-            index, _, prepared = load_prepared(self.root, *grid, strict=self.config.dataset.strict,
-                                               progress=self.progress)
+            shape, voxel_size, normalization = grid
+            index, _, prepared = load_prepared(self.root, shape, voxel_size, strict=self.config.dataset.strict,
+                                               progress=self.progress, normalization=normalization)
             self._prepared[grid] = (index, prepared)
         return self._prepared[grid]
 

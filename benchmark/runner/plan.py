@@ -11,33 +11,35 @@ from pathlib import Path
 import torch
 
 from medrobust.errors import MedrobustError
-from medrobust.models.checkpoint import checkpoint_paths
+from medrobust.models.sources import ModelSource
 from medrobust.plugins import registered_source_files
 from medrobust.runner.cells import SEEDING, Cell, build_attack, expand_cells, is_set_level
 from medrobust.runner.config import RunConfig
 from medrobust.runner.inputs import LoadedInputs, model_grid
-from medrobust.runner.provision import checkpoint_exists, model_checkpoint
+from medrobust.runner.provision import checkpoint_exists, model_sources
 
 
-def plan_cells(config: RunConfig, root: Path, checkpoints: dict[str, Path], loaded: LoadedInputs) -> list[Cell]:
+def plan_cells(config: RunConfig, root: Path, sources: dict[str, ModelSource], loaded: LoadedInputs) -> list[Cell]:
     """Every cell of `config` with its full spec and id, checking that models and data fit together."""
     base_spec: dict[str, dict] = {}
     uses_features: dict[str, bool] = {}
     fitting = any(is_set_level(attack.name) for attack in config.attacks)
     for spec in config.models:
-        model, sidecar = loaded.model(checkpoints[spec.label])
+        model, record = loaded.model(sources[spec.label])
         grid = model_grid(model)
         subset = loaded.subjects(grid)
         if "recomputed" in config.threat_models and model.meta.uses_features and subset.labels is None:
             raise MedrobustError(f"{config.source}: threat_model 'recomputed' recomputes the regional volumes from "
                                  f"each subject's label map, and some subjects of {root} have none (dseg)")
         if model.meta.uses_features and list(model.meta.feature_names) != list(subset.feature_names):
-            raise MedrobustError(f"model {spec.label!r} ({checkpoints[spec.label]}) was trained on other context "
-                                 f"features than {root} provides; retrain it on this dataset")
+            raise MedrobustError(f"model {spec.label!r} ({sources[spec.label].describe()}) takes other context "
+                                 f"features than {root} provides ({list(model.meta.feature_names)} against "
+                                 f"{list(subset.feature_names)}); retrain it on this dataset, or declare the "
+                                 f"features it takes")
         uses_features[spec.label] = model.meta.uses_features
         base_spec[spec.label] = {
-            "model": spec.label, "model_name": spec.name, "checkpoint": str(checkpoints[spec.label]),
-            "checkpoint_sha256": sidecar.get("weights_sha256"), "dataset": str(root),
+            "model": spec.label, "model_name": spec.name, "checkpoint": sources[spec.label].describe(),
+            "checkpoint_sha256": record.get("weights_sha256"), **record.get("identity", {}), "dataset": str(root),
             "data_fingerprint": loaded.fingerprint(grid), "split": config.dataset.split,
             "split_seed": config.dataset.split_seed, "count": len(subset.subject_ids),
             "subjects_sha256": hashlib.sha256(json.dumps(subset.subject_ids).encode()).hexdigest(),
@@ -55,7 +57,7 @@ def plan_cells(config: RunConfig, root: Path, checkpoints: dict[str, Path], load
         if fit is not None and is_set_level(cell.attack.name):
             cell.spec.update(fit)
         try:  # the attack's full argument list (defaults included) belongs to the cell's identity
-            model, _ = loaded.model(checkpoints[cell.model])
+            model, _ = loaded.model(sources[cell.model])
             cell.spec["params"] = build_attack(cell, model, config).params()
         except MedrobustError as err:  # e.g. an image attack on a features-only model: a config mistake
             raise MedrobustError(f"{config.source}: {cell.describe()}: {err}") from None
@@ -67,14 +69,15 @@ def plan(config: RunConfig) -> list[Cell]:
     """The cells `config` describes, with their ids, without running or training anything (the dataset and every
     checkpoint must exist): what ``medrobust status --config`` compares with a store."""
     root = config.dataset.path
-    checkpoints = {spec.label: model_checkpoint(config, spec) for spec in config.models}
-    missing = [f"{label} ({path})" for label, path in checkpoints.items() if not checkpoint_exists(path)]
+    sources = model_sources(config)
+    missing = [f"{label} ({source.checkpoint})" for label, source in sources.items()
+               if source.checkpoint is not None and not checkpoint_exists(source.checkpoint)]
     if missing:
         raise MedrobustError(f"{config.source}: no checkpoint yet for {', '.join(missing)}; `medrobust run` trains "
                              f"them")
     if not Path(root).is_dir():
         raise MedrobustError(f"{config.source}: dataset {root} does not exist yet; `medrobust run` creates it")
-    return plan_cells(config, root, checkpoints, LoadedInputs(config, root, torch.device("cpu")))
+    return plan_cells(config, root, sources, LoadedInputs(config, root, torch.device("cpu")))
 
 
 # The grid's cell ids, cached in the run folder under a key of everything they derive from, so that re-running a
@@ -82,7 +85,7 @@ def plan(config: RunConfig) -> list[Cell]:
 PLAN_CACHE = "plan-cache.json"
 
 
-def plan_key(config: RunConfig, root: Path, checkpoints: dict[str, Path], device: torch.device) -> str:
+def plan_key(config: RunConfig, root: Path, sources: dict[str, ModelSource], device: torch.device) -> str:
     """A hash of the config, this package's version and seeding scheme, the device, and the size and modification
     time of every checkpoint and dataset file (the preprocessing cache aside), of this package's own source files
     and of every registered model's and attack's, plugins included (an attack's supported threat models or
@@ -92,7 +95,7 @@ def plan_key(config: RunConfig, root: Path, checkpoints: dict[str, Path], device
     import medrobust.models
     from medrobust import __version__
 
-    files = [path for checkpoint in checkpoints.values() for path in checkpoint_paths(checkpoint)]
+    files = [path for source in sources.values() for path in source.files()]
     for package in (medrobust, medrobust.attacks, medrobust.models):
         files.extend(sorted(Path(package.__file__).parent.rglob("*.py")))
     files.extend(path for path in registered_source_files() if path not in files)

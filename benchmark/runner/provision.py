@@ -11,13 +11,28 @@ from medrobust.data.cohort import synthesize
 from medrobust.errors import MedrobustError
 from medrobust.models import model_requires, training_order
 from medrobust.models.checkpoint import checkpoint_paths
+from medrobust.models.sources import ModelSource
 from medrobust.runner.config import ModelSpec, RunConfig, builtin_cohort
 from medrobust.training import TrainRequest, train
 
 
 def model_checkpoint(config: RunConfig, spec: ModelSpec) -> Path:
-    """Where a model's checkpoint is: the configured one, else <models_dir>/<name>-seed<training seed>."""
+    """Where a registered model's checkpoint is: the configured one, else <models_dir>/<name>-seed<training
+    seed>."""
     return spec.checkpoint or config.models_dir / f"{spec.name}-seed{config.training.seed}"
+
+
+def model_source(config: RunConfig, spec: ModelSpec) -> ModelSource:
+    """Where a model of the grid comes from: a model of one's own as configured, a registered one from its
+    checkpoint."""
+    if spec.source is not None:
+        return spec.source
+    return ModelSource(checkpoint=model_checkpoint(config, spec), name=spec.name)
+
+
+def model_sources(config: RunConfig) -> dict[str, ModelSource]:
+    """The source of every model of the grid, by label."""
+    return {spec.label: model_source(config, spec) for spec in config.models}
 
 
 def checkpoint_exists(checkpoint: Path) -> bool:
@@ -32,22 +47,26 @@ def ensure_dataset(config: RunConfig, progress: bool = True) -> Path:
     return config.dataset.path
 
 
-def ensure_models(config: RunConfig, device: str, progress: bool = True, echo=tqdm.write) -> dict[str, Path]:
-    """Checkpoint per model label, training the missing registered ones on the run's dataset. A model built from
-    trained models (its declared ``requires``) is built from their checkpoints: the config's model of that name,
-    else the default checkpoint, trained first when it is not there either."""
-    checkpoints = {spec.label: model_checkpoint(config, spec) for spec in config.models}
-    for spec in config.models:
+def ensure_models(config: RunConfig, device: str, progress: bool = True,
+                  echo=tqdm.write) -> dict[str, ModelSource]:
+    """The source of every model by label, training the missing registered ones on the run's dataset (a model of
+    one's own is never trained here). A model built from trained models (its declared ``requires``) is built
+    from their checkpoints: the config's model of that name, else the default checkpoint, trained first when it
+    is not there either."""
+    sources = model_sources(config)
+    registered = [spec for spec in config.models if spec.source is None]
+    checkpoints = {spec.label: sources[spec.label].checkpoint for spec in registered}
+    for spec in registered:
         if not checkpoint_exists(checkpoints[spec.label]) and not spec.train_if_missing:
             raise MedrobustError(f"{config.source}: model {spec.label!r} has no checkpoint at "
                                  f"{checkpoints[spec.label]} and train_if_missing = false")
-    pending = list(dict.fromkeys(spec.name for spec in config.models if not checkpoint_exists(checkpoints[spec.label])))
+    pending = list(dict.fromkeys(spec.name for spec in registered if not checkpoint_exists(checkpoints[spec.label])))
     if not pending:
-        return checkpoints
+        return sources
     built_from: list[Path] = []
     for name in pending:  # grows while it is walked: a missing requirement is trained too
         for required in model_requires(name):
-            spec = next((s for s in config.models if s.name == required), ModelSpec(required, required))
+            spec = next((s for s in registered if s.name == required), ModelSpec(required, required))
             path = model_checkpoint(config, spec)
             if required in pending or path in built_from:
                 continue
@@ -63,4 +82,4 @@ def ensure_models(config: RunConfig, device: str, progress: bool = True, echo=tq
     for trained in train(request):
         echo(f"trained {trained.name}: clean test MAE {trained.test_metrics['mae']:.2f} y "
              f"({trained.seconds:.0f} s) -> {trained.checkpoint}")
-    return checkpoints
+    return sources

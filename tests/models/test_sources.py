@@ -1,0 +1,213 @@
+"""Models of one's own: a factory with a state dict (.pt or .safetensors), a TorchScript file, outputs of shape
+[B], [B, 1], standardized or binned; the declared contract checked at load; bad inputs one clear line; a
+disguised pickle never runs; and their cells' identity follows the model's code."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from medrobust.cli import main
+from medrobust.errors import MedrobustError
+from medrobust.models.adapter import InputContract
+from medrobust.models.sources import ModelSource, read_state_dict
+from medrobust.plugins import import_plugin
+from medrobust.results.store import ResultStore
+
+FIXTURE = Path(__file__).resolve().parents[1] / "runner" / "fixtures" / "pre_redesign"
+GRID = (16, 16, 16)
+# A lab's own network, as a researcher writes it: plain PyTorch, forward(x), one age per image as [B, 1].
+NET = '''
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self, width=4, bins=0):
+        super().__init__()
+        self.conv = nn.Conv3d(1, width, 3, padding=1)
+        self.head = nn.Linear(width, bins or 1)
+        self.bins = bins
+
+    def forward(self, x):
+        out = self.head(torch.relu(self.conv(x)).mean(dim=(2, 3, 4)))
+        return out if self.bins else 40.0 + 10.0 * out  # [B, K] logits, or [B, 1] years
+
+
+class WithFeatures(TinyNet):
+    def forward(self, x, features):
+        return super().forward(x).squeeze(1) + features[:, 2:].sum(1)  # [B]
+
+
+def net(width=4, bins=0):
+    torch.manual_seed(0)
+    return TinyNet(width, bins)
+
+
+def with_features():
+    torch.manual_seed(0)
+    return WithFeatures()
+'''
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Path:
+    """A folder with the fixture's tiny dataset, the lab's net.py, and its weights as .pt and .safetensors."""
+    shutil.copytree(FIXTURE / "dataset", tmp_path / "dataset")
+    (tmp_path / "net.py").write_text(NET)
+    net = import_plugin(str(tmp_path / "net.py")).net
+    state = net().state_dict()
+    torch.save(state, tmp_path / "net.pt")
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "parallel.pth")  # DataParallel keys
+    save_file(state, str(tmp_path / "net.safetensors"))
+    torch.jit.save(torch.jit.trace(net(), torch.zeros(1, 1, *GRID)), str(tmp_path / "net.ts"))
+    return tmp_path
+
+
+def _config(root: Path, model: str, name: str = "run", attacks: str = '[[attacks]]\nname = "fgsm"\n') -> Path:
+    path = root / f"{name}.toml"
+    path.write_text(f'out = "{root / name}"\nbatch_size = 2\n\n[dataset]\npath = "{root / "dataset"}"\n'
+                    f'split = "train"\ncount = 3\n\n[[models]]\n{model}\n\n[[budgets]]\nnorm = "linf"\n'
+                    f'epsilon = [1e-3]\n\n{attacks}')
+    return path
+
+
+GRID_KEYS = 'input_shape = [16, 16, 16]\nvoxel_size = [1, 1, 1]'
+
+
+def _run(config: Path):
+    return CliRunner().invoke(main, ["run", str(config), "--quiet", "--no-report"])
+
+
+@pytest.mark.parametrize("model", [
+    f'factory = "{{lab}}/net.py:net"\nweights = "{{lab}}/net.pt"\n{GRID_KEYS}',
+    f'factory = "{{lab}}/net.py:net"\nweights = "{{lab}}/net.safetensors"\n{GRID_KEYS}',
+    f'factory = "{{lab}}/net.py:net"\nweights = "{{lab}}/parallel.pth"\n{GRID_KEYS}',
+    f'torchscript = "{{lab}}/net.ts"\n{GRID_KEYS}',
+], ids=["state-dict-pt", "safetensors", "dataparallel-prefix", "torchscript"])
+def test_a_model_of_ones_own_is_benchmarked_through_a_config(lab: Path, model: str) -> None:
+    result = _run(_config(lab, model.replace("{lab}", str(lab))))
+    assert result.exit_code == 0, result.output
+    assert "1 cells run, 0 already finished, 0 failed" in result.output
+    with ResultStore(lab / "run", create=False) as store:
+        cells, samples = store.cells(), store.samples()
+    assert len(samples) == 3 and (samples["adversarial_prediction"] != samples["clean_prediction"]).all()
+    # The same weights, whichever file they came in: the same clean predictions (40 + 10 x head).
+    assert samples["clean_prediction"].between(20, 60).all()
+    source = cells.iloc[0]["model_source"]
+    assert source["contract"]["input_shape"] == [16, 16, 16] and len(source["code_sha256"]) == 64
+
+
+def test_the_factory_module_is_read_as_weights_give_it(lab: Path) -> None:
+    contract = InputContract(input_shape=GRID, voxel_size=(1.0, 1.0, 1.0))
+    loaded = [ModelSource(factory=f"{lab}/net.py:net", weights=lab / name, contract=contract).load()[0]
+              for name in ("net.pt", "net.safetensors", "parallel.pth")]
+    scripted = ModelSource(torchscript=lab / "net.ts", contract=contract).load()[0]
+    image = torch.randn(3, 1, *GRID, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        predictions = [model(image) for model in (*loaded, scripted)]
+    for prediction in predictions[1:]:
+        assert torch.allclose(prediction, predictions[0], atol=1e-5)
+    assert predictions[0].shape == (3,)
+
+
+def test_outputs_standardized_and_binned_are_read_into_years(lab: Path) -> None:
+    image = torch.randn(2, 1, *GRID, generator=torch.Generator().manual_seed(0))
+    grid = {"input_shape": GRID, "voxel_size": (1.0, 1.0, 1.0)}
+    years = ModelSource(factory=f"{lab}/net.py:net", contract=InputContract(**grid)).load()[0]
+    standardized = ModelSource(factory=f"{lab}/net.py:net", contract=InputContract(
+        **grid, output="standardized", age_mean=50.0, age_std=2.0)).load()[0]
+    with torch.no_grad():
+        assert torch.allclose(standardized(image), years(image) * 2.0 + 50.0)
+    centres = (10.0, 30.0, 50.0, 70.0)
+    binned = ModelSource(factory=f"{lab}/net.py:net", kwargs_json='{"bins": 4}', contract=InputContract(
+        **grid, output="bins", bin_centres=centres)).load()[0]
+    image.requires_grad_(True)
+    age = binned(image)
+    logits = binned.module(image)
+    assert torch.allclose(age, torch.softmax(logits, 1) @ torch.tensor(centres))
+    age.sum().backward()  # attacks differentiate through the soft-label read-out
+    assert image.grad is not None and image.grad.abs().sum() > 0
+
+
+def test_a_model_that_takes_features_gets_them_in_its_declared_order(lab: Path) -> None:
+    names = ("sex", "field_strength", "vol_core", "vol_shell")
+    model = ModelSource(factory=f"{lab}/net.py:with_features", contract=InputContract(
+        input_shape=GRID, voxel_size=(1.0, 1.0, 1.0), inputs="image+features", features=names)).load()[0]
+    assert model.meta.uses_features and model.meta.feature_names == list(names)
+    image, features = torch.zeros(2, 1, *GRID), torch.tensor([[0.0, 3.0, 1.0, 2.0], [1.0, 1.5, 0.0, 0.0]])
+    with torch.no_grad():
+        difference = model(image, features) - model(image, torch.zeros_like(features))
+    assert torch.allclose(difference, torch.tensor([3.0, 0.0]))
+
+
+class _Marker:
+    """A pickle that would write a file when loaded: what a disguised checkpoint could do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, "the pickle ran"))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".safetensors"])
+def test_a_pickle_disguised_as_weights_never_runs(tmp_path: Path, suffix: str) -> None:
+    marker = tmp_path / "ran.txt"
+    disguised = tmp_path / f"weights{suffix}"
+    disguised.write_bytes(pickle.dumps({"conv.weight": _Marker(marker)}))
+    with pytest.raises(MedrobustError, match="weights"):
+        read_state_dict(disguised)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    # forward(x) declared as taking features
+    (f'factory = "{{lab}}/net.py:net"\n{GRID_KEYS}\ninputs = "image+features"\nfeatures = ["sex"]',
+     "calling the module as forward(image, features) failed"),
+    # [B, K] without output = "bins"
+    (f'factory = "{{lab}}/net.py:net"\nkwargs = {{ bins = 3 }}\n{GRID_KEYS}', "returned shape [2, 3]"),
+    # weights of another width: one error listing the keys that do not fit
+    (f'factory = "{{lab}}/net.py:net"\nkwargs = {{ width = 8 }}\nweights = "{{lab}}/net.pt"\n{GRID_KEYS}',
+     "does not fit the module"),
+    (f'factory = "{{lab}}/net.py:net"\nweights = "{{lab}}/extra.pt"\n{GRID_KEYS}', "unexpected keys: extra"),
+    (f'factory = "{{lab}}/net.py:nowhere"\n{GRID_KEYS}', "has no 'nowhere'"),
+    ('factory = "{lab}/net.py:net"', "models[0].input_shape is required"),
+    (f'factory = "{{lab}}/net.py:net"\n{GRID_KEYS}\noutput = "standardized"', "age_std"),
+    (f'factory = "{{lab}}/net.py:net"\n{GRID_KEYS}\nnormalization = "sqrt"', "models[0].normalization must be"),
+    (f'factory = "{{lab}}/net.py:net"\nname = "cnn3d"\n{GRID_KEYS}', "exactly one source"),
+    (f'torchscript = "{{lab}}/net.py"\n{GRID_KEYS}', "is not a TorchScript file"),
+    ('name = "cnn3d"\ncheckpoint = "{lab}/net.safetensors"', "is not a medrobust checkpoint"),
+    (f'factory = "{{lab}}/net.py:net"\n{GRID_KEYS}\nstrict = "yes"', "models[0].strict must be true or false"),
+])
+def test_bad_models_are_one_line_and_exit_2(lab: Path, model: str, message: str) -> None:
+    state = torch.load(lab / "net.pt", weights_only=True)
+    torch.save({**state, "extra": torch.zeros(1)}, lab / "extra.pt")
+    result = _run(_config(lab, model.replace("{lab}", str(lab))))
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr, result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    with ResultStore(lab / "run", create=True) as store:  # a refused model never reaches a cell
+        assert store.statuses() == {}
+
+
+def test_changing_the_models_code_reruns_its_cells(lab: Path) -> None:
+    model = f'factory = "{lab}/net.py:net"\nweights = "{lab}/net.pt"\n{GRID_KEYS}'
+    assert _run(_config(lab, model)).exit_code == 0
+    again = _run(_config(lab, model))
+    assert "0 cells run, 1 already finished" in again.output
+    # The forward now always says 42: the same weights, another model, so its cell is computed again.
+    (lab / "net.py").write_text(NET.replace("return out if self.bins else 40.0 + 10.0 * out",
+                                            "return 0 * out + 42.0"))
+    changed = _run(_config(lab, model))
+    assert changed.exit_code == 0, changed.output
+    assert "1 cells run, 0 already finished" in changed.output
+    with ResultStore(lab / "run", create=False) as store:
+        cells, samples = store.cells(), store.samples()
+    assert len(cells) == 2 and set(samples[samples["cell_id"] == cells.iloc[1]["id"]]["clean_prediction"]) == {42.0}
