@@ -24,8 +24,10 @@ EXECUTORS = ("local", "ray")
 # Intensity normalizations of a prepared image: z-score inside the brain mask, z-score over the volume, min-max
 # to [0, 1], or none.
 NORMALIZATIONS = ("zscore_brain", "zscore", "minmax", "none")
-# Subject-level splits of a dataset.
+# Subject-level splits of a dataset; a run attacks one of them, or `all` the usable subjects (a model trained
+# elsewhere needs no split).
 SPLIT_NAMES = ("train", "val", "test")
+SPLITS = (*SPLIT_NAMES, "all")
 
 # A regional volume's feature name is this prefix and its region's name: `vol_hippocampus_l`. The data layer names
 # the columns so, and the threat model `perturbed` moves exactly these features (a segmentation's output), never

@@ -16,6 +16,7 @@ import json
 import math
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -237,3 +238,111 @@ def check_model(name: str) -> None:
     """Run every check on the registered model ``name``; the first failure raises AssertionError."""
     for check in model_checks(name):
         check()
+
+
+# ---------------------------------------------------------------- a loaded model on real subjects
+#
+# What `medrobust check-model` prints and `medrobust run` asks of every model before a cell starts: the model as
+# configured (a registered checkpoint, a factory with weights, a TorchScript file), on a few subjects of the
+# data it will be attacked on.
+
+PLAUSIBLE_AGES = (-10.0, 130.0)
+
+
+@dataclass
+class Finding:
+    """One check of a loaded model: its name, whether it passed, what it saw; ``blocking`` findings stop a run
+    (the others are warnings: a model with masked gradients can still be benchmarked, and is flagged)."""
+
+    name: str
+    passed: bool
+    detail: str
+    blocking: bool = True
+
+
+def inspect_model(model: BrainAgeModel, images: torch.Tensor, features: torch.Tensor | None,
+                  probe: bool = True) -> list[Finding]:
+    """The checks of a loaded model on ``images`` [N, 1, *grid] (N >= 2; ``features`` [N, F] where it takes
+    them): output shape and dtype, finite plausible ages, eval-mode determinism, batch independence, a finite
+    non-zero gradient for every input it takes, and (``probe``) a finite-difference probe of that gradient."""
+    model = model.eval()
+    features = features if model.meta.uses_features else None
+    findings: list[Finding] = []
+    n = images.shape[0]
+    with torch.no_grad():
+        first, second = model(images, features), model(images, features)
+    shape_ok = isinstance(first, torch.Tensor) and first.shape == (n,) and first.is_floating_point()
+    findings.append(Finding("output", shape_ok, f"shape {list(first.shape)}, {first.dtype}" if shape_ok else
+                            f"returned {list(getattr(first, 'shape', []))}; need one float age per image [B]"))
+    if not shape_ok:
+        return findings
+    finite = bool(torch.isfinite(first).all())
+    plausible = finite and bool(((first >= PLAUSIBLE_AGES[0]) & (first <= PLAUSIBLE_AGES[1])).all())
+    ages = ", ".join(f"{float(a):.1f}" for a in first[:4])
+    findings.append(Finding("ages", plausible, f"{ages} y" + ("" if plausible else
+                            f": not finite ages within {PLAUSIBLE_AGES[0]:g} to {PLAUSIBLE_AGES[1]:g} y; check "
+                            f"output (years, standardized or bins) and normalization")))
+    findings.append(Finding("deterministic", torch.equal(first, second),
+                            "two passes in eval mode agree" if torch.equal(first, second) else
+                            "two passes in eval mode differ (dropout or randomness in eval mode?)"))
+    with torch.no_grad():
+        alone = torch.cat([model(images[i:i + 1], None if features is None else features[i:i + 1])
+                           for i in range(n)])
+    gap = float((alone - first).abs().max())
+    findings.append(Finding("batch-independent", gap <= 1e-3, f"alone vs in a batch: {gap:.2g} y" + (
+        "" if gap <= 1e-3 else "; a batch-norm layer in training mode or a cross-sample operation lets an "
+        "attack on one subject move another (set batch_size = 1, or fix the model)")))
+    findings.extend(_gradient_findings(model, images, features, probe))
+    return findings
+
+
+def _gradient_findings(model, images, features, probe: bool) -> list[Finding]:
+    # As an attack sees it: the parameters frozen, so a gradient is the inputs' or none at all.
+    flags = [parameter.requires_grad for parameter in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        return _input_gradients(model, images, features, probe)
+    finally:
+        for parameter, flag in zip(model.parameters(), flags, strict=True):
+            parameter.requires_grad_(flag)
+
+
+def _input_gradients(model, images, features, probe: bool) -> list[Finding]:
+    leaf = images.detach().clone().requires_grad_(True)
+    feature_leaf = None if features is None else features.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        output = model(leaf, feature_leaf)
+    if not output.requires_grad:
+        return [Finding("gradient", False, "the output has no autograd graph (a detach() or no_grad inside?): "
+                        "gradient attacks see nothing; only black-box and noise attacks apply", blocking=False)]
+    inputs = [leaf] + ([feature_leaf] if feature_leaf is not None else [])
+    with torch.enable_grad():
+        grads = torch.autograd.grad(output.sum(), inputs, allow_unused=True)
+    findings = []
+    for label, grad in zip(("image", "features"), grads, strict=False):
+        if grad is None or not torch.isfinite(grad).all() or not grad.any():
+            what = "none" if grad is None else "non-finite" if not torch.isfinite(grad).all() else "zero"
+            findings.append(Finding(f"gradient ({label})", False, f"{what}: gradient attacks on the {label} are "
+                                    f"blind here (possibly masked gradients)", blocking=False))
+        else:
+            findings.append(Finding(f"gradient ({label})", True, f"finite, mean |grad| {float(grad.abs().mean()):.3g}"))
+    if probe and grads[0] is not None and torch.isfinite(grads[0]).all() and grads[0].any():
+        findings.append(_probe(model, images, features, grads[0]))
+    return findings
+
+
+def _probe(model, images, features, grad) -> Finding:
+    """The change a small step along the gradient makes, against what the gradient predicts for it: where they
+    disagree by an order of magnitude, the gradient does not describe the model (a quantized or
+    non-differentiable path on the input: masked gradients)."""
+    direction = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
+    scale = images.flatten(1).std(dim=1).clamp_min(1e-6).view(-1, *([1] * (grad.dim() - 1)))
+    step = 1e-3 * scale * images[0].numel() ** 0.5
+    with torch.no_grad():
+        change = model(images + step * direction, features) - model(images - step * direction, features)
+    predicted = 2 * step.flatten() * grad.flatten(1).norm(dim=1)
+    ratio = float((change / predicted.clamp_min(1e-12)).median())
+    ok = 0.1 <= ratio <= 10
+    return Finding("gradient probe", ok, f"finite difference / gradient = {ratio:.2f}" + (
+        "" if ok else ": the gradient does not predict the model's change (possibly masked gradients)"),
+        blocking=False)

@@ -51,15 +51,19 @@ def make_splits(subject_ids: list[str], seed: int, fractions=(0.7, 0.1, 0.2)) ->
 
 
 def load_or_create_splits(
-    root: Path, subject_ids: list[str], seed: int, fractions=(0.7, 0.1, 0.2)
+    root: Path, subject_ids: list[str], seed: int, fractions=(0.7, 0.1, 0.2), create_in: Path | None = None
 ) -> dict[str, list[str]]:
-    """The splits saved as `<root>/splits-seed<seed>.json`, created on first use.
+    """The splits saved as `<root>/splits-seed<seed>.json` (as training saves them), created on first use; with
+    ``create_in``, splits not saved in ``root`` are read from, or created in, that folder instead (so a dataset
+    folder of one's own is never written into).
 
     A saved file is reused only when it covers exactly `subject_ids` with the same fractions; otherwise
     MedrobustError asks to delete it, because redrawing could move a subject between splits.
     """
     fractions = _check_fractions(fractions)
     path = Path(root) / f"splits-seed{seed}.json"
+    if create_in is not None and not path.is_file():
+        path = Path(create_in) / path.name
     if path.is_file():
         try:
             saved = json.loads(path.read_text())

@@ -24,7 +24,7 @@ from medrobust.models.checkpoint import checkpoint_paths
 from medrobust.models.sources import ModelSource
 from medrobust.plugins import import_plugins
 from medrobust.settings import CohortSpec, TrainingConfig
-from medrobust.vocabulary import EXTRACTORS, OBJECTIVES, PRECISIONS, SPLIT_NAMES, THREAT_MODELS
+from medrobust.vocabulary import EXTRACTORS, OBJECTIVES, PRECISIONS, SPLITS, THREAT_MODELS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -70,6 +70,8 @@ class DatasetSpec:
     strict: bool = False
     fit_split: str = "train"  # where a universal perturbation is fitted
     fit_count: int | None = None  # None: as many as `count`
+    cache_dir: Path | None = None  # the preprocessing cache; None: <dataset>/.medrobust_cache for the built-in
+    # cohort, <out>/cache for a dataset of one's own (never written into)
     shape: tuple[int, int, int] | None = None  # built-in cohort grid; default CohortSpec's
     voxel_size: tuple[float, float, float] | None = None
 
@@ -214,9 +216,10 @@ def _dataset(table: _Table) -> DatasetSpec:
     path = Path(entry.take("path", "str"))
     spec = DatasetSpec(
         path=path, builtin=builtin, subjects=entry.take("subjects", "int", 500),
-        split=_choice(entry.take("split", "str", "test"), SPLIT_NAMES, "dataset.split", entry),
+        split=_choice(entry.take("split", "str", "test"), SPLITS, "dataset.split", entry),
         count=entry.take("count", "int", None), split_seed=entry.take("split_seed", "int", 0),
-        fit_split=_choice(entry.take("fit_split", "str", "train"), SPLIT_NAMES, "dataset.fit_split", entry),
+        fit_split=_choice(entry.take("fit_split", "str", "train"), SPLITS, "dataset.fit_split", entry),
+        cache_dir=Path(entry.take("cache_dir", "str")) if "cache_dir" in entry.data else None,
         fit_count=entry.take("fit_count", "int", None),
         strict=entry.take("strict", "bool", False), shape=_triple(entry, "shape", "int"),
         voxel_size=_triple(entry, "voxel_size", "number"))

@@ -96,7 +96,7 @@ def _run(config: RunConfig, store: ResultStore, devices: list[torch.device], pro
     if finished is not None:  # nothing to run: no models or subjects loaded, no run recorded
         return finished
     loaded = LoadedInputs(config, root, devices[0], progress)
-    cells = plan_cells(config, root, sources, loaded)
+    cells = plan_cells(config, root, sources, loaded, echo)
     (config.out / PLAN_CACHE).write_text(json.dumps({"key": key, "cells": [cell.id for cell in cells]}))
     statuses = store.statuses()
     pending = [c for c in cells if statuses.get(c.id) != "done" and (retry_failed or statuses.get(c.id) is None)]

@@ -23,7 +23,12 @@ def evaluation_subset(config: RunConfig, root: Path, all_ids: list[str], data: P
     """The configured split's usable subjects, `count` of them drawn with the split seed, in id order; with
     ``fitting``, those of the split a universal perturbation is fitted on (`fit_split`, `fit_count`)."""
     name, key = ("fit_split", "fit_count") if fitting else ("split", "count")
-    split = load_or_create_splits(root, all_ids, config.dataset.split_seed)[getattr(config.dataset, name)]
+    chosen = getattr(config.dataset, name)
+    if chosen == "all":
+        split = all_ids
+    else:
+        split = load_or_create_splits(root, all_ids, config.dataset.split_seed,
+                                      create_in=None if config.dataset.builtin else config.out / "splits")[chosen]
     usable = set(data.subject_ids)
     ids = [s for s in split if s in usable]
     count = getattr(config.dataset, key) or (config.dataset.count if fitting else None) or len(ids)
@@ -83,7 +88,9 @@ class LoadedInputs:
     def _index(self, grid: tuple) -> tuple:
         if grid not in self._prepared:
             shape, voxel_size, normalization = grid
-            index, _, prepared = load_prepared(self.root, shape, voxel_size, strict=self.config.dataset.strict,
+            dataset = self.config.dataset
+            cache = dataset.cache_dir or (None if dataset.builtin else self.config.out / "cache")
+            index, _, prepared = load_prepared(self.root, shape, voxel_size, cache_dir=cache, strict=dataset.strict,
                                                progress=self.progress, normalization=normalization)
             self._prepared[grid] = (index, prepared)
         return self._prepared[grid]

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from medrobust.errors import MedrobustError
+from medrobust.models.checks import Finding, inspect_model
 from medrobust.models.sources import ModelSource
 from medrobust.plugins import registered_source_files
 from medrobust.runner.cells import SEEDING, Cell, build_attack, expand_cells, is_set_level
@@ -18,9 +19,27 @@ from medrobust.runner.config import RunConfig
 from medrobust.runner.inputs import LoadedInputs, model_grid
 from medrobust.runner.provision import checkpoint_exists, model_sources
 
+# Subjects the checks of a loaded model run on, before any cell starts.
+CHECK_SUBJECTS = 4
 
-def plan_cells(config: RunConfig, root: Path, sources: dict[str, ModelSource], loaded: LoadedInputs) -> list[Cell]:
-    """Every cell of `config` with its full spec and id, checking that models and data fit together."""
+
+def model_findings(config: RunConfig, label: str, model, subset, probe: bool = False) -> list[Finding]:
+    """The checks of a loaded model (``medrobust.models.checks.inspect_model``) on the first subjects it will be
+    attacked on; a model whose predictions depend on the batch passes where the run attacks one at a time."""
+    count = min(CHECK_SUBJECTS, len(subset.subject_ids))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    features = subset.features[:count].to(device) if model.meta.uses_features else None
+    findings = inspect_model(model, subset.images[:count].to(device), features, probe=probe) if count >= 2 else []
+    for finding in findings:
+        if finding.name == "batch-independent" and config.batch_size == 1:
+            finding.blocking = False
+    return findings
+
+
+def plan_cells(config: RunConfig, root: Path, sources: dict[str, ModelSource], loaded: LoadedInputs,
+               echo=None) -> list[Cell]:
+    """Every cell of `config` with its full spec and id, checking that models and data fit together and that
+    each model passes its checks (a blocking failure is one error; the others are said through ``echo``)."""
     base_spec: dict[str, dict] = {}
     uses_features: dict[str, bool] = {}
     fitting = any(is_set_level(attack.name) for attack in config.attacks)
@@ -36,6 +55,13 @@ def plan_cells(config: RunConfig, root: Path, sources: dict[str, ModelSource], l
                                  f"features than {root} provides ({list(model.meta.feature_names)} against "
                                  f"{list(subset.feature_names)}); retrain it on this dataset, or declare the "
                                  f"features it takes")
+        for finding in model_findings(config, spec.label, model, subset):
+            if not finding.passed and finding.blocking:
+                raise MedrobustError(f"{config.source}: model {spec.label!r} fails its check '{finding.name}' "
+                                     f"before any cell runs: {finding.detail} (`medrobust check-model` shows "
+                                     f"every check)")
+            if not finding.passed and echo is not None:
+                echo(f"warning: model {spec.label!r}: {finding.name}: {finding.detail}")
         uses_features[spec.label] = model.meta.uses_features
         base_spec[spec.label] = {
             "model": spec.label, "model_name": spec.name, "checkpoint": sources[spec.label].describe(),
@@ -115,3 +141,27 @@ def cached_plan(config: RunConfig, key: str) -> list[str] | None:
     except (OSError, ValueError):
         return None
     return cached.get("cells") if isinstance(cached, dict) and cached.get("key") == key else None
+
+
+def check_models(config: RunConfig, labels: list[str] | None = None, probe: bool = True) -> dict[str, list[Finding]]:
+    """Every check of each model of `config` (or of those ``labels``) on the first subjects it would be attacked
+    on, nothing trained or run (the dataset and every checkpoint must exist): ``medrobust check-model``."""
+    root = config.dataset.path
+    if not Path(root).is_dir():
+        raise MedrobustError(f"{config.source}: dataset {root} does not exist yet; `medrobust run` creates it")
+    sources = model_sources(config)
+    chosen = [spec for spec in config.models if labels is None or spec.label in labels]
+    unknown = sorted(set(labels or []) - {spec.label for spec in config.models})
+    if unknown:
+        raise MedrobustError(f"{config.source}: no model labelled {unknown[0]!r}; labels: "
+                             f"{', '.join(spec.label for spec in config.models)}")
+    loaded = LoadedInputs(config, root, torch.device("cpu"))
+    findings = {}
+    for spec in chosen:
+        source = sources[spec.label]
+        if source.checkpoint is not None and not checkpoint_exists(source.checkpoint):
+            raise MedrobustError(f"{config.source}: no checkpoint yet for {spec.label} ({source.checkpoint}); "
+                                 f"`medrobust run` trains it")
+        model, _ = loaded.model(source)
+        findings[spec.label] = model_findings(config, spec.label, model, loaded.subjects(model_grid(model)), probe)
+    return findings

@@ -211,3 +211,81 @@ def test_changing_the_models_code_reruns_its_cells(lab: Path) -> None:
     with ResultStore(lab / "run", create=False) as store:
         cells, samples = store.cells(), store.samples()
     assert len(cells) == 2 and set(samples[samples["cell_id"] == cells.iloc[1]["id"]]["clean_prediction"]) == {42.0}
+
+
+CHECKED = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, kind="healthy"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv3d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4, 1)
+        self.kind = kind
+
+    def forward(self, x):
+        hidden = torch.relu(self.conv(x)).mean(dim=(2, 3, 4))
+        if self.kind == "batch":  # a statistic over the batch: subjects leak into each other
+            hidden = hidden - hidden.mean(0, keepdim=True)
+        if self.kind == "masked":  # quantized input: the gradient is zero almost everywhere
+            hidden = torch.relu(self.conv(torch.round(x * 0.5) / 0.5 + 0 * x)).mean(dim=(2, 3, 4))
+            hidden = hidden.detach()
+        return 40.0 + 10.0 * self.head(hidden).squeeze(1)
+'''
+
+
+def _checked(lab: Path, kind: str) -> Path:
+    """A config of the model ``kind`` of CHECKED (healthy, batch, masked) under the noise baseline."""
+    (lab / "checked.py").write_text(CHECKED)
+    return _config(lab, f'factory = "{lab}/checked.py:Net"\nkwargs = {{ kind = "{kind}" }}\n{GRID_KEYS}', kind,
+                   attacks='[[attacks]]\nname = "noise"\n')
+
+
+def test_check_model_passes_a_healthy_model_and_catches_a_masked_and_a_batch_dependent_one(lab: Path) -> None:
+    healthy = CliRunner().invoke(main, ["check-model", str(_checked(lab, "healthy"))])
+    assert healthy.exit_code == 0, healthy.output
+    lines = healthy.output.splitlines()
+    assert all(line.startswith("PASS ") for line in lines) and len(lines) == 6, healthy.output
+    masked = CliRunner().invoke(main, ["check-model", str(_checked(lab, "masked"))])
+    assert masked.exit_code == 1 and "WARN Net: gradient: the output has no autograd graph" in masked.output
+    batch = CliRunner().invoke(main, ["check-model", str(_checked(lab, "batch"))])
+    assert batch.exit_code == 1 and "FAIL Net: batch-independent" in batch.output, batch.output
+
+
+def test_run_refuses_a_batch_dependent_model_before_any_cell_and_warns_of_a_masked_one(lab: Path) -> None:
+    refused = _run(_checked(lab, "batch"))
+    assert refused.exit_code == 2 and "fails its check 'batch-independent'" in refused.stderr, refused.output
+    assert refused.stderr.strip().count("\n") == 0
+    # Attacked one subject at a time, the same model is sound to benchmark.
+    one = _checked(lab, "batch")
+    one.write_text(one.read_text().replace("batch_size = 2", "batch_size = 1"))
+    assert _run(one).exit_code == 0
+    masked = _run(_checked(lab, "masked"))
+    assert masked.exit_code in (0, 1) and "warning: model 'Net': gradient" in masked.output, masked.output
+
+
+def test_check_model_from_the_command_line_without_a_config(lab: Path) -> None:
+    before = sorted(str(p.relative_to(lab)) for p in (lab / "dataset").rglob("*"))
+    result = CliRunner().invoke(main, ["check-model", "--factory", f"{lab}/net.py:net", "--weights",
+                                       str(lab / "net.safetensors"), "--input-shape", "16x16x16", "--voxel-size",
+                                       "1", "--data", str(lab / "dataset")])
+    assert result.exit_code == 0, result.output
+    assert "PASS net: output: shape [4]" in result.output
+    # split = "all", caches under the run folder: the dataset folder is left as it was.
+    assert sorted(str(p.relative_to(lab)) for p in (lab / "dataset").rglob("*")) == before
+
+
+def test_split_all_attacks_every_usable_subject_and_writes_nothing_into_the_dataset(lab: Path) -> None:
+    (lab / "dataset" / "splits-seed0.json").unlink()  # the fixture's, written by the runner of its day
+    before = sorted(str(p.relative_to(lab)) for p in (lab / "dataset").rglob("*"))
+    config = _config(lab, f'factory = "{lab}/net.py:net"\nweights = "{lab}/net.pt"\n{GRID_KEYS}')
+    config.write_text(config.read_text().replace('split = "train"\ncount = 3', 'split = "all"'))
+    result = _run(config)
+    assert result.exit_code == 0, result.output
+    with ResultStore(lab / "run", create=False) as store:
+        assert len(store.samples()) == 12  # every subject of the fixture
+    assert sorted(str(p.relative_to(lab)) for p in (lab / "dataset").rglob("*")) == before
+    assert (lab / "run" / "cache").is_dir()
