@@ -3,8 +3,8 @@
 The public API, imported on first use (``import medrobust`` itself loads nothing heavy):
 ``create_model`` / ``list_models`` (``medrobust.models``), ``create_attack`` / ``list_attacks``
 (``medrobust.attacks``), ``load_config`` (``medrobust.runner.config``), ``run`` and ``plan``
-(``medrobust.runner``), ``ResultStore`` (``medrobust.results.store``) and ``write_report``
-(``medrobust.reports``).
+(``medrobust.runner``), ``ResultStore`` (``medrobust.results.store``), ``write_report``
+(``medrobust.reports``) and ``evaluate`` (an in-memory module benchmarked in one call: ``medrobust.evaluation``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ _API = {
     "create_attack": "medrobust.attacks", "list_attacks": "medrobust.attacks",
     "load_config": "medrobust.runner.config", "run": "medrobust.runner", "plan": "medrobust.runner",
     "ResultStore": "medrobust.results.store", "write_report": "medrobust.reports",
+    "evaluate": "medrobust.evaluation",
 }
 __all__ = ["__version__", *_API]
 

@@ -8,6 +8,7 @@ User weights never unpickle: ``.safetensors`` through safetensors, ``.pt``/``.pt
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from dataclasses import dataclass
@@ -22,7 +23,16 @@ from medrobust.models.adapter import AdaptedModel, InputContract
 from medrobust.models.base import BrainAgeModel
 from medrobust.models.checkpoint import checkpoint_paths, load_checkpoint
 
-KINDS = ("checkpoint", "factory", "torchscript")
+KINDS = ("checkpoint", "factory", "torchscript", "memory")
+# Modules given in memory (``medrobust.evaluate``), by the key their ModelSource holds: they live in this process.
+_IN_MEMORY: dict[str, nn.Module] = {}
+
+
+def in_memory(module: nn.Module) -> str:
+    """Keep ``module`` for ``ModelSource(memory=key)`` in this process; returns the key."""
+    key = f"{type(module).__qualname__}-{id(module):x}"
+    _IN_MEMORY[key] = module
+    return key
 # What a DataParallel / DistributedDataParallel state dict prefixes every key with.
 _PARALLEL_PREFIX = "module."
 
@@ -43,9 +53,12 @@ class ModelSource:
     contract: InputContract | None = None
     name: str = ""
     where: str = "model"
+    memory: str | None = None  # a module in this process's memory (``in_memory``)
 
     @property
     def kind(self) -> str:
+        if self.memory is not None:
+            return "memory"
         return "checkpoint" if self.checkpoint is not None else "factory" if self.factory else "torchscript"
 
     def describe(self) -> str:
@@ -54,12 +67,16 @@ class ModelSource:
             return str(self.checkpoint)
         if self.kind == "factory":
             return f"{self.factory}" + (f" + {self.weights}" if self.weights else "")
+        if self.kind == "memory":
+            return f"{self.memory} (in memory)"
         return str(self.torchscript)
 
     def files(self) -> list[Path]:
         """The files the model is made of (a changed one means a new plan)."""
         if self.kind == "checkpoint":
             return list(checkpoint_paths(self.checkpoint))
+        if self.kind == "memory":
+            return [f for f in [_class_file(_IN_MEMORY[self.memory])] if f is not None]
         files = [self.torchscript] if self.kind == "torchscript" else [_factory_file(self)]
         return [f for f in [*files, self.weights] if f is not None]
 
@@ -69,7 +86,14 @@ class ModelSource:
         the code's hash), which become part of its cells' ids."""
         if self.kind == "checkpoint":
             return load_checkpoint(self.checkpoint, device)
-        if self.kind == "torchscript":
+        if self.kind == "memory":
+            module = _IN_MEMORY[self.memory]
+            file = _class_file(module)
+            # A class without a source file (typed at a bare interpreter) is known by its structure only.
+            code = file_sha256(file) if file else hashlib.sha256(repr(module).encode()).hexdigest()
+            source = {"module": f"{type(module).__module__}.{type(module).__qualname__}",
+                      "state_sha256": state_sha256(module)}
+        elif self.kind == "torchscript":
             module, code = _load_torchscript(self), file_sha256(self.torchscript)
             source = {"torchscript": self.torchscript.name}
         else:
@@ -83,7 +107,26 @@ class ModelSource:
         model = model.to(device).eval()
         check_output(model, self.where)
         identity = {"model_source": {**source, "code_sha256": code, "contract": self.contract.as_dict()}}
-        return model, {"weights_sha256": weights or code, "identity": identity}
+        return model, {"weights_sha256": weights or source.get("state_sha256") or code, "identity": identity}
+
+
+def state_sha256(module: nn.Module) -> str:
+    """SHA-256 of a module's state (every parameter's and buffer's name, dtype, shape and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _class_file(module: nn.Module) -> Path | None:
+    """The source file of the module's class, or None where there is none."""
+    try:
+        source = inspect.getsourcefile(type(module))
+    except TypeError:
+        return None
+    return Path(source).resolve() if source and Path(source).is_file() else None
 
 
 def _resolve_callable(source: ModelSource):

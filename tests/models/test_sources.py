@@ -8,6 +8,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -289,3 +290,29 @@ def test_split_all_attacks_every_usable_subject_and_writes_nothing_into_the_data
         assert len(store.samples()) == 12  # every subject of the fixture
     assert sorted(str(p.relative_to(lab)) for p in (lab / "dataset").rglob("*")) == before
     assert (lab / "run" / "cache").is_dir()
+
+
+def test_evaluate_benchmarks_an_in_memory_module_as_the_cli_does_a_config(lab: Path) -> None:
+    import medrobust
+
+    model = import_plugin(str(lab / "net.py")).net()
+    model.load_state_dict(torch.load(lab / "net.pt", weights_only=True))
+    result = medrobust.evaluate(model, lab / "dataset", input_shape=GRID, voxel_size=(1, 1, 1), split="train",
+                                count=3, attacks=["fgsm"], budgets=[{"norm": "linf", "epsilon": 1e-3}],
+                                batch_size=2, out=lab / "notebook", progress=False)
+    assert len(result.cells) == 1 and len(result.samples) == 3 and result.page.is_file()
+    assert result.cells.iloc[0]["model"] == "TinyNet" and not result.failed
+    # The same weights through a config and the command line: the same rows.
+    cli = _run(_config(lab, f'factory = "{lab}/net.py:net"\nweights = "{lab}/net.pt"\n{GRID_KEYS}'))
+    assert cli.exit_code == 0, cli.output
+    with ResultStore(lab / "run", create=False) as store:
+        rows = store.samples()
+    columns = ["subject", "clean_prediction", "adversarial_prediction", "linf", "l2"]
+    pd.testing.assert_frame_equal(result.samples[columns].reset_index(drop=True), rows[columns], check_exact=True)
+    # Called again, it finds its cell finished.
+    again = medrobust.evaluate(model, lab / "dataset", input_shape=GRID, voxel_size=(1, 1, 1), split="train",
+                               count=3, attacks=["fgsm"], budgets=[{"norm": "linf", "epsilon": 1e-3}],
+                               batch_size=2, out=lab / "notebook", progress=False, report=False)
+    assert list(again.cells["id"]) == list(result.cells["id"])
+    with pytest.raises(MedrobustError, match="evaluate: output must be one of"):
+        medrobust.evaluate(model, lab / "dataset", input_shape=GRID, voxel_size=(1, 1, 1), output="decades")
