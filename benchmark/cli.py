@@ -237,6 +237,29 @@ def _newer(page, store) -> bool:
     return page.is_file() and all(page.stat().st_mtime_ns >= path.stat().st_mtime_ns for path in sources)
 
 
+@main.command("list")
+@click.argument("kind", type=click.Choice(["models", "attacks"]))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of one line per entry.")
+def list_cmd(kind, as_json) -> None:
+    """The registered models or attacks (plugins included): name, description, parameters with their defaults;
+    for attacks also norms, threat models, role and scope."""
+    import json
+
+    from medrobust.registry import describe
+
+    described = describe(kind)
+    if as_json:
+        click.echo(json.dumps(described, indent=1))
+        return
+    for item in described:
+        extra = (f" [{', '.join(item['norms'])}; {', '.join(item['threat_models'])}; {item['role']}, "
+                 f"{item['scope']}]") if kind == "attacks" else (
+            f" [built from {', '.join(item['requires'])}]" if item["requires"] else "")
+        arguments = ", ".join(f"{k}={v!r}" for k, v in item["parameters"].items())
+        click.echo(f"{item['name']}{extra}: {item['description']}")
+        click.echo(f"    {arguments}")
+
+
 @main.command("check-model")
 @click.argument("config_path", metavar="[CONFIG]", type=click.Path(dir_okay=False), required=False)
 @click.option("--model", "labels", multiple=True, help="Check only the model of this label (repeatable).")

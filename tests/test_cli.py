@@ -34,3 +34,23 @@ def test_data_check_on_a_folder_without_subjects(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["data", "check", str(tmp_path), "--quiet"])
     assert result.exit_code == 2
     assert str(tmp_path) in result.stderr and "no usable subject" in result.stderr
+
+
+def test_list_names_every_registered_model_and_attack_with_its_facts() -> None:
+    import json
+
+    from medrobust.attacks import list_attacks
+    from medrobust.models import list_models
+
+    models = CliRunner().invoke(main, ["list", "models", "--json"])
+    assert models.exit_code == 0, models.output
+    listed = {item["name"]: item for item in json.loads(models.output)}
+    assert sorted(listed) == list_models() and listed["hybrid"]["requires"] == ["cnn3d"]
+    assert listed["cnn3d"]["parameters"]["input_shape"] == [48, 56, 48]
+    attacks = CliRunner().invoke(main, ["list", "attacks", "--json"])
+    described = {item["name"]: item for item in json.loads(attacks.output)}
+    assert sorted(described) == list_attacks()
+    assert described["fgsm"]["role"] == "one-step" and described["universal"]["scope"] == "set"
+    assert described["pgd"]["parameters"]["steps"] == 10 and "perturbed" in described["pgd"]["threat_models"]
+    text = CliRunner().invoke(main, ["list", "attacks"])
+    assert text.exit_code == 0 and text.output.startswith("apgd [linf, l2;")
