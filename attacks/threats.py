@@ -33,7 +33,8 @@ def movable_features(model: nn.Module, features: Tensor) -> Tensor:
     if len(names) != features.shape[1]:
         raise MedrobustError(f"the model names {len(names)} context features but the batch has "
                              f"{features.shape[1]} per image: give it the features it was trained on")
-    return torch.tensor([is_volume(name) for name in names], device=features.device)
+    used = set(getattr(model, "used_feature_names", names))  # a column the model ignores is not its context
+    return torch.tensor([is_volume(name) and name in used for name in names], device=features.device)
 
 
 def feature_radius(threat_model: str, feature_budget: float, model: nn.Module,

@@ -97,6 +97,20 @@ class AdaptedModel(BrainAgeModel):
         self.module = module
         self.contract = contract
         self.register_buffer("bin_centres", torch.tensor(contract.bin_centres, dtype=torch.float32))
+        self.register_buffer("columns", torch.arange(len(contract.features)))
+
+    def take_features_from(self, names: Sequence[str], where: str = "model") -> None:
+        """Take the declared features out of a dataset's feature columns ``names`` (in any order, with others
+        beside them): the model is then given the dataset's features, ``meta.feature_names`` become ``names``,
+        and the module still receives exactly its own columns, in its own order."""
+        names = list(names)
+        missing = [name for name in self.contract.features if name not in names]
+        if missing:
+            raise MedrobustError(f"{where}.features: the data have no {', '.join(map(repr, missing))} (they have "
+                                 f"{', '.join(names[:12])}{' ...' if len(names) > 12 else ''})")
+        self.columns = torch.tensor([names.index(name) for name in self.contract.features],
+                                    device=self.columns.device)
+        self.meta.feature_names = names
 
     def forward(self, image: Tensor | None, features: Tensor | None = None) -> Tensor:
         """Predicted age [B] in years: the module called on the image (and the raw features, where it takes them),
@@ -108,7 +122,7 @@ class AdaptedModel(BrainAgeModel):
                 got = None if features is None else list(features.shape)
                 raise MedrobustError(f"model '{self.meta.name}' expects context features [B, {n}] in the order "
                                      f"{list(self.meta.feature_names)}, got {got}")
-            output = self.module(image, features)
+            output = self.module(image, features.index_select(1, self.columns))
         else:
             output = self.module(image)
         return self.read_output(output, image.shape[0])
@@ -134,6 +148,10 @@ class AdaptedModel(BrainAgeModel):
         if contract.output == "standardized":
             return ages * contract.age_std + contract.age_mean
         return ages
+
+    @property
+    def used_feature_names(self) -> list[str]:
+        return list(self.contract.features)
 
     def parameters_to_train(self) -> list[nn.Parameter]:
         return list(self.module.parameters())

@@ -197,6 +197,12 @@ class BrainAgeModel(nn.Module):
             )
         return self.predict_standardized(image, z) * self.age_std + self.age_mean
 
+    @property
+    def used_feature_names(self) -> list[str]:
+        """The context features the model's prediction depends on (its ``feature_names`` unless it takes a
+        subset of the columns it is given): what the threat models may move or re-measure."""
+        return list(self.meta.feature_names)
+
     def parameters_to_train(self) -> list[nn.Parameter]:
         """The parameters a trainer should optimize (all of them unless a subclass freezes some)."""
         return list(self.parameters())

@@ -14,6 +14,7 @@ from medrobust.data.preprocess import PreparedDataset
 from medrobust.data.splits import load_or_create_splits
 from medrobust.errors import MedrobustError
 from medrobust.models import BrainAgeModel
+from medrobust.models.adapter import AdaptedModel
 from medrobust.models.sources import ModelSource
 from medrobust.runner.config import RunConfig
 
@@ -82,7 +83,10 @@ class LoadedInputs:
     def model(self, source: ModelSource) -> tuple[BrainAgeModel, dict]:
         """The model of a source on this process's device, and its record (a checkpoint's sidecar)."""
         if source not in self._models:
-            self._models[source] = source.load(self.device)
+            model, record = source.load(self.device)
+            if isinstance(model, AdaptedModel) and model.meta.uses_features:  # its declared columns of the data
+                model.take_features_from(self._index(model_grid(model))[1].feature_names, source.where)
+            self._models[source] = model, record
         return self._models[source]
 
     def _index(self, grid: tuple) -> tuple:

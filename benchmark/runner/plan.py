@@ -18,6 +18,7 @@ from medrobust.runner.cells import SEEDING, Cell, build_attack, expand_cells, is
 from medrobust.runner.config import RunConfig
 from medrobust.runner.inputs import LoadedInputs, model_grid
 from medrobust.runner.provision import checkpoint_exists, model_sources
+from medrobust.vocabulary import is_volume
 
 # Subjects the checks of a loaded model run on, before any cell starts.
 CHECK_SUBJECTS = 4
@@ -62,7 +63,14 @@ def plan_cells(config: RunConfig, root: Path, sources: dict[str, ModelSource], l
                                      f"every check)")
             if not finding.passed and echo is not None:
                 echo(f"warning: model {spec.label!r}: {finding.name}: {finding.detail}")
-        uses_features[spec.label] = model.meta.uses_features
+        # The threat models beyond `fixed` move or re-measure the regional volumes: for a model that takes none,
+        # they would repeat `fixed` under another name, so it gets `fixed` alone (and is told so).
+        volumes = [name for name in model.used_feature_names if is_volume(name)]
+        uses_features[spec.label] = model.meta.uses_features and bool(volumes)
+        others = [t for t in config.threat_models if t != "fixed"]
+        if model.meta.uses_features and not volumes and others and echo is not None:
+            echo(f"warning: model {spec.label!r} takes no regional volume (features {model.used_feature_names}), "
+                 f"so {' and '.join(others)} would repeat fixed: it runs under fixed only")
         base_spec[spec.label] = {
             "model": spec.label, "model_name": spec.name, "checkpoint": sources[spec.label].describe(),
             "checkpoint_sha256": record.get("weights_sha256"), **record.get("identity", {}), "dataset": str(root),
