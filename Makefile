@@ -13,12 +13,13 @@ venv: $(VENV)/.installed
 
 # torch is installed first and pinned, so the range in pyproject.toml is met by the CPU wheel
 # instead of a multi-GB CUDA build. torchattacks (the torchattacks-pgd backend, tested in CI) goes in with
-# --no-deps: its metadata pulls torchvision, a CUDA torch and an old requests.
+# --no-deps: its metadata pulls torchvision, a CUDA torch and an old requests; MONAI (the networks of
+# docs/your-model.md, run by the suite) too, so that its metadata never moves torch.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps torchattacks==3.5.1
+	$(PY) -m pip install --quiet --no-deps torchattacks==3.5.1 monai==1.6.1
 	touch $@
 
 test: venv

@@ -245,7 +245,7 @@ def list_cmd(kind, as_json) -> None:
     for attacks also norms, threat models, role and scope."""
     import json
 
-    from medrobust.registry import describe
+    from medrobust.catalogue import describe
 
     described = describe(kind)
     if as_json:
