@@ -191,8 +191,13 @@ def _device(ctx: click.Context, param: click.Parameter, value: str | None) -> st
               help="local (in this process) or ray (Ray tasks); either way only this process writes the store.")
 @click.option("--ray-address", default=None, metavar="ADDR",
               help="The Ray cluster to join (with --executor ray); default: start a local one.")
+@click.option("--force", is_flag=True, help="Compute the cells again even where they are finished (with --only: "
+              "the matching ones), replacing their stored results.")
+@click.option("--only", default=None, metavar="PATTERN", help="Run only the cells whose description matches the "
+              "shell pattern, e.g. 'cnn3d pgd linf *' (as the run's lines name them).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run_cmd(config_path, report, retry_failed, device, precision, executor, ray_address, quiet) -> None:
+def run_cmd(config_path, report, retry_failed, device, precision, executor, ray_address, force, only,
+            quiet) -> None:
     """Run the benchmark grid of a TOML config; results go to <out>/results.sqlite.
 
     Cells already done are skipped, so the same command resumes an interrupted or killed run; cells that failed
@@ -212,7 +217,8 @@ def run_cmd(config_path, report, retry_failed, device, precision, executor, ray_
     overrides = {key: value for key, value in (("device", device), ("precision", precision)) if value is not None}
     if overrides:  # the run's record (its config) says what ran
         config = dataclasses.replace(config, **overrides, raw={**config.raw, **overrides})
-    summary = run(config, progress=not quiet, retry_failed=retry_failed, executor=executor, ray_address=ray_address)
+    summary = run(config, progress=not quiet, retry_failed=retry_failed, executor=executor, ray_address=ray_address,
+                  force=force, only=only)
     earlier = f" (and {summary.failed_before} failed earlier, skipped)" if summary.failed_before else ""
     click.echo(f"{summary.done} cells run, {summary.skipped - summary.failed_before} already finished, "
                f"{len(summary.failed)} failed{earlier}, {summary.unreliable} possibly unreliable "

@@ -4,6 +4,7 @@ redoes the reliability checks over the whole store."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from tqdm import tqdm
 
 from medrobust.devices import deterministic_cuda, resolve_devices
 from medrobust.environment import describe_environment
+from medrobust.errors import MedrobustError
 from medrobust.results.reliability import reliability_flags
 from medrobust.results.store import ResultStore
 from medrobust.runner.config import RunConfig
@@ -67,10 +69,13 @@ def _skipping(summary: RunSummary, echo) -> RunSummary:
 
 
 def run(config: RunConfig, progress: bool = True, echo=tqdm.write, retry_failed: bool = False,
-        executor: str = "local", ray_address: str | None = None) -> RunSummary:
+        executor: str = "local", ray_address: str | None = None, force: bool = False,
+        only: str | None = None) -> RunSummary:
     """Run every pending cell of `config` and record it in `<out>/results.sqlite`.
 
-    Pending: not in the store yet; cells recorded as failed only with ``retry_failed``. ``executor``: ``local``
+    Pending: not in the store yet; cells recorded as failed only with ``retry_failed``; every cell with ``force``
+    (computed again on purpose, replacing its stored result). ``only``: a shell pattern; the run is then the cells
+    whose description (``cnn3d pgd linf eps=0.001 range older fixed``) matches it. ``executor``: ``local``
     (in this process; one cell per GPU when several are visible) or ``ray`` (a Ray cluster at ``ray_address``, or a
     local one): either way only this process writes the store, one transaction per finished cell, so a killed run
     loses at most the cells in flight and the same command resumes it."""
@@ -81,28 +86,35 @@ def run(config: RunConfig, progress: bool = True, echo=tqdm.write, retry_failed:
     config.out.mkdir(parents=True, exist_ok=True)
     # The store's writer lock first: a second run on this folder is refused before it generates or trains anything.
     with ResultStore(config.out, writer=True) as store:
-        summary = _run(config, store, devices, progress, echo, retry_failed, executor, ray_address)
+        summary = _run(config, store, devices, progress, echo, retry_failed, executor, ray_address, force, only)
     summary.seconds = time.perf_counter() - began
     return summary
 
 
 def _run(config: RunConfig, store: ResultStore, devices: list[torch.device], progress: bool, echo,
-         retry_failed: bool, executor: str, ray_address: str | None) -> RunSummary:
+         retry_failed: bool, executor: str, ray_address: str | None, force: bool, only: str | None) -> RunSummary:
 
     root = ensure_dataset(config, progress)
     sources = ensure_models(config, str(devices[0]), progress, echo)
     key = plan_key(config, root, sources, devices[0])
-    finished = _finished_already(config, store, key, retry_failed, echo)
+    finished = None if force or only else _finished_already(config, store, key, retry_failed, echo)
     if finished is not None:  # nothing to run: no models or subjects loaded, no run recorded
         return finished
     loaded = LoadedInputs(config, root, devices[0], progress)
     cells = plan_cells(config, root, sources, loaded, echo)
     (config.out / PLAN_CACHE).write_text(json.dumps({"key": key, "cells": [cell.id for cell in cells]}))
+    if only is not None:
+        cells = [cell for cell in cells if fnmatch.fnmatchcase(cell.describe(), only)]
+        if not cells:
+            raise MedrobustError(f"--only {only!r} matches no cell of {config.source} (cells read e.g. "
+                                 f"'cnn3d pgd linf eps=0.001 range older fixed')")
     statuses = store.statuses()
-    pending = [c for c in cells if statuses.get(c.id) != "done" and (retry_failed or statuses.get(c.id) is None)]
+    pending = cells if force else [c for c in cells if statuses.get(c.id) != "done"
+                                   and (retry_failed or statuses.get(c.id) is None)]
     summary = _skipping(RunSummary(
         out=config.out, store=store.path, cells=len(cells), skipped=len(cells) - len(pending), done=0,
-        failed_before=0 if retry_failed else sum(1 for c in cells if statuses.get(c.id) == "failed")), echo)
+        failed_before=0 if retry_failed or force else sum(1 for c in cells if statuses.get(c.id) == "failed")),
+        echo)
     run_id = store.start_run(config.raw, describe_environment(devices[0]))
     tasks = [CellTask(cell, config, root, sources[cell.model]) for cell in pending]
     names = {cell.id: cell.describe() for cell in cells}

@@ -44,3 +44,29 @@ def test_the_same_grid_computed_afresh_gives_the_stored_results(tmp_path: Path, 
         assert (after[column] - before[column]).abs().max() < 1e-3, column
     for column in ("linf", "l2", "l0"):
         assert ((after[column] - before[column]).abs() <= 1e-3 * before[column].abs() + 1e-6).all(), column
+
+
+def test_force_and_only_recompute_chosen_cells_on_purpose(tmp_path: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from medrobust.cli import main
+
+    shutil.copytree(FIXTURE, tmp_path / "fixture")
+    monkeypatch.chdir(tmp_path / "fixture")
+    with ResultStore("out") as store:
+        before = {row["id"]: row["finished_at"] for _, row in store.cells().iterrows()}
+    # cnn3d has no context features: fgsm meets it under fixed only, at 2 budgets and 2 objectives.
+    result = CliRunner().invoke(main, ["run", "config.toml", "--quiet", "--no-report", "--force", "--only",
+                                       "cnn3d fgsm *"])
+    assert result.exit_code == 0, result.output
+    assert "4 cells run, 0 already finished" in result.output
+    with ResultStore("out") as store:
+        after = {row["id"]: row["finished_at"] for _, row in store.cells().iterrows()}
+        fgsm = set(store.cells().query("model == 'cnn3d' and attack == 'fgsm'")["id"])
+    assert set(after) == set(before) and len(fgsm) == 4
+    assert {i for i in after if after[i] != before[i]} == fgsm  # those four, and only they, computed again
+    # --only alone runs the matching pending cells: none here; a pattern that matches nothing is one line.
+    again = CliRunner().invoke(main, ["run", "config.toml", "--quiet", "--no-report", "--only", "cnn3d fgsm *"])
+    assert "0 cells run, 4 already finished" in again.output
+    nothing = CliRunner().invoke(main, ["run", "config.toml", "--quiet", "--no-report", "--only", "resnet *"])
+    assert nothing.exit_code == 2 and "matches no cell" in nothing.stderr
