@@ -121,6 +121,8 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
         model.train()
         total = torch.zeros((), device=device)
         for rows in _batches(len(train_inputs), config.batch_size, generator):
+            if len(rows) < model.min_training_batch:  # a remnant too small for the model (batch norm): next epoch
+                continue
             optimizer.zero_grad(set_to_none=True)
             predicted, true = train_inputs.batch(rows)
             # Loss on the standardized age: the same scale whatever the cohort's age range.

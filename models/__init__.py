@@ -1,10 +1,10 @@
 """Model registry and the brain-age model wrappers.
 
 Importing this package registers every built-in model:
-``cnn3d``, ``hybrid``, ``hybrid_e2e``, ``features_mlp``.
+``cnn3d``, ``hybrid``, ``hybrid_e2e``, ``features_mlp``, ``sfcn``.
 """
 
-from medrobust.models import cnn3d, features_mlp, hybrid  # noqa: F401  (registers the built-ins)
+from medrobust.models import cnn3d, features_mlp, hybrid, sfcn  # noqa: F401  (registers the built-ins)
 from medrobust.models._registry import (
     create_from_trained,
     create_model,

@@ -6,6 +6,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -122,6 +123,9 @@ class BrainAgeModel(nn.Module):
     """
 
     meta: ModelMeta
+    # The smallest training batch the model can take (2 where batch norm meets a 1-voxel map); training skips a
+    # smaller remnant batch of an epoch (the order is reshuffled every epoch).
+    min_training_batch: ClassVar[int] = 1
 
     def __init__(self, meta: ModelMeta) -> None:
         super().__init__()

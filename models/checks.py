@@ -37,7 +37,7 @@ BATCH = 3
 
 def tiny_model(name: str, seed: int = 0) -> BrainAgeModel:
     """The registered model ``name`` on the small grid, with feature names where its factory takes them, and
-    non-trivial scaling (ages in tens of years, features in their own units)."""
+    non-trivial scaling (ages in tens of years, features in their own units), in eval mode."""
     params = inspect.signature(model_entrypoint(name)).parameters
     kwargs = {"input_shape": GRID}
     if "feature_names" in params:
@@ -47,7 +47,7 @@ def tiny_model(name: str, seed: int = 0) -> BrainAgeModel:
     model.set_target_scaling(40.0, 20.0)
     if model.meta.uses_features:
         model.set_feature_scaling(FEATURE_MEAN, FEATURE_STD)
-    return model
+    return model.eval()  # as it is attacked: batch norm and dropout in eval mode
 
 
 def toy_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ from medrobust.training import TrainRequest, train
 
 # The paper's network pools five times, so 32 voxels per axis is the smallest grid it takes.
 TINY = CohortSpec(n=24, seed=3, shape=(32, 32, 32), voxel_size=(6.0, 6.0, 6.0), batch_size=8)
-MODELS = ["cnn3d", "hybrid", "hybrid_e2e", "features_mlp"]
+MODELS = ["cnn3d", "hybrid", "hybrid_e2e", "features_mlp", "sfcn"]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_end_to_end_train_checkpoint_reload_predict(tiny_cohort, trained):
     out, results = trained
     # hybrid is built from the cnn3d trained in the same call, so cnn3d goes before it whatever the order asked;
     # the others keep the order asked.
-    assert [r.name for r in results] == ["features_mlp", "hybrid_e2e", "cnn3d", "hybrid"]
+    assert [r.name for r in results] == ["sfcn", "features_mlp", "hybrid_e2e", "cnn3d", "hybrid"]
     splits = json.loads((tiny_cohort / "splits-seed0.json").read_text())
     test_ids = splits["splits"]["test"]
     data = load_prepared(tiny_cohort, progress=False)[2].subset(test_ids)
