@@ -29,6 +29,7 @@ def describe(kind: str) -> list[dict]:
         if kind == "models":
             parameters = list(inspect.signature(entry).parameters.values())
             item["requires"] = list(model_requires(name))
+            item["needs"] = getattr(entry, "package", "") or None  # an optional package (MONAI's networks)
         else:
             parameters = [p for klass in reversed(entry.__mro__) if "__init__" in klass.__dict__ and klass is not object
                           for p in inspect.signature(klass.__init__).parameters.values()]

@@ -1,10 +1,11 @@
 """Model registry and the brain-age model wrappers.
 
 Importing this package registers every built-in model:
-``cnn3d``, ``hybrid``, ``hybrid_e2e``, ``features_mlp``, ``sfcn``.
+``cnn3d``, ``hybrid``, ``hybrid_e2e``, ``features_mlp``, ``sfcn``, and MONAI's ``densenet121`` and ``resnet18_3d``
+(built only where MONAI is installed).
 """
 
-from medrobust.models import cnn3d, features_mlp, hybrid, sfcn  # noqa: F401  (registers the built-ins)
+from medrobust.models import cnn3d, features_mlp, hybrid, monai_nets, sfcn  # noqa: F401  (registers the built-ins)
 from medrobust.models._registry import (
     create_from_trained,
     create_model,
