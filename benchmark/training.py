@@ -33,6 +33,7 @@ from medrobust.models import (
 )
 from medrobust.plugins import load_entry_points
 from medrobust.settings import TrainingConfig
+from medrobust.vocabulary import is_volume
 
 
 @dataclass
@@ -239,6 +240,14 @@ def train(request: TrainRequest) -> list[TrainedModel]:
         if len(part.subject_ids) == 0:
             raise MedrobustError(f"{index.root}: the {name} split has no usable subject; use a larger dataset")
 
+    volumes = [i for i, name in enumerate(data.feature_names) if is_volume(name)]
+    if not volumes or not torch.isfinite(data.features[:, volumes]).any():
+        context = [n for n in names if "feature_names" in inspect.signature(model_entrypoint(n)).parameters]
+        if context:
+            raise MedrobustError(f"{index.root}: no subject has regional volumes (no label maps, no vol_* columns), "
+                                 f"so {', '.join(context)} would learn from sex and field strength alone; give "
+                                 f"the subjects label maps (derivatives/.../*_dseg) or volume columns, or train "
+                                 f"only image models")
     request.out.mkdir(parents=True, exist_ok=True)
     trained = {name: model for name, (model, _) in given.items()}
     sources = {name: source for name, (_, source) in given.items()}

@@ -23,6 +23,8 @@ NETWORKS = {
 class MonaiNet(BrainAgeModel):
     """A MONAI network behind our model contract: ``network`` is a key of ``NETWORKS``."""
 
+    min_training_batch = 2  # their batch norm meets 1-voxel maps on small grids
+
     def __init__(
         self,
         input_shape: Sequence[int] = (48, 56, 48),

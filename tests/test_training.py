@@ -150,3 +150,15 @@ def test_cli_train_reports_and_bad_input_exits_2(tiny_cohort, trained, tmp_path)
         assert result.exit_code == 2, (args, result.output)
         assert expected in result.output
         assert result.output.strip().count("\n") == 0, result.output  # one line
+
+
+def test_a_context_model_is_refused_where_the_data_have_no_regional_volumes(tmp_path):
+    import shutil
+
+    fixture = Path(__file__).resolve().parent / "runner" / "fixtures" / "pre_redesign" / "dataset"
+    shutil.copytree(fixture, tmp_path / "data")
+    shutil.rmtree(tmp_path / "data" / "derivatives")  # no label maps: no regional volumes at all
+    with pytest.raises(MedrobustError, match="no subject has regional volumes .* features_mlp would learn from sex"):
+        train(TrainRequest(data=tmp_path / "data", models=["features_mlp"], out=tmp_path / "models",
+                           config=TrainingConfig(epochs=1), progress=False))
+    assert not (tmp_path / "models").exists()
