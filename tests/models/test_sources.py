@@ -361,3 +361,21 @@ def test_declared_features_the_data_lack_are_one_line(lab: Path) -> None:
     result = _run(_config(lab, f'factory = "{lab}/featured.py:Net"\n{GRID_KEYS}\ninputs = "image+features"\n'
                                f'features = ["sex", "vol_hippocampus"]'))
     assert result.exit_code == 2 and "models[0].features: the data have no 'vol_hippocampus'" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "monai"])
+def test_evaluate_takes_a_torchscript_or_a_monai_module_as_it_is(lab: Path, kind: str) -> None:
+    import medrobust
+
+    if kind == "monai":
+        nets = pytest.importorskip("monai.networks.nets")
+        torch.manual_seed(0)
+        model, grid, voxels = nets.DenseNet121(spatial_dims=3, in_channels=1, out_channels=1), (32, 32, 32), 0.5
+        output = {"output": "standardized", "age_mean": 45.0, "age_std": 15.0}
+    else:
+        model, grid, voxels, output = torch.jit.load(str(lab / "net.ts")), GRID, 1.0, {}
+    result = medrobust.evaluate(model, lab / "dataset", input_shape=grid, voxel_size=(voxels,) * 3, split="train",
+                                count=2, attacks=["fgsm"], budgets=[{"norm": "linf", "epsilon": 1e-3}],
+                                batch_size=2, out=lab / kind, progress=False, report=False, **output)
+    assert len(result.cells) == 1 and len(result.samples) == 2 and not result.failed
+    assert (result.samples["adversarial_prediction"] != result.samples["clean_prediction"]).all()
