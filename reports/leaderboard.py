@@ -131,7 +131,7 @@ def leaderboard_table(cells: pd.DataFrame, source: str | Path = STORE_FILENAME) 
     done[counts] = done[counts].astype("int64")
     if "params" in done:
         done["params"] = done["params"].map(_as_json)
-    if "reliability" in done:  # the sanity checks' reasons, one text ("" when the cell passed them)
+    if "reliability" in done:  # the reliability checks' reasons, one text ("" when the cell passed them)
         done["reliability"] = done["reliability"].map(lambda reasons: "; ".join(reasons) if reasons else "")
     return done
 

@@ -291,7 +291,7 @@ class ResultStore:
                            f"VALUES (?, {', '.join('?' * len(SAMPLE_COLUMNS))})", rows)
 
     def write_reliability(self, flags: dict[str, list[str]]) -> None:
-        """Replace the sanity-check verdicts (reasons per possibly unreliable cell) in one transaction."""
+        """Replace the reliability checks' verdicts (reasons per possibly unreliable cell) in one transaction."""
         with self._transaction() as db:
             db.execute("DELETE FROM reliability")
             db.executemany("INSERT INTO reliability (cell_id, reasons) VALUES (?, ?)",
@@ -304,7 +304,7 @@ class ResultStore:
                 for i, s, f, c, e in self._db.execute(query)]
 
     def cells(self) -> pd.DataFrame:
-        """One row per cell: id, run_id, status, error, seconds, finished_at, reliability (the sanity checks'
+        """One row per cell: id, run_id, status, error, seconds, finished_at, reliability (the reliability checks'
         reasons to distrust it; empty when it passed them), then every spec and metric key as a column (a nested
         value such as the attack's params stays a dict)."""
         query = ("SELECT c.id, c.run_id, c.status, c.error, c.seconds, c.finished_at, r.reasons, c.spec, c.metrics "

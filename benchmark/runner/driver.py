@@ -37,7 +37,7 @@ class RunSummary:
     done: int
     failed: list[tuple[str, str]] = field(default_factory=list)  # (cell description, error)
     failed_before: int = 0  # cells that failed in an earlier run and were skipped (not retried)
-    unreliable: int = 0  # cells the sanity checks flag
+    unreliable: int = 0  # cells the reliability checks flag
     seconds: float = 0.0
 
 

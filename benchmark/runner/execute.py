@@ -75,7 +75,7 @@ def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: 
     Batches have ``config.batch_size`` subjects until the device runs out of memory: the batch is then halved and
     retried (down to one subject), and later batches keep the smaller size; ``batch_size_used`` records it. In
     reduced precision (``config.precision``), the first batch is attacked in fp32 too and both mean |deviation|
-    are kept (``parity_*``) for the sanity checks (with ``parity``)."""
+    are kept (``parity_*``) for the reliability checks (with ``parity``)."""
     rows: list[dict] = []
     counters = {"forward": 0, "backward": 0, "steps": 0}
     timer = _Timer(device)

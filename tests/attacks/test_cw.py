@@ -1,5 +1,5 @@
 """The Carlini-Wagner attack (``cw``): its binary search over c, tanh box, budget, cost and strength. The shared
-contract suite in test_attacks.py covers it too (``pytest tests/test_attacks.py -k cw``)."""
+contract suite in tests/attacks/test_attacks.py covers it too (``pytest tests/attacks/test_attacks.py -k cw``)."""
 
 from __future__ import annotations
 

@@ -144,7 +144,7 @@ def test_page_lists_every_done_cell_in_leaderboard_order(report):
         assert row[3][0] == f"{format_epsilon(epsilon)} (range)"
         # Every number carries its raw value for sorting, whatever its display.
         assert all(value is not None and not math.isnan(float(value)) for _, value in row[6:-1])
-        assert row[-1][0] == "ok"  # the sanity checks: this store has no flagged cell
+        assert row[-1][0] == "ok"  # the reliability checks: this store has no flagged cell
 
 
 def test_intervals_psnr_and_ssim_are_shown(report, store_dir):
