@@ -20,7 +20,7 @@ from medrobust.results.reliability import reliability_flags
 from medrobust.results.store import ResultStore
 from medrobust.runner.config import RunConfig
 from medrobust.runner.execute import CellTask
-from medrobust.runner.executors import make_executor
+from medrobust.runner.executors import check_executor, make_executor
 from medrobust.runner.inputs import LoadedInputs
 from medrobust.runner.plan import PLAN_CACHE, cached_plan, plan_cells, plan_key
 from medrobust.runner.provision import ensure_dataset, ensure_models
@@ -80,6 +80,7 @@ def run(config: RunConfig, progress: bool = True, echo=tqdm.write, retry_failed:
     local one): either way only this process writes the store, one transaction per finished cell, so a killed run
     loses at most the cells in flight and the same command resumes it."""
     began = time.perf_counter()
+    check_executor(executor, ray_address)  # before anything is generated or trained
     devices = resolve_devices(config.device)
     if devices[0].type == "cuda":
         deterministic_cuda()

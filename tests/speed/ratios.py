@@ -26,7 +26,6 @@ there as markdown).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import time
@@ -36,9 +35,10 @@ from dataclasses import dataclass
 import torch
 
 from medrobust.errors import MedrobustError
+from medrobust.runner.execute import autocast
+from medrobust.vocabulary import PRECISIONS
 
 N_FEATURES = 173  # the built-in cohort's context features
-PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Every ratio measured in this session, in order: what the terminal summary and the markdown table show.
 RESULTS: list[dict] = []
 
@@ -61,7 +61,7 @@ class Settings:
         if len(grid) != 3 or min(grid) < 1:
             raise MedrobustError(f"MEDROBUST_BENCH_GRID must be three sizes like 48x56x48, got {grid!r}")
         precision = env("MEDROBUST_BENCH_PRECISION", "fp32")
-        if precision not in ("fp32", *PRECISION_DTYPES):
+        if precision not in PRECISIONS:
             raise MedrobustError(f"MEDROBUST_BENCH_PRECISION must be fp32, bf16 or fp16, got {precision!r}")
         attacks, threads = env("MEDROBUST_BENCH_ATTACKS"), env("MEDROBUST_BENCH_THREADS")
         return cls(device=torch.device(env("MEDROBUST_BENCH_DEVICE", "cpu")), grid=grid,
@@ -72,10 +72,8 @@ class Settings:
                    threads=None if not threads else int(threads))
 
     def autocast(self):
-        """The context every timed call runs in: nothing for fp32, torch.autocast otherwise (as the runner)."""
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=PRECISION_DTYPES[self.precision])
+        """The context every timed call runs in: the runner's own (nothing for fp32, torch.autocast otherwise)."""
+        return autocast(self.device, self.precision)
 
     def label(self) -> str:
         threads = "" if self.threads is None else f" {self.threads} thread{'s' * (self.threads > 1)}"
