@@ -22,7 +22,7 @@ fi
 out=${1:?usage: scripts/speed/gpu.sh [--dry-run] OUT_DIR}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)  # before leaving the caller's directory
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root
 if [[ -z "${PYTHON:-}" ]]; then
     PYTHON=python3
     [[ -x .venv/bin/python ]] && PYTHON=.venv/bin/python
