@@ -116,19 +116,25 @@ class Attack:
         self.feature_budget = float(feature_budget)
 
     @classmethod
-    def argument_names(cls) -> list[str]:
-        """Every constructor argument but the model, read from the signatures of the class and its bases, so a
-        new attack's own arguments are included without it listing them again."""
-        names: list[str] = []
+    def argument_parameters(cls) -> dict[str, inspect.Parameter]:
+        """Every constructor argument but the model, read from the signatures of the class and its bases (the
+        base's first; a subclass's own default where it overrides one), so a new attack's own arguments are
+        included without it listing them again."""
+        parameters: dict[str, inspect.Parameter] = {}
         for klass in reversed(cls.__mro__):
             init = klass.__dict__.get("__init__")
             if klass is object or init is None:
                 continue
             for parameter in inspect.signature(init).parameters.values():
                 variadic = parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
-                if not variadic and parameter.name not in ("self", "model") and parameter.name not in names:
-                    names.append(parameter.name)
-        return names
+                if not variadic and parameter.name not in ("self", "model"):
+                    parameters[parameter.name] = parameter
+        return parameters
+
+    @classmethod
+    def argument_names(cls) -> list[str]:
+        """The names of ``argument_parameters``, in order."""
+        return list(cls.argument_parameters())
 
     def params(self) -> dict:
         """Every constructor argument but the model, defaults filled in, JSON-native (budget as a dict); results

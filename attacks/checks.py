@@ -13,6 +13,7 @@ quick settings (``quick_kwargs``: 3 steps where it has ``steps``, and what the a
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from collections.abc import Callable, Iterator
@@ -195,6 +196,13 @@ class ContractCall:
     flags: list[bool]
     result: AttackResult
 
+    @functools.cached_property
+    def predictions(self) -> tuple[Tensor, Tensor]:
+        """The model's own predictions (eval mode) for the clean and the returned images, computed once."""
+        self.model.eval()
+        with torch.no_grad():
+            return self.model(self.images, self.features), self.model(self.result.images, self.features)
+
 
 def contract_call(attack: str | type[Attack], case: str, norm: str, objective: str,
                   device: str | torch.device = "cpu") -> ContractCall:
@@ -282,15 +290,9 @@ def check_features_reported(call: ContractCall) -> None:
         assert torch.equal(call.result.features, call.clean_features), "features moved under threat model fixed"
 
 
-def _predictions(call: ContractCall) -> tuple[Tensor, Tensor]:
-    call.model.eval()
-    with torch.no_grad():
-        return call.model(call.images, call.features), call.model(call.result.images, call.features)
-
-
 def check_predictions_are_the_models(call: ContractCall) -> None:
     """The clean and adversarial predictions reported are the model's for the clean and returned images."""
-    clean, adversarial = _predictions(call)
+    clean, adversarial = call.predictions
     assert torch.allclose(call.result.clean_prediction, clean, rtol=0, atol=1e-4), "clean prediction is not the model's"
     assert torch.allclose(call.result.adversarial_prediction, adversarial, rtol=0, atol=1e-4), \
         "adversarial prediction is not the model's for the images returned"
@@ -298,7 +300,7 @@ def check_predictions_are_the_models(call: ContractCall) -> None:
 
 def check_never_worse(call: ContractCall) -> None:
     """The objective at the returned images is never below the clean images' (per sample)."""
-    clean, adversarial = _predictions(call)
+    clean, adversarial = call.predictions
     score = objective_score(call.objective, adversarial, clean, call.ages, TARGET_AGE)
     clean_score = objective_score(call.objective, clean, clean, call.ages, TARGET_AGE)
     assert (score >= clean_score - 1e-4).all(), f"worse than the clean image for objective {call.objective!r}"
@@ -377,7 +379,7 @@ def assert_volumes_moved_within_budget(result: AttackResult, features: Tensor, f
 
 
 def _context_attack(attack: str | type[Attack], threat_model: str) -> Attack:
-    return attack_class(attack)(context_model(), budget={"norm": attack_class(attack).norms[0], "epsilon": 5e-3},
+    return attack_class(attack)(context_model(), budget=BUDGETS[attack_class(attack).norms[0]],
                                 threat_model=threat_model, feature_budget=0.05, **quick_kwargs(attack))
 
 

@@ -31,8 +31,7 @@ def describe(kind: str) -> list[dict]:
             item["requires"] = list(model_requires(name))
             item["needs"] = getattr(entry, "package", "") or None  # an optional package (MONAI's networks)
         else:
-            parameters = [p for klass in reversed(entry.__mro__) if "__init__" in klass.__dict__ and klass is not object
-                          for p in inspect.signature(klass.__init__).parameters.values()]
+            parameters = list(entry.argument_parameters().values())
             item.update(norms=list(entry.norms), threat_models=list(entry.threat_models), role=entry.role,
                         scope=entry.scope)
         item["parameters"] = {p.name: _jsonable(p.default) for p in parameters

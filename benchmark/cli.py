@@ -306,6 +306,7 @@ def check_model_cmd(config_path, labels, factory, torchscript, weights, input_sh
                   "output": output, "age_mean": age_mean, "age_std": age_std,
                   "bin_centres": [float(v) for v in bin_centres.split(",")] if bin_centres else None}
         model.update({k: v for k, v in values.items() if v is not None})
+        # A config of the one model; its attack and budget only complete the config: check-model runs no attack.
         config = parse_config({"dataset": {"path": data_path, "split": "all"}, "out": "runs/check-model",
                                "models": [model], "attacks": [{"name": "fgsm"}],
                                "budgets": [{"norm": "linf", "epsilon": 1e-3}]}, "check-model")

@@ -8,7 +8,6 @@ settings finds its cells finished.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,15 +71,13 @@ def evaluate(model: nn.Module, data: str | Path, *, input_shape: Sequence[int], 
     table = {"out": str(out), "seed": seed, "batch_size": batch_size, "device": device, "precision": precision,
              "objective": list([objectives] if isinstance(objectives, str) else objectives),
              "threat_model": list([threat_models] if isinstance(threat_models, str) else threat_models),
-             "dataset": dataset, "models": [{"name": "cnn3d"}],  # a stand-in, replaced by the module below
-             "attacks": [{"name": a} if isinstance(a, str) else dict(a) for a in attacks],
+             "dataset": dataset, "attacks": [{"name": a} if isinstance(a, str) else dict(a) for a in attacks],
              "budgets": [dict(b) for b in budgets]}
-    config = parse_config(table, "evaluate")
     name = label or type(model).__name__
     source = ModelSource(memory=in_memory(model), contract=contract, name=name, where="evaluate")
     spec = ModelSpec(name=f"module:{type(model).__module__}.{type(model).__qualname__}", label=name,
                      train_if_missing=False, source=source)
-    config = dataclasses.replace(config, models=[spec])
+    config = parse_config(table, "evaluate", models=[spec])
 
     from medrobust.results.store import ResultStore
     from medrobust.runner import run

@@ -166,7 +166,7 @@ def contract_from(values: dict, features: Sequence[str] | None = None) -> InputC
     if features is not None:
         values["features"] = tuple(features)
     values = {k: v for k, v in values.items() if v is not None}
-    values["input_shape"] = tuple(int(n) if float(n).is_integer() else n for n in values["input_shape"])
+    values["input_shape"] = tuple(int(n) for n in values["input_shape"])
     values["voxel_size"] = tuple(float(v) for v in values["voxel_size"])
     for key in ("age_mean", "age_std"):
         if key in values:

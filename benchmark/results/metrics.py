@@ -1,4 +1,5 @@
-"""Per-sample image metrics and per-cell summary metrics from per-subject results (design.md section 6)."""
+"""Per-sample image metrics and per-cell summary metrics from per-subject results (docs/running.md, "Metrics of
+a cell", lists them)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def _median(values: np.ndarray) -> float:
 
 def sample_rows(subjects: Sequence[str], true_ages: Tensor, images: Tensor, features: Tensor | None,
                 mask: Tensor | None, result, ssim: bool = True) -> tuple[list[dict], Tensor | None]:
-    """The per-subject rows of one attacked batch (design.md section 6): predictions, deviation, the
+    """The per-subject rows of one attacked batch: predictions, deviation, the
     perturbation's l-inf, l2 (absolute and relative to each image's range) and ``image_metrics``, with one host
     transfer; and how far the threat model moved each subject's context features (the largest relative change
     of any feature, [B] on the host; 0 under ``fixed``), or None for a model without features. ``result`` is the

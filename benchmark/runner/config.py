@@ -311,11 +311,10 @@ def _own_model(entry: _Table, kind: str) -> ModelSpec:
             entry.fail(f"{entry.name('weights')}: a TorchScript file carries its weights; leave weights out")
         if not Path(value).is_file():
             entry.fail(f"{entry.name('torchscript')}: no file at {value!r}")
-        label = Path(value).stem
-        name = f"torchscript:{Path(value).name}"
+        default_label, name = Path(value).stem, f"torchscript:{Path(value).name}"
     else:
-        label = value.rpartition(":")[2] or value
-        name = f"factory:{value}"
+        default_label, name = value.rpartition(":")[2] or value, f"factory:{value}"
+    label = entry.take("label", "str", default_label)
     try:
         kwargs_json = json.dumps(kwargs, sort_keys=True)
     except (TypeError, ValueError) as err:
@@ -323,10 +322,10 @@ def _own_model(entry: _Table, kind: str) -> ModelSpec:
     source = ModelSource(factory=value if kind == "factory" else None, kwargs_json=kwargs_json,
                          torchscript=Path(value) if kind == "torchscript" else None,
                          weights=Path(weights) if weights else None, strict=strict, contract=contract,
-                         name=entry.data.get("label", label), where=where)
+                         name=label, where=where)
     if source.weights is not None and not source.weights.is_file():
         entry.fail(f"{entry.name('weights')}: no file at {weights!r}")
-    return ModelSpec(name=name, label=entry.take("label", "str", label), train_if_missing=False, source=source)
+    return ModelSpec(name=name, label=label, train_if_missing=False, source=source)
 
 
 def _attacks(table: _Table) -> list[AttackSpec]:
@@ -348,9 +347,11 @@ def _attacks(table: _Table) -> list[AttackSpec]:
     return attacks
 
 
-def parse_config(data: dict, source: str = "config") -> RunConfig:
+def parse_config(data: dict, source: str = "config", models: list[ModelSpec] | None = None) -> RunConfig:
     """Validate a config already read from TOML into a RunConfig. Plugins (installed entry points, then the
-    config's ``plugins``) are imported first, so that their models and attacks are known by name."""
+    config's ``plugins``) are imported first, so that their models and attacks are known by name. ``models``:
+    the grid's models, built by the caller (an in-memory module: ``medrobust.evaluate``), in place of a
+    ``[[models]]`` table."""
     table = _Table(data, "", source)
     plugins = [_check(p, "str", f"plugins[{i}]", table) for i, p in enumerate(table.take("plugins", "list", []))]
     import_plugins(plugins, f"{source}: plugins")
@@ -374,7 +375,7 @@ def parse_config(data: dict, source: str = "config") -> RunConfig:
     out = Path(table.take("out", "str", f"runs/{Path(source).stem}"))
     config = RunConfig(
         source=Path(source), out=out, models_dir=Path(table.take("models_dir", "str", str(out / "models"))),
-        dataset=_dataset(table), models=_models(table), attacks=_attacks(table),
+        dataset=_dataset(table), models=_models(table) if models is None else list(models), attacks=_attacks(table),
         budgets=_budgets(budgets_raw, "budgets", table) if budgets_raw is not None else [],
         objectives=objectives, threat_models=threat_models, target_age=target_age,
         seed=table.take("seed", "int", 0), device=table.take("device", "str", "auto"),

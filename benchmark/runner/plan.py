@@ -24,7 +24,7 @@ from medrobust.vocabulary import is_volume
 CHECK_SUBJECTS = 4
 
 
-def model_findings(config: RunConfig, label: str, model, subset, probe: bool = False) -> list[Finding]:
+def model_findings(config: RunConfig, model, subset, probe: bool = False) -> list[Finding]:
     """The checks of a loaded model (``medrobust.models.checks.inspect_model``) on the first subjects it will be
     attacked on; a model whose predictions depend on the batch passes where the run attacks one at a time."""
     count = min(CHECK_SUBJECTS, len(subset.subject_ids))
@@ -56,7 +56,7 @@ def plan_cells(config: RunConfig, root: Path, sources: dict[str, ModelSource], l
                                  f"features than {root} provides ({list(model.meta.feature_names)} against "
                                  f"{list(subset.feature_names)}); retrain it on this dataset, or declare the "
                                  f"features it takes")
-        for finding in model_findings(config, spec.label, model, subset):
+        for finding in model_findings(config, model, subset):
             if not finding.passed and finding.blocking:
                 raise MedrobustError(f"{config.source}: model {spec.label!r} fails its check '{finding.name}' "
                                      f"before any cell runs: {finding.detail} (`medrobust check-model` shows "
@@ -171,5 +171,5 @@ def check_models(config: RunConfig, labels: list[str] | None = None, probe: bool
             raise MedrobustError(f"{config.source}: no checkpoint yet for {spec.label} ({source.checkpoint}); "
                                  f"`medrobust run` trains it")
         model, _ = loaded.model(source)
-        findings[spec.label] = model_findings(config, spec.label, model, loaded.subjects(model_grid(model)), probe)
+        findings[spec.label] = model_findings(config, model, loaded.subjects(model_grid(model)), probe)
     return findings
