@@ -28,7 +28,7 @@ from medrobust.attacks.budget import perturbation_norms
 from medrobust.attacks.objectives import objective_score
 from medrobust.errors import MedrobustError
 from medrobust.models import create_model
-from medrobust.vocabulary import OBJECTIVES
+from medrobust.vocabulary import NORMS, OBJECTIVES, ROLES, SCOPES, THREAT_MODELS
 
 # Five pools take 32 to 1 per side: the smallest grid the paper's trunk accepts; few filters keep it fast.
 GRID = (32, 32, 32)
@@ -411,8 +411,21 @@ def check_recomputed_reports_the_features_measured_on_the_images(attack: str | t
     assert_prediction_is_the_models(built.model, result)
 
 
+def check_declared_facts(attack: str | type[Attack]) -> None:
+    """What the attack declares is of the vocabulary: its norms, threat models, role and scope, and its quick
+    settings name arguments it takes."""
+    cls = attack_class(attack)
+    assert cls.norms and set(cls.norms) <= set(NORMS), f"norms {cls.norms!r} not among {NORMS}"
+    assert "fixed" in cls.threat_models and set(cls.threat_models) <= set(THREAT_MODELS), \
+        f"threat_models {cls.threat_models!r} must hold fixed and be among {THREAT_MODELS}"
+    assert cls.role in ROLES, f"role {cls.role!r} not among {ROLES}"
+    assert cls.scope in SCOPES, f"scope {cls.scope!r} not among {SCOPES}"
+    unknown = set(cls.quick) - set(cls.argument_names())
+    assert not unknown, f"quick names arguments the attack does not take: {sorted(unknown)}"
+
+
 CLASS_CHECKS: tuple[Callable[[str | type[Attack]], None], ...] = (
-    check_params_rebuild, check_refuses_an_image_blind_model_under_fixed,
+    check_declared_facts, check_params_rebuild, check_refuses_an_image_blind_model_under_fixed,
     check_perturbed_moves_only_the_volumes_within_their_budget,
     check_recomputed_reports_the_features_measured_on_the_images,
 )

@@ -23,7 +23,6 @@ from medrobust.models.adapter import AdaptedModel, InputContract
 from medrobust.models.base import BrainAgeModel
 from medrobust.models.checkpoint import checkpoint_paths, load_checkpoint
 
-KINDS = ("checkpoint", "factory", "torchscript", "memory")
 # Modules given in memory (``medrobust.evaluate``), by the key their ModelSource holds: they live in this process.
 _IN_MEMORY: dict[str, nn.Module] = {}
 

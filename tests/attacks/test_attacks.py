@@ -356,3 +356,19 @@ def test_the_random_start_follows_the_seed_and_a_float_mask_acts_like_a_bool_one
     assert not torch.equal(first.images, other.images)
     as_float = create_attack("pgd", model, steps=1, seed=0)(images, mask=mask.float())
     assert torch.equal(as_float.images, first.images)
+
+
+def test_an_attack_declaring_facts_outside_the_vocabulary_fails_the_shipped_checks() -> None:
+    from medrobust.attacks.checks import check_declared_facts
+
+    class Boasting(PGD):
+        role = "strongest"
+
+    class Misquick(PGD):
+        quick = {"iterations": 3}
+
+    with pytest.raises(AssertionError, match="role 'strongest' not among"):
+        check_declared_facts(Boasting)
+    with pytest.raises(AssertionError, match="quick names arguments the attack does not take"):
+        check_declared_facts(Misquick)
+    check_declared_facts(PGD)
