@@ -62,6 +62,9 @@ class Attack:
     # True where the attack's first model pass is a gradient step at the clean images: that pass then also gives
     # the clean prediction (one forward pass fewer). An attack sets it only where that holds for every call.
     starts_clean: ClassVar[bool] = False
+    # True where every image the attack returns stays inside its clean image's range whatever ``clip`` says (a
+    # change of variables that cannot leave it, as C&W's tanh box).
+    bounded: ClassVar[bool] = False
     # Settings that keep the attack quick in the shipped contract checks (medrobust.attacks.checks), where its
     # defaults would be slow: e.g. {"iterations": 3}. An attack with ``steps`` gets 3 steps there anyway.
     quick: ClassVar[dict] = {}

@@ -71,6 +71,7 @@ class CW(Attack):
 
     name = "cw"
     quick = {"iterations": 3, "search_steps": 2}
+    bounded = True
     norms = ("linf", "l2")
     threat_models = ("fixed", "perturbed", "recomputed")
 

@@ -1,5 +1,6 @@
-"""Greedy l0 attack (Li et al. 2020): voxels ranked by |gradient|, each set to its image's min, mid or max where
-that raises the objective, until the voxel budget is spent or too many tries in a row fail."""
+"""Greedy l0 attack (Li et al. 2020): voxels ranked by their first-order gain (or, as the paper, by |gradient|),
+each set to its image's min, mid or max where that raises the objective, until the voxel budget is spent or too
+many tries in a row fail."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ from medrobust.attacks.arguments import check_count
 from medrobust.attacks.base import Attack, AttackState
 from medrobust.attacks.budget import Budget
 from medrobust.attacks.threats import THREAT_MODELS
+from medrobust.errors import MedrobustError
+
+# gain: |gradient| x the room the voxel has to its image's bound in the gradient's direction (the first-order
+# rise of setting it there; optimal on a linear model); gradient: |gradient| alone (the paper's).
+RANKINGS = ("gain", "gradient")
 
 
 @register_attack
@@ -20,10 +26,14 @@ class GreedyL0(Attack):
     """The paper's greedy voxel attack under an ``l0`` budget (epsilon: the number of voxels that may change;
     default ``Budget("l0", 360)``, the paper's smallest).
 
-    Voxels are ranked by the |gradient| of the objective at the clean image (inside the mask only). Each
-    sample walks down its own ranking: the next voxel is set, in turn, to the image's min, mid ((min + max)/2)
-    and max, one batched forward pass per value for the whole batch, and the best value is kept if it raises
-    the sample's objective. A sample stops when its budget of changed voxels is spent, after
+    Voxels are ranked (inside the mask only) by ``ranking``: ``gain`` (the default), the first-order rise of
+    moving the voxel to its image's bound in its gradient's direction, |gradient| x (max - x) where the gradient
+    is positive and |gradient| x (x - min) where it is negative, which is the exact gain on a linear model (so
+    the top voxels are the optimal ones there); or ``gradient``, the |gradient| alone, as the paper ranked
+    them, which ignores how far a voxel can move (so a voxel already near its bound can rank first). The
+    gradient is the objective's at the clean image. Each sample walks down its own ranking: the next voxel is
+    set, in turn, to the image's min, mid ((min + max)/2) and max, one batched forward pass per value for the
+    whole batch, and the best value is kept if it raises the sample's objective. A sample stops when its budget of changed voxels is spent, after
     ``max_failures`` tries in a row that did not raise its objective, or at the end of its ranking.
     ``rerank_every``: re-rank a sample's voxels by the gradient at its current image after that many accepted
     changes, voxels it already changed left out (None: rank once, as the paper).
@@ -51,9 +61,13 @@ class GreedyL0(Attack):
         *args,
         max_failures: int = 100,
         rerank_every: int | None = None,
+        ranking: str = "gain",
         **kwargs,
     ) -> None:
         super().__init__(model, Budget("l0", 360) if budget is None else budget, *args, **kwargs)
+        if ranking not in RANKINGS:
+            raise MedrobustError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
+        self.ranking = ranking
         self.max_failures = check_count("max_failures", max_failures)
         self.rerank_every = None if rerank_every is None else check_count("rerank_every", rerank_every)
 
@@ -105,11 +119,16 @@ class GreedyL0(Attack):
         return adversarial.view_as(state.images)
 
     def _rank(self, state: AttackState, adversarial: Tensor, depth: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The ``depth`` largest |gradient| at ``adversarial`` [B, N] and their voxels, per sample, and the
-        features' gradient of the same pass (None unless ``perturbed``): one forward and backward. Voxels outside
-        the mask and voxels already changed rank last, at -1: re-ranking moves on to new voxels."""
+        """The ``depth`` largest ranks (``ranking``) at ``adversarial`` [B, N] and their voxels, per sample, and
+        the features' gradient of the same pass (None unless ``perturbed``): one forward and backward. Voxels
+        outside the mask and voxels already changed rank last, at -1: re-ranking moves on to new voxels."""
         evaluation = state.evaluate(adversarial.view_as(state.images))
-        magnitude = evaluation.grad.abs().flatten(1)
+        grad = evaluation.grad.flatten(1)
+        magnitude = grad.abs()
+        if self.ranking == "gain":
+            clean = state.images.flatten(1)
+            low, high = clean.amin(dim=1, keepdim=True), clean.amax(dim=1, keepdim=True)
+            magnitude = magnitude * torch.where(grad > 0, high - adversarial, adversarial - low)
         excluded = adversarial != state.images.flatten(1)
         if state.mask is not None:
             excluded |= ~state.mask.flatten(1)

@@ -46,7 +46,7 @@ class PGD(Attack):
         self,
         model: nn.Module,
         *args,
-        steps: int = 10,
+        steps: int = 20,
         step_size: float = 0.25,
         random_start: bool = True,
         restarts: int = 1,

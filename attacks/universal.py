@@ -28,10 +28,11 @@ class Universal(Attack):
     attacks any batch with it; calling the attack on a batch fits on that batch and applies to it.
 
     Each of ``steps`` steps is one epoch over the set: per mini-batch a forward and a backward pass at the
-    current perturbation, summing ``sign`` (each image's gradient sign: the paper's algorithm) or ``pgd`` (the
-    gradient); then the shared perturbation moves ``step_size`` times the radius along the sign (l-inf) or
-    the normalized sum (l2) and is projected into the ball. The radius is the smallest over the fitting set
-    (unit ``range`` or ``std`` give each image its own), so every fitting image's budget holds; at ``apply``
+    current perturbation, summing ``pgd`` (the gradient; the default) or ``sign`` (each image's gradient sign:
+    the paper's algorithm, kept as an option; under l2 it reaches only about 0.8 of a linear model's optimum,
+    sign(w) pointing far from w); then the shared perturbation moves ``step_size`` times the radius along the
+    sign (l-inf) or the normalized sum (l2) and is projected into the ball. The radius is the smallest over the
+    fitting set (unit ``range`` or ``std`` give each image its own), so every fitting image's budget holds; at ``apply``
     each image gets the shared perturbation masked, projected into its own ball (a no-op unless its radius is
     smaller than the fitted one) and, under ``clip="image"``, clipped to its range (``clip="none"`` is the
     paper's unclipped perturbation).
@@ -57,7 +58,7 @@ class Universal(Attack):
         self,
         model: nn.Module,
         *args,
-        algorithm: str = "sign",
+        algorithm: str = "pgd",
         steps: int = 8,
         step_size: float = 0.25,
         **kwargs,

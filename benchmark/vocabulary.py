@@ -52,8 +52,10 @@ AGE_BIN_LABELS = ("<15", "15-25", "25-50", "50-65", ">65")
 
 # An attack's role, declared by the attack (``Attack.role``), read by the reliability checks. baseline: a
 # reference no real attack may fall below (random noise); one-step: a single gradient step (FGSM), the least a
-# many-step attack must reach; iterative: many steps, held to at least the one-step attack's result.
-ROLES = ("baseline", "one-step", "iterative")
+# many-step attack must reach; iterative: many steps, held to at least the one-step attack's result; black-box: it
+# queries only the model's output (no gradient), so where it beats the gradient attacks of the same budget their
+# gradients are not to be trusted; ensemble: the worst case per subject over member attacks (medrobust's headline).
+ROLES = ("baseline", "one-step", "iterative", "black-box", "ensemble")
 # An attack's scope (``Attack.scope``). batch: it attacks each batch of subjects on its own; set: it fits one
 # perturbation on a set of subjects and applies it to others (a universal perturbation).
 SCOPES = ("batch", "set")
