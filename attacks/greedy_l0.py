@@ -26,17 +26,17 @@ class GreedyL0(Attack):
     """The paper's greedy voxel attack under an ``l0`` budget (epsilon: the number of voxels that may change;
     default ``Budget("l0", 360)``, the paper's smallest).
 
-    Voxels are ranked (inside the mask only) by ``ranking``: ``gain`` (the default), the first-order rise of
-    moving the voxel to its image's bound in its gradient's direction, |gradient| x (max - x) where the gradient
-    is positive and |gradient| x (x - min) where it is negative, which is the exact gain on a linear model (so
-    the top voxels are the optimal ones there); or ``gradient``, the |gradient| alone, as the paper ranked
-    them, which ignores how far a voxel can move (so a voxel already near its bound can rank first). The
-    gradient is the objective's at the clean image. Each sample walks down its own ranking: the next voxel is
-    set, in turn, to the image's min, mid ((min + max)/2) and max, one batched forward pass per value for the
-    whole batch, and the best value is kept if it raises the sample's objective. A sample stops when its budget of changed voxels is spent, after
-    ``max_failures`` tries in a row that did not raise its objective, or at the end of its ranking.
-    ``rerank_every``: re-rank a sample's voxels by the gradient at its current image after that many accepted
-    changes, voxels it already changed left out (None: rank once, as the paper).
+    Voxels are ranked (inside the mask only) by ``ranking``: ``gain`` (the default), the first-order rise of moving the
+    voxel to its image's bound in its gradient's direction, |gradient| x (max - x) where the gradient is positive and
+    |gradient| x (x - min) where it is negative, which is the exact gain on a linear model (so the top voxels are the
+    optimal ones there); or ``gradient``, the |gradient| alone, as the paper ranked them, which ignores how far a voxel
+    can move (so a voxel already near its bound can rank first). The gradient is the objective's at the clean image.
+    Each sample walks down its own ranking: the next voxel is set, in turn, to the image's min, mid ((min + max)/2) and
+    max, one batched forward pass per value for the whole batch, and the best value is kept if it raises the sample's
+    objective. A sample stops when its budget of changed voxels is spent, after ``max_failures`` tries in a row that did
+    not raise its objective, or at the end of its ranking. ``rerank_every``: re-rank a sample's voxels by the gradient
+    at its current image after that many accepted changes, voxels it already changed left out (None: rank once, as the
+    paper).
 
     Costs three forwards per ranked voxel tried (for every sample, until the last one stops), one forward and
     backward per ranking, plus the clean and the final prediction. Only the top (epsilon + 1) * max_failures
