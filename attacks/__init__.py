@@ -28,6 +28,9 @@ from medrobust.attacks.greedy_l0 import GreedyL0
 from medrobust.attacks.noise import Noise
 from medrobust.attacks.objectives import OBJECTIVES
 from medrobust.attacks.pgd import PGD
+
+# Black-box: the model's output only
+from medrobust.attacks.square import Square
 from medrobust.attacks.threats import THREAT_MODELS
 
 # One perturbation fitted on a set of subjects
@@ -43,6 +46,7 @@ __all__ = [
     "NORMS",
     "OBJECTIVES",
     "PGD",
+    "Square",
     "THREAT_MODELS",
     "UNITS",
     "Attack",

@@ -307,10 +307,14 @@ def check_never_worse(call: ContractCall) -> None:
 
 
 def check_counters(call: ContractCall) -> None:
-    """Forward and backward passes and steps are counted as python ints > 0."""
+    """Forward and backward passes and steps are counted as python ints > 0 (backward passes >= 0 for a black-box
+    attack, which takes none)."""
     for label in ("forward", "backward", "steps"):
         count = getattr(call.result, label)
-        assert type(count) is int and count > 0, f"{label} counter is {count!r}"
+        least = 0 if label == "backward" and call.attack.role == "black-box" else 1
+        assert type(count) is int and count >= least, f"{label} counter is {count!r}"
+    if call.attack.role == "black-box":
+        assert call.result.backward == 0, f"a black-box attack took {call.result.backward} backward passes"
 
 
 def check_repeatable(call: ContractCall) -> None:
@@ -428,6 +432,9 @@ def check_declared_facts(attack: str | type[Attack]) -> None:
 # makes the intensity box bind on many voxels), and the fraction of the optimum every attack must reach.
 OPTIMUM_BUDGETS = {"linf": (0.02, 0.3), "l2": (0.1, 2.0), "l0": (8, 40)}
 OPTIMUM_FRACTION = {"linf": 0.99, "l2": 0.98, "l0": 0.95}
+# A black-box attack searches at random without a gradient: at its default queries (square: 1000, for 216 voxels)
+# it is held to less. Measured 2026-12-02: square reaches 0.99-1.0 under l-inf and 0.76-0.90 under l2.
+BLACK_BOX_OPTIMUM_FRACTION = {"linf": 0.95, "l2": 0.7, "l0": 0.9}
 OPTIMUM_FEATURES = ["sex", "vol_hippocampus", "vol_ventricles"]
 
 
@@ -502,12 +509,14 @@ def optimum_fraction(attack: str | type[Attack], norm: str, epsilon: float, clip
 
 def check_reaches_linear_optimum(attack: str | type[Attack]) -> None:
     """At its defaults, the attack reaches ``OPTIMUM_FRACTION`` of the closed-form optimum on linear models in
-    every case of ``optimum_settings`` (l-inf 0.99, l2 0.98, l0 0.95), for every image."""
+    every case of ``optimum_settings`` (l-inf 0.99, l2 0.98, l0 0.95; a black-box attack
+    ``BLACK_BOX_OPTIMUM_FRACTION``), for every image."""
+    required = BLACK_BOX_OPTIMUM_FRACTION if attack_class(attack).role == "black-box" else OPTIMUM_FRACTION
     for norm, epsilon, clip, threat_model in optimum_settings(attack):
         fraction = optimum_fraction(attack, norm, epsilon, clip, threat_model)
-        assert (fraction >= OPTIMUM_FRACTION[norm]).all(), (
+        assert (fraction >= required[norm]).all(), (
             f"reaches {fraction.min().item():.3f} of the linear model's optimum ({norm} epsilon {epsilon:g}, clip "
-            f"{clip}, threat model {threat_model}); at least {OPTIMUM_FRACTION[norm]} is required")
+            f"{clip}, threat model {threat_model}); at least {required[norm]} is required")
 
 
 CLASS_CHECKS: tuple[Callable[[str | type[Attack]], None], ...] = (

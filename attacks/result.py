@@ -14,7 +14,10 @@ class AttackResult:
     ``images``: the adversarial images (detached, dtype and device of the input); ``features``: the context
     features the adversarial prediction used (the clean ones under ``fixed``); predictions [B] in years;
     ``forward``/``backward``: model passes spent, the clean and final predictions included; ``steps``:
-    gradient steps taken.
+    gradient steps taken; ``zero_gradient`` [B] (bool): the sample's gradient at the attack's first gradient
+    pass was zero wherever the perturbation may go; ``nonfinite_gradient`` [B]: some pass gave it a NaN or inf
+    gradient (set to 0 before use). Both are None for an attack that took no gradient; the runner counts them per
+    cell and the reliability checks flag them (masked or broken gradients).
     """
 
     images: Tensor
@@ -24,3 +27,5 @@ class AttackResult:
     forward: int
     backward: int
     steps: int
+    zero_gradient: Tensor | None = None
+    nonfinite_gradient: Tensor | None = None

@@ -63,6 +63,9 @@ class AttackState:
         self.forward = 0
         self.backward = 0
         self.steps = 0
+        # Per sample [B] (bool), set by the first gradient pass: see ``_checked``. None while no gradient was taken.
+        self.zero_gradient: Tensor | None = None
+        self.nonfinite_gradient: Tensor | None = None
         # One random stream per sample, created per call from (the attack's seed, the sample's seed): two calls
         # with the same inputs give identical output, and a sample's draws do not depend on its batch.
         self.generators = sample_generators(attack.seed, sample_seeds, images)
@@ -160,13 +163,17 @@ class AttackState:
             features = self.features
         prediction = self.attack.model(leaf, features)
         score = self.score(prediction)
-        grads = torch.autograd.grad(score, inputs, torch.ones_like(score) if weights is None else weights,
-                                    allow_unused=True)
+        if score.requires_grad:
+            grads = torch.autograd.grad(score, inputs, torch.ones_like(score) if weights is None else weights,
+                                        allow_unused=True)
+        else:  # no autograd graph from the inputs to the output (a detach inside): no gradient at all
+            grads = (None,) * len(inputs)
         # A model that ignores the image, or (under perturbed) the features: a zero gradient, not None.
-        grad = torch.zeros_like(leaf) if grads[0] is None else grads[0]
+        grad = self._checked(torch.zeros_like(leaf) if grads[0] is None else grads[0])
         feature_grad = None
         if len(grads) > 1:
             feature_grad = torch.zeros_like(features) if grads[1] is None else grads[1]
+            feature_grad = torch.where(torch.isfinite(feature_grad), feature_grad, 0)
         self.features = None if features is None else features.detach()
         self.forward += 1
         self.backward += 1
@@ -174,6 +181,21 @@ class AttackState:
         prediction, score = prediction.detach(), score.detach()
         self.record(adversarial, prediction, score)
         return Pass(grad, feature_grad, prediction, score)
+
+    def _checked(self, grad: Tensor) -> Tensor:
+        """``grad`` with its non-finite values set to 0 (a NaN would poison every later iterate), after recording
+        per sample whether it held any (``nonfinite_gradient``, over every pass) and, at the call's first pass,
+        whether it was zero everywhere the perturbation may go (``zero_gradient``): the reliability checks flag
+        both, as signs of masked or broken gradients."""
+        flat = grad.flatten(1)
+        finite = torch.isfinite(flat)
+        nonfinite = ~finite.all(dim=1)
+        self.nonfinite_gradient = nonfinite if self.nonfinite_gradient is None else self.nonfinite_gradient | nonfinite
+        grad = torch.where(finite.view_as(grad), grad, 0)
+        if self.zero_gradient is None:
+            moving = self.ball.masked(grad).flatten(1)
+            self.zero_gradient = ~moving.ne(0).any(dim=1)
+        return grad
 
     def gradient(self, adversarial: Tensor) -> Tensor:
         """Gradient of the objective with respect to the image at ``adversarial`` (``evaluate`` at the current
@@ -265,6 +287,8 @@ class AttackState:
             forward=self.forward,
             backward=self.backward,
             steps=self.steps,
+            zero_gradient=self.zero_gradient,
+            nonfinite_gradient=self.nonfinite_gradient,
         )
 
 

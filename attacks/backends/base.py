@@ -47,7 +47,8 @@ class ImageOnlyModel(nn.Module):
     projected and clipped), with the gradient passed straight through inside the mask and zero outside it, so a
     library that knows no mask never moves a voxel outside it. Each call is counted (a forward pass, and a backward
     pass when its output carries a gradient: the libraries differentiate every such call) and its iterate is
-    scored for ``keep_best``, exactly as ``AttackState.gradient`` does for our own attacks.
+    scored for ``keep_best``, exactly as ``AttackState.gradient`` does for our own attacks. A model whose output
+    has no graph from the image gets a zero gradient (``zero_gradient`` set), as in ``AttackState.evaluate``.
     """
 
     def __init__(self, state: AttackState) -> None:
@@ -66,6 +67,12 @@ class ImageOnlyModel(nn.Module):
         attacked = state.project(images.detach()) + passthrough
         prediction = self.model(attacked, state.features)
         state.forward += 1
+        if images.requires_grad and not prediction.requires_grad:
+            # A model with no graph from its input (a detach inside): a zero gradient for the library, not its
+            # crash, recorded as our own attacks record it.
+            prediction = prediction + 0 * passthrough.flatten(1).sum(dim=1)
+            if state.zero_gradient is None:
+                state.zero_gradient = torch.ones_like(prediction, dtype=torch.bool)
         if prediction.requires_grad:
             state.backward += 1
             state.steps += 1

@@ -64,6 +64,10 @@ class _Timer:
         self.seconds += start.elapsed_time(end) / 1000
 
 
+# What an AttackResult says of the gradients it saw, per sample; each becomes the cell metric ``<name>_subjects``.
+GRADIENT_FAULTS = ("zero_gradient", "nonfinite_gradient")
+
+
 def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: RunConfig, device: torch.device,
                      on_batch: Callable[[dict], None] | None = None, recompute: bool = False, seed: int = 0,
                      parity: bool = True) -> tuple[dict, list[dict]]:
@@ -78,6 +82,7 @@ def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: 
     are kept (``parity_*``) for the reliability checks (with ``parity``)."""
     rows: list[dict] = []
     counters = {"forward": 0, "backward": 0, "steps": 0}
+    gradient_faults: dict[str, int] = {}
     timer = _Timer(device)
     feature_change: list[torch.Tensor] = []
     extra: dict = {}
@@ -111,12 +116,17 @@ def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: 
             feature_change.append(moved)
         for key in counters:
             counters[key] += getattr(result, key)
+        for key in GRADIENT_FAULTS:  # subjects whose gradient was zero or non-finite (reliability checks)
+            fault = getattr(result, key, None)
+            if fault is not None:
+                gradient_faults[key] = gradient_faults.get(key, 0) + int(fault.sum())
         start = batch.stop
         if on_batch is not None:
             on_batch({"done": len(rows), "of": count,
                       "mean_abs_deviation": sum(abs(r["deviation"]) for r in rows) / len(rows)})
     metrics = rows_metrics(rows)
     metrics.update(counters, attack_seconds=timer.seconds, batch_size_used=size, **extra)
+    metrics.update({f"{key}_subjects": count for key, count in gradient_faults.items()})
     if feature_change:  # the largest relative change of any context feature, averaged over subjects
         metrics["mean_feature_change_rel"] = float(torch.cat(feature_change).mean())
     return metrics, rows
@@ -154,6 +164,8 @@ def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: Ru
                                      parity=False)
         for key, count in zip(("forward", "backward", "steps"), attack.fit_counters, strict=True):
             metrics[key] += count
+        for key, count in attack.fit_gradient_faults.items():
+            metrics[f"{key}_subjects"] = metrics.get(f"{key}_subjects", 0) + count
         metrics["attack_seconds"] += fit_seconds
         metrics.update({f"fit_{key}": on_fit[key] for key in FIT_METRICS})
     metrics["timing"] = "cuda-events" if device.type == "cuda" else "wall-clock"

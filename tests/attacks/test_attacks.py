@@ -108,7 +108,9 @@ def test_the_realized_perturbation_stays_in_budget_at_the_papers_epsilon(name: s
     realized = perturbation_norms(result.images - images)[norm]
     radius = attack.budget.radius(images)
     assert (realized <= radius * (1 + 1e-6)).all()
-    assert (realized >= radius * (1 - 1e-3)).all()
+    # A black-box search keeps the clean image where no query beat it (its quick settings are 20 queries).
+    full = realized >= radius * (1 - 1e-3)
+    assert (full | (realized == 0) if attack.role == "black-box" else full).all()
 
 
 def test_the_default_budget_is_the_bases_or_an_l0_attacks_own(attack_name: str) -> None:
