@@ -20,6 +20,9 @@ from medrobust.attacks.bim import BIM
 from medrobust.attacks.budget import NORMS, UNITS, Budget, perturbation_norms
 from medrobust.attacks.cw import CW
 
+# The worst case per subject over a set of attacks
+from medrobust.attacks.ensemble import Ensemble
+
 # Gradient attacks on each batch: one step, then many steps
 from medrobust.attacks.fgsm import FGSM  # noqa: I001  (grouped by kind, not sorted)
 from medrobust.attacks.greedy_l0 import GreedyL0
@@ -42,6 +45,7 @@ __all__ = [
     "ARTPGD",
     "BIM",
     "CW",
+    "Ensemble",
     "FGSM",
     "NORMS",
     "OBJECTIVES",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -17,7 +17,9 @@ class AttackResult:
     gradient steps taken; ``zero_gradient`` [B] (bool): the sample's gradient at the attack's first gradient
     pass was zero wherever the perturbation may go; ``nonfinite_gradient`` [B]: some pass gave it a NaN or inf
     gradient (set to 0 before use). Both are None for an attack that took no gradient; the runner counts them per
-    cell and the reliability checks flag them (masked or broken gradients).
+    cell and the reliability checks flag them (masked or broken gradients). ``diagnostics``: per-sample values
+    [B] an attack reports beside its result (the ensemble: which member won, the unbounded probe's shift); the
+    runner stores their mean per cell as ``diag:<name>``.
     """
 
     images: Tensor
@@ -29,3 +31,4 @@ class AttackResult:
     steps: int
     zero_gradient: Tensor | None = None
     nonfinite_gradient: Tensor | None = None
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from medrobust.attacks._registry import register_attack
 from medrobust.attacks.arguments import check_count, check_positive
-from medrobust.errors import MedrobustError
 from medrobust.attacks.base import Attack, AttackState
+from medrobust.errors import MedrobustError
 
 # The paper's schedule of the window's share p of the voxels, for a budget of 10 000 queries: p is halved at these
 # queries (rescaled to the attack's own query budget).

@@ -69,6 +69,9 @@ class AttackState:
         # One random stream per sample, created per call from (the attack's seed, the sample's seed): two calls
         # with the same inputs give identical output, and a sample's draws do not depend on its batch.
         self.generators = sample_generators(attack.seed, sample_seeds, images)
+        self.sample_seeds = sample_seeds  # as given: an attack that calls others (ensemble) passes them on
+        # Per-sample values [B] an attack reports beside its result (AttackResult.diagnostics).
+        self.diagnostics: dict[str, Tensor] = {}
         self._view = (-1,) + (1,) * (images.dim() - 1)
         self.radius = attack.budget.radius(images)
         self.lower = self.upper = None
@@ -197,6 +200,13 @@ class AttackState:
             self.zero_gradient = ~moving.ne(0).any(dim=1)
         return grad
 
+    def merge_gradient_faults(self, result: AttackResult) -> None:
+        """Take in the gradient faults another attack's ``result`` recorded on this batch (an ensemble's member)."""
+        for key in ("zero_gradient", "nonfinite_gradient"):
+            theirs, ours = getattr(result, key), getattr(self, key)
+            if theirs is not None:
+                setattr(self, key, theirs if ours is None else ours | theirs)
+
     def gradient(self, adversarial: Tensor) -> Tensor:
         """Gradient of the objective with respect to the image at ``adversarial`` (``evaluate`` at the current
         features); under ``perturbed`` the next ``ascend`` moves the features along their gradient."""
@@ -289,6 +299,7 @@ class AttackState:
             steps=self.steps,
             zero_gradient=self.zero_gradient,
             nonfinite_gradient=self.nonfinite_gradient,
+            diagnostics=dict(self.diagnostics),
         )
 
 

@@ -83,6 +83,7 @@ def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: 
     rows: list[dict] = []
     counters = {"forward": 0, "backward": 0, "steps": 0}
     gradient_faults: dict[str, int] = {}
+    diagnostics: dict[str, list[torch.Tensor]] = {}
     timer = _Timer(device)
     feature_change: list[torch.Tensor] = []
     extra: dict = {}
@@ -120,6 +121,8 @@ def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: 
             fault = getattr(result, key, None)
             if fault is not None:
                 gradient_faults[key] = gradient_faults.get(key, 0) + int(fault.sum())
+        for key, values in result.diagnostics.items():
+            diagnostics.setdefault(key, []).append(values.detach().double().cpu())
         start = batch.stop
         if on_batch is not None:
             on_batch({"done": len(rows), "of": count,
@@ -127,6 +130,8 @@ def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: 
     metrics = rows_metrics(rows)
     metrics.update(counters, attack_seconds=timer.seconds, batch_size_used=size, **extra)
     metrics.update({f"{key}_subjects": count for key, count in gradient_faults.items()})
+    # An attack's per-subject diagnostics (the ensemble's winners and unbounded probe), averaged over subjects.
+    metrics.update({f"diag:{key}": float(torch.cat(values).mean()) for key, values in diagnostics.items()})
     if feature_change:  # the largest relative change of any context feature, averaged over subjects
         metrics["mean_feature_change_rel"] = float(torch.cat(feature_change).mean())
     return metrics, rows
