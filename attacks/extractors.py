@@ -83,7 +83,11 @@ class RegionVolumes:
         measured = self.counts(images)[:, self.columns]
         clean = self.clean_counts[:, self.columns]
         ratio = torch.where(clean > 0, measured / clean.clamp_min(1e-12), torch.ones_like(measured))
-        return torch.where(self.regional, self.clean_features * ratio, self.clean_features)
+        # A missing value (NaN: a field strength not recorded, a volume not measured) stays missing; it is kept
+        # out of the product, whose gradient would otherwise be NaN x 0 = NaN for every voxel.
+        known = self.regional & torch.isfinite(self.clean_features)
+        scaled = torch.where(known, self.clean_features, 0) * ratio
+        return torch.where(known, scaled, self.clean_features)
 
     def to(self, device: torch.device | str) -> RegionVolumes:
         """This extractor with its tensors on ``device`` (itself when they are there already)."""

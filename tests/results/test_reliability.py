@@ -125,3 +125,107 @@ def test_the_checks_read_each_attacks_declared_role_not_a_list_of_names():
     registered = pd.DataFrame([cell("f1", "fgsm", 1e-3, 3.0), cell("a1", "art-pgd", 1e-3, 2.0),
                                cell("t1", "torchattacks-pgd", 1e-3, 2.0), cell("u1", "universal", 1e-3, 1.0)])
     assert sorted(reliability_flags(registered)) == ["a1", "t1"]
+
+
+# ---------------------------------------------------------------- the checks on deliberately broken models, end to end
+
+BROKEN_GRID = (16, 16, 16)
+
+
+class Linear(torch.nn.Module):
+    """age = 40 + w . x on the fixture's 16^3 grid: a healthy model (its gradient is the whole story)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.w = torch.nn.Parameter(torch.randn(1, 1, *BROKEN_GRID, generator=generator) / 64)
+
+    def read(self, x, w=None):
+        return (x * (self.w if w is None else w)).flatten(1).sum(dim=1)
+
+    def forward(self, x):
+        return 40.0 + self.read(x)
+
+
+class Rounded(Linear):
+    """Fully masked: the read-out rounded to whole years, a zero gradient everywhere."""
+
+    def forward(self, x):
+        return 40.0 + torch.round(self.read(x))
+
+
+class Detached(Linear):
+    """A detach inside: the output has no autograd graph from the image."""
+
+    def forward(self, x):
+        return 40.0 + self.read(x).detach()
+
+
+class PartlyMasked(Linear):
+    """Partly masked: a faint linear path the gradient sees, beside a strong path along other weights quantized to
+    steps of 0.01 y, which the gradient does not see (zero almost everywhere) and a search over the outputs does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.v = torch.nn.Parameter(torch.randn(1, 1, *BROKEN_GRID, generator=torch.Generator().manual_seed(9)) / 64)
+
+    def forward(self, x):
+        return 40.0 + 0.005 * self.read(x) + torch.floor(100 * self.read(x, self.v)) / 100
+
+
+def flags_of(model, root, tmp_path) -> dict[str, list[str]]:
+    """The reliability reasons per attack of one evaluate() of ``model`` on the fixture's dataset."""
+    import medrobust
+
+    members = [{"name": "apgd", "steps": 20}, {"name": "square", "queries": 200}]
+    attacks = ["noise", "fgsm", {"name": "pgd", "steps": 10}, {"name": "square", "queries": 200},
+               {"name": "ensemble", "members": members}]
+    result = medrobust.evaluate(model, root, input_shape=BROKEN_GRID, voxel_size=(1, 1, 1), split="train", count=3,
+                                attacks=attacks, budgets=[{"norm": "linf", "epsilon": 0.05}], batch_size=3,
+                                out=tmp_path / type(model).__name__, progress=False, report=False)
+    assert not result.failed, result.failed  # a broken model is flagged, never a crash
+    return {row["attack"]: list(row["reliability"]) for _, row in result.cells.iterrows()}
+
+
+def checks_fired(reasons: list[str]) -> set[str]:
+    return {reason.split(":", 1)[0] for reason in reasons}
+
+
+def test_each_broken_model_is_flagged_by_the_check_that_should_catch_it_and_a_healthy_one_is_not(tmp_path) -> None:
+    import shutil
+    from pathlib import Path
+
+    root = tmp_path / "dataset"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "runner" / "fixtures" / "pre_redesign" / "dataset", root)
+    healthy = flags_of(Linear(), root, tmp_path)
+    assert healthy == {name: [] for name in healthy}, healthy
+    for broken in (Rounded(), Detached()):
+        flags = flags_of(broken, root, tmp_path)
+        for attack in ("fgsm", "pgd", "ensemble"):
+            assert "gradient" in checks_fired(flags[attack]), (type(broken).__name__, attack, flags[attack])
+        assert "unbounded" in checks_fired(flags["ensemble"]), flags["ensemble"]
+        assert any("suggests" in reason for reason in flags["pgd"])
+    partly = flags_of(PartlyMasked(), root, tmp_path)
+    # Its gradient is finite and non-zero: what catches it is the black-box attack beating the gradient attacks,
+    # and the ensemble's unbounded probe falling far short.
+    for attack in ("fgsm", "pgd"):
+        assert "black-box" in checks_fired(partly[attack]), (attack, partly[attack])
+        assert "gradient" not in checks_fired(partly[attack])
+    assert "unbounded" in checks_fired(partly["ensemble"]), partly["ensemble"]
+
+
+def test_a_short_attack_that_cannot_reach_its_budget_is_told_so_not_called_masked() -> None:
+    cells = pd.DataFrame([cell("f1", "fgsm", 1e-3, 3.0),
+                          cell("p1", "pgd", 1e-3, 1.5, params={"steps": 2, "step_size": 0.25, "budget": {}})])
+    (reason,) = reliability_flags(cells)["p1"]
+    assert reason.startswith("one-step: weaker than fgsm") and "steps x step_size < 1" in reason
+    assert "masked" not in reason
+
+
+def test_an_ensemble_weaker_than_another_attack_and_recorded_gradient_faults_are_flagged() -> None:
+    cells = pd.DataFrame([cell("p1", "pgd", 1e-3, 3.0), cell("e1", "ensemble", 1e-3, 2.0),
+                          cell("s1", "square", 1e-3, 0.5, **{"zero_gradient_subjects": 2, "n": 5})])
+    flags = reliability_flags(cells)
+    assert checks_fired(flags["e1"]) == {"ensemble"} and "add it to the ensemble's members" in flags["e1"][0]
+    assert checks_fired(flags["s1"]) == {"gradient"} and "2 of 5 subjects had a zero input gradient" in flags["s1"][0]
+    assert "p1" not in flags
