@@ -176,7 +176,7 @@ class AttackState:
         feature_grad = None
         if len(grads) > 1:
             feature_grad = torch.zeros_like(features) if grads[1] is None else grads[1]
-            feature_grad = torch.where(torch.isfinite(feature_grad), feature_grad, 0)
+            feature_grad = torch.nan_to_num(feature_grad, nan=0.0, posinf=0.0, neginf=0.0)
         self.features = None if features is None else features.detach()
         self.forward += 1
         self.backward += 1
@@ -186,19 +186,16 @@ class AttackState:
         return Pass(grad, feature_grad, prediction, score)
 
     def _checked(self, grad: Tensor) -> Tensor:
-        """``grad`` with its non-finite values set to 0 (a NaN would poison every later iterate), after recording
-        per sample whether it held any (``nonfinite_gradient``, over every pass) and, at the call's first pass,
-        whether it was zero everywhere the perturbation may go (``zero_gradient``): the reliability checks flag
-        both, as signs of masked or broken gradients."""
-        flat = grad.flatten(1)
-        finite = torch.isfinite(flat)
-        nonfinite = ~finite.all(dim=1)
-        self.nonfinite_gradient = nonfinite if self.nonfinite_gradient is None else self.nonfinite_gradient | nonfinite
-        grad = torch.where(finite.view_as(grad), grad, 0)
+        """``grad`` with its non-finite values set to 0 (a NaN would poison every later iterate: one in-place kernel
+        per pass). At the call's first pass it also records, per sample, whether the gradient held a NaN or inf
+        (``nonfinite_gradient``) and whether it was zero everywhere the perturbation may go (``zero_gradient``):
+        the reliability checks flag both, as signs of masked or broken gradients."""
         if self.zero_gradient is None:
-            moving = self.ball.masked(grad).flatten(1)
-            self.zero_gradient = ~moving.ne(0).any(dim=1)
-        return grad
+            self.nonfinite_gradient = ~torch.isfinite(grad.flatten(1)).all(dim=1)
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            self.zero_gradient = ~self.ball.masked(grad).flatten(1).ne(0).any(dim=1)
+            return grad
+        return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
     def merge_gradient_faults(self, result: AttackResult) -> None:
         """Take in the gradient faults another attack's ``result`` recorded on this batch (an ensemble's member)."""

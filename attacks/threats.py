@@ -25,11 +25,14 @@ def check_recomputed(threat_model: str, extractor: object, features: Tensor | No
 
 
 def movable_features(model: nn.Module, features: Tensor) -> Tensor:
-    """Per feature [F] (bool), whether ``perturbed`` may move it: the regional volumes by the model's feature
-    names; every feature of a model that names none."""
+    """Per feature [F] (bool), whether ``perturbed`` may move it: the regional volumes, found by the model's
+    feature names (``meta.feature_names``, the ``vol_`` ones). A model that names none is refused: which of its
+    features are volumes (and which are sex or field strength, which never move) is unknown."""
     names = getattr(getattr(model, "meta", None), "feature_names", None)
     if names is None:
-        return torch.ones(features.shape[1], dtype=torch.bool, device=features.device)
+        raise MedrobustError("threat_model 'perturbed' moves the regional volumes only, found by the model's "
+                             "feature names (meta.feature_names, volumes named vol_*); this model names none, so "
+                             "its sex or field strength would move too: name its features, or use 'fixed'")
     if len(names) != features.shape[1]:
         raise MedrobustError(f"the model names {len(names)} context features but the batch has "
                              f"{features.shape[1]} per image: give it the features it was trained on")

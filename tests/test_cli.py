@@ -51,6 +51,6 @@ def test_list_names_every_registered_model_and_attack_with_its_facts() -> None:
     described = {item["name"]: item for item in json.loads(attacks.output)}
     assert sorted(described) == list_attacks()
     assert described["fgsm"]["role"] == "one-step" and described["universal"]["scope"] == "set"
-    assert described["pgd"]["parameters"]["steps"] == 10 and "perturbed" in described["pgd"]["threat_models"]
+    assert described["pgd"]["parameters"]["steps"] == 20 and "perturbed" in described["pgd"]["threat_models"]
     text = CliRunner().invoke(main, ["list", "attacks"])
     assert text.exit_code == 0 and text.output.startswith("apgd [linf, l2;")

@@ -236,8 +236,12 @@ def test_evaluate_gives_the_weighted_gradients_and_refuses_features_it_cannot_us
 
 @pytest.mark.parametrize("name", ["pgd", *OWN_UPDATE])
 def test_perturbed_features_of_a_model_that_ignores_them_stay_clean(name):
-    # A model that takes the features and ignores them: no feature gradient reaches them, so they never move.
+    # A model that takes the features (two named volumes) and ignores them: no feature gradient reaches them, so
+    # they never move.
+    from types import SimpleNamespace
+
     model = toy_model("conv2d")
+    model.meta = SimpleNamespace(name="conv2d", uses_image=True, feature_names=["vol_a", "vol_b"])
     images, _, _, _ = toy_inputs("conv2d")
     features = torch.tensor([[7.5, 25.0], [8.5, 40.0]])
     kwargs = {"steps": 3} if name == "pgd" else {}
@@ -314,3 +318,13 @@ def test_perturbed_volumes_stay_within_their_budget_exactly_in_float32():
     assert ((result.features - features).abs() <= radius).all()
     at_end = torch.isclose((result.features - features).abs()[:, 2:], radius[:, 2:], rtol=1e-5, atol=0)
     assert at_end.float().mean() > 0.5  # most volumes were pushed to an end of their box
+
+
+def test_perturbed_refuses_a_model_that_does_not_name_its_features():
+    # Which of its features are regional volumes (and which are sex or field strength, which never move) is
+    # unknown: moving them all, as before, broke the threat model's promise.
+    model = toy_model("conv2d")
+    images, _, _, _ = toy_inputs("conv2d")
+    with pytest.raises(MedrobustError, match="names none, so its sex or field strength would move too"):
+        create_attack("pgd", model, budget={"epsilon": 0.02}, threat_model="perturbed", steps=2)(
+            images, torch.tensor([[1.0, 25.0], [0.0, 40.0]]))
