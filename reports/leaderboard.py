@@ -97,6 +97,15 @@ def format_epsilon(value: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
 
 
+def fired_checks(reasons: str) -> str:
+    """The names of the reliability checks that fired, from their reasons joined by "; " (each reason starts
+    with its check's name, see medrobust.results.reliability): "flagged: black-box, unbounded"."""
+    from medrobust.results.reliability import CHECKS
+
+    names = [name for name in CHECKS if f"{name}: " in reasons]
+    return "flagged: " + ", ".join(names) if names else "flagged"
+
+
 _FORMATS = {
     "text": str,
     "epsilon": format_epsilon,
@@ -106,7 +115,7 @@ _FORMATS = {
     "ssim": format_ssim,
     "percent": lambda value: f"{100 * value:.0f} %",
     "seconds": lambda value: f"{value:.1f}",
-    "checks": lambda reasons: "possibly unreliable" if reasons else "ok",
+    "checks": lambda reasons: fired_checks(reasons) if reasons else "ok",
 }
 
 
@@ -278,7 +287,7 @@ def _table_cell(row: pd.Series, column: str, kind: str) -> _Cell:
             return _Cell(text, float(value))
         return _Cell(f"{text} [{low:.2f}, {high:.2f}]", float(value), "95 % bootstrap interval over subjects")
     if kind == "checks":  # hover for the reasons
-        return _Cell(text, None, value or "passed: beats noise, at least fgsm, grows with epsilon (where comparable)")
+        return _Cell(text, None, value or "passed every reliability check that applies (docs/running.md)")
     return _Cell(text, None if kind == "text" else float(value))
 
 
