@@ -1,9 +1,10 @@
 """Attack cost against its floor, measured side by side: the helpers of the attack-speed benchmarks.
 
 The floor is one forward and one backward pass with respect to the input only (parameters frozen) on the same
-batch. Every benchmark round times, back to back, the floor, the attack at a short step count and the attack at
-its nominal step count (the one pytest-benchmark reports), and the ratios are taken within the round before the
-median over rounds, so a load that changes between rounds cancels. Two ratios per attack:
+batch; for a black-box attack (``square``), which takes no backward pass, it is one forward pass, and its passes
+are its forward passes. Every benchmark round times, back to back, the floor, the attack at a short step count
+and the attack at its nominal step count (the one pytest-benchmark reports), and the ratios are taken within the
+round before the median over rounds, so a load that changes between rounds cancels. Two ratios per attack:
 
 - ``whole``: the whole call divided by (its backward passes x the floor). It includes the fixed passes of the
   call (the clean prediction, where the attack does not take it from its first step, and the final prediction),
@@ -102,6 +103,14 @@ def floor_pass(model: torch.nn.Module, images: torch.Tensor, features: torch.Ten
     return floor
 
 
+def forward_pass(model: torch.nn.Module, images: torch.Tensor, features: torch.Tensor | None) -> Callable[[], None]:
+    """One forward pass without gradient: the floor of a black-box attack, whose every query is one."""
+    def floor() -> None:
+        with torch.no_grad():
+            model(images, features)
+    return floor
+
+
 def measure(benchmark, settings: Settings, label: str, model_name: str, nominal: Callable[[], int],
             short: Callable[[], int] | None, floor: Callable[[], None]) -> dict:
     """Benchmark ``nominal`` (a call returning the backward passes it made) with the floor and ``short`` (the same
@@ -146,7 +155,8 @@ def measure(benchmark, settings: Settings, label: str, model_name: str, nominal:
 
 def markdown(rows: list[dict]) -> str:
     """The ratio table: one row per benchmark, ratios to the floor measured in the same rounds."""
-    lines = ["| settings | model | attack | backward passes | whole call / (passes x floor): median, min "
+    lines = ["| settings | model | attack | passes (backward; forward for a black-box attack) | whole call / (passes "
+             "x floor): median, min "
              "| marginal step / floor: median, min (passes) | floor (ms) |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         whole = marginal = ""

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ratios import N_FEATURES, RESULTS, Settings, floor_pass, measure
+from ratios import N_FEATURES, RESULTS, Settings, floor_pass, forward_pass, measure
 
-from medrobust.attacks import Budget, create_attack
+from medrobust.attacks import Budget, attack_entrypoint, create_attack
 from medrobust.models import create_model
 
 L2 = Budget("l2", 1.0, "range")
@@ -30,6 +30,8 @@ CASES: dict[str, tuple[str, dict, str | None, int, int, bool]] = {
     "universal-pgd": ("universal", {"algorithm": "pgd", "budget": Budget("linf", 0.005, "range"), "clip": "none",
                                     "keep_best": False}, "steps", 8, 4, True),
     "cw": ("cw", {"budget": L2, "search_steps": 1}, "iterations", 10, 5, False),
+    # Black-box: every query is one forward pass; measured against a forward pass.
+    "square": ("square", {}, "queries", 100, 50, False),
 }
 # The hybrid where it adds something: the attacks every grid runs.
 HYBRID_CASES = ("pgd-linf", "bim-paper")
@@ -86,6 +88,7 @@ def test_attack(benchmark, bench_settings: Settings, workload, case: str) -> Non
     name, model, batches = workload
     attack_name, arguments, counter, nominal, short, fits = CASES[case]
     images, features = batches[0]
+    black_box = attack_entrypoint(attack_name).role == "black-box"
 
     def call(count: int):
         attack = create_attack(attack_name, model, **arguments, **({counter: count} if counter else {}))
@@ -95,11 +98,12 @@ def test_attack(benchmark, bench_settings: Settings, workload, case: str) -> Non
                 return attack.fit_counters[1]
         else:
             def run() -> int:
-                return attack(images, features).backward
+                result = attack(images, features)
+                return result.forward if black_box else result.backward
         return run
 
-    row = measure(benchmark, bench_settings, case, name, call(nominal), call(short) if counter else None,
-                  floor_pass(model, images, features))
+    floor = (forward_pass if black_box else floor_pass)(model, images, features)
+    row = measure(benchmark, bench_settings, case, name, call(nominal), call(short) if counter else None, floor)
     assert row["whole_ratio"] > 0
 
 
