@@ -116,6 +116,7 @@ _FORMATS = {
     "percent": lambda value: f"{100 * value:.0f} %",
     "seconds": lambda value: f"{value:.1f}",
     "checks": lambda reasons: fired_checks(reasons) if reasons else "ok",
+    "rank": lambda value: f"{int(value)}",
 }
 
 
@@ -143,6 +144,81 @@ def leaderboard_table(cells: pd.DataFrame, source: str | Path = STORE_FILENAME) 
     if "reliability" in done:  # the reliability checks' reasons, one text ("" when the cell passed them)
         done["reliability"] = done["reliability"].map(lambda reasons: "; ".join(reasons) if reasons else "")
     return done
+
+
+# What a headline number is, per objective: the cell metric, its label and which way is more robust (smaller).
+HEADLINE_MEASURES = {
+    "error": ("adversarial_mae", "robust MAE (y)"),
+    "deviation": ("mean_abs_deviation", "worst-case |deviation| (y)"),
+    "older": ("mean_deviation", "worst-case shift up (y)"),
+    "younger": ("mean_deviation", "worst-case shift down (y)"),
+}
+
+
+def _budget_label(norm: str, unit: str, epsilon: float) -> str:
+    units = {"range": "of range", "std": "std", "abs": "abs"}
+    return f"{norm} {format_epsilon(epsilon)}" + ("" if norm == "l0" else f" {units.get(unit, unit)}")
+
+
+def headline_table(table: pd.DataFrame, roles: dict[str, tuple[str, str]] | None = None) -> tuple[pd.DataFrame,
+                                                                                                   list[str], str]:
+    """One row per model, threat model and objective, ranked: the worst case over attacks at each budget of the
+    run. From a `leaderboard_table`. Where the run has ``ensemble`` cells (an attack declaring role ``ensemble``)
+    the worst case is the ensemble's, per subject; else the strongest single attack's mean per budget (a
+    weaker bound: say so). Returns (rows, the budget columns in order, the source: "ensemble" or "strongest
+    attack"); each budget column holds the objective's measure (``HEADLINE_MEASURES``), with ``<column>_ci_low``
+    and ``_ci_high`` where the cell has an interval. Rows are ranked within each objective by the standard budget
+    (the largest l-inf budget, else the largest of the first norm), the most robust (smallest) first; ``checks``
+    counts the row's cells the reliability checks flagged, over every attack."""
+    empty = pd.DataFrame(columns=["rank", "model", "threat_model", "objective", "clean_mae", "checks"])
+    table = table[table["objective"].isin(list(HEADLINE_MEASURES))] if not table.empty else table
+    if table.empty:
+        return empty, [], ""
+    if roles is None:
+        from medrobust.results.reliability import declared_roles
+
+        roles = declared_roles(set(table["attack"]))
+    ensembles = [name for name, (role, _) in roles.items() if role == "ensemble"]
+    source = "ensemble" if table["attack"].isin(ensembles).any() else "strongest attack"
+    chosen = table[table["attack"].isin(ensembles)] if source == "ensemble" else table
+    budgets = sorted(set(zip(chosen["norm"], chosen["unit"], chosen["epsilon"], strict=True)),
+                     key=lambda b: (norm_rank(b[0]), b[1], b[2]))
+    labels = [_budget_label(*budget) for budget in budgets]
+    linf = [label for budget, label in zip(budgets, labels, strict=True) if budget[0] == "linf"]
+    standard = (linf or [label for budget, label in zip(budgets, labels, strict=True)
+                         if budget[0] == budgets[0][0]])[-1]
+    rows = []
+    for (model, threat_model, objective), group in table.groupby(["model", "threat_model", "objective"],
+                                                                 sort=False):
+        metric, _ = HEADLINE_MEASURES[objective]
+        sign = -1 if objective == "younger" else 1
+        flagged = group[group.get("reliability", pd.Series("", index=group.index)).astype(bool)]
+        row = {"model": model, "threat_model": threat_model, "objective": objective,
+               "clean_mae": group["clean_mae"].mean(), "model_name": group["model_name"].iloc[0]
+               if "model_name" in group else "",
+               "checks": "; ".join(f"{cell['attack']} {_budget_label(cell['norm'], cell['unit'], cell['epsilon'])}: "
+                                   f"{cell['reliability']}" for _, cell in flagged.iterrows()),
+               "flagged": len(flagged)}
+        picks = group[group["attack"].isin(ensembles)] if source == "ensemble" else group
+        for (norm, unit, epsilon), label in zip(budgets, labels, strict=True):
+            at = picks[(picks["norm"] == norm) & (picks["unit"] == unit) & (picks["epsilon"] == epsilon)]
+            if at.empty:
+                continue
+            best = at.loc[(sign * at[metric]).idxmax()]
+            row[label] = sign * best[metric]
+            for suffix in ("_ci_low", "_ci_high"):
+                if f"{metric}{suffix}" in best and not _missing(best[f"{metric}{suffix}"]):
+                    row[f"{label}{suffix}"] = sign * best[f"{metric}{suffix}"]
+            if sign < 0 and f"{label}_ci_low" in row:  # negated: the interval's ends swap
+                row[f"{label}_ci_low"], row[f"{label}_ci_high"] = row[f"{label}_ci_high"], row[f"{label}_ci_low"]
+        rows.append(row)
+    frame = pd.DataFrame.from_records(rows)
+    if standard not in frame:
+        frame[standard] = math.nan
+    frame = frame.sort_values(["objective", standard], kind="stable", na_position="last", ignore_index=True)
+    frame.insert(0, "rank", frame.groupby("objective").cumcount() + 1)
+    frame.attrs["standard"] = standard
+    return frame, labels, source
 
 
 def _comparable(key: str, value: object) -> object:
@@ -335,6 +411,12 @@ def render_page(cells: pd.DataFrame, table: pd.DataFrame, runs: list[dict], figu
     comparison, threat_models = threat_model_table(table)
     comparison_columns = tuple(column for column in _CELL_COLUMNS if column[0] != "threat_model") + tuple(
         (threat_model, f"{threat_model}: mean |deviation| (y)", "years_ci") for threat_model in threat_models)
+    headline, budgets, source = headline_table(table)
+    headline_columns = (("rank", "rank", "rank"), ("model", "model", "text"),
+                        ("threat_model", "threat model", "text"), ("objective", "objective", "text"),
+                        ("clean_mae", "clean MAE (y)", "years")) + tuple(
+        (label, label, "years_ci") for label in budgets) + (("checks", "checks", "checks"),)
+    measures = sorted({HEADLINE_MEASURES[objective][1] for objective in headline.get("objective", [])})
     latest = runs[-1] if runs else {"environment": {}, "config": {}}
     environment = jinja2.Environment(loader=jinja2.PackageLoader("medrobust.reports", "templates"), autoescape=True,
                                      undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -342,6 +424,9 @@ def render_page(cells: pd.DataFrame, table: pd.DataFrame, runs: list[dict], figu
         title=title,
         summary=_summary(cells, table, runs),
         leaderboard=_table(table, LEADERBOARD_COLUMNS),
+        headline=_table(headline, headline_columns),
+        headline_source=source, headline_standard=headline.attrs.get("standard", ""),
+        headline_measures=", ".join(measures),
         age_bins=_table(table, AGE_BIN_COLUMNS),
         threat_models=_table(comparison, comparison_columns),
         failed=_table(failed, _CELL_COLUMNS + (("error", "error", "text"),)),

@@ -404,3 +404,53 @@ def test_clicking_a_numeric_header_sorts_and_reverses_in_a_browser(report):
         finally:
             browser.close()
     assert ascending == sorted(ascending) and descending == sorted(ascending, reverse=True)
+
+
+# ---------------------------------------------------------------- the headline: the worst case per model
+
+
+def _headline_cells(with_ensemble: bool = True) -> pd.DataFrame:
+    """Done cells of three models at two l-inf budgets: pgd and (optionally) the ensemble; the ensemble is the
+    worst case, and model 'b' is the most robust, 'c' the least."""
+    rows = []
+    shifts = {"a": 2.0, "b": 1.0, "c": 4.0}
+    for model, shift in shifts.items():
+        for epsilon in (1e-3, 2e-3):
+            for attack, factor in (("pgd", 0.8), ("ensemble", 1.0)):
+                if attack == "ensemble" and not with_ensemble:
+                    continue
+                value = shift * factor * epsilon / 1e-3
+                rows.append({"id": f"{model}{attack}{epsilon}", "status": "done", "model": model, "model_name": model,
+                             "attack": attack, "norm": "linf", "unit": "range", "epsilon": epsilon,
+                             "threat_model": "fixed", "objective": "older", "clean_mae": 4.0 + shift,
+                             "mean_deviation": value, "mean_abs_deviation": value, "params": {},
+                             "reliability": ["black-box: weaker than the black-box square; suggests masking"]
+                             if (model, attack, epsilon) == ("c", "pgd", 1e-3) else []})
+    return leaderboard_table(pd.DataFrame(rows))
+
+
+def test_the_headline_ranks_models_by_the_ensembles_worst_case_at_the_standard_budget() -> None:
+    from medrobust.reports.leaderboard import headline_table
+
+    roles = {"pgd": ("iterative", "batch"), "ensemble": ("ensemble", "batch")}
+    headline, budgets, source = headline_table(_headline_cells(), roles)
+    assert source == "ensemble" and budgets == ["linf 1e-03 of range", "linf 2e-03 of range"]
+    assert list(headline["model"]) == ["b", "a", "c"] and list(headline["rank"]) == [1, 2, 3]
+    assert list(headline["linf 2e-03 of range"]) == [2.0, 4.0, 8.0]  # the ensemble's, not pgd's 0.8 of it
+    assert headline.attrs["standard"] == "linf 2e-03 of range"
+    flagged = headline.set_index("model")["checks"]
+    assert flagged["c"].startswith("pgd linf 1e-03 of range: black-box") and flagged["a"] == ""
+    # Without an ensemble: the strongest attack's mean, and the page says it is the weaker bound.
+    fallback, _, source = headline_table(_headline_cells(with_ensemble=False), roles)
+    assert source == "strongest attack" and list(fallback["linf 2e-03 of range"]) == [1.6, 3.2, 6.4]
+
+
+def test_the_page_opens_on_the_headline_and_folds_the_cells_away(tmp_path: Path) -> None:
+    from medrobust.reports.leaderboard import render_page
+
+    table = _headline_cells()
+    page = render_page(table.assign(status="done"), table, [], None)
+    assert page.index("Headline: the worst case per model") < page.index('<details id="cells">')
+    assert page.index('<details id="cells">') < page.index('id="leaderboard"')
+    assert "worst case (worst-case shift up (y)) over the ensemble" in page
+    assert 'class="filter"' in page and "flagged: black-box" in page
