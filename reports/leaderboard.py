@@ -11,6 +11,8 @@ import base64
 import io
 import json
 import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,7 +292,7 @@ def deviation_figure(table: pd.DataFrame) -> Figure | None:
         ax = axes[place[attack, norm, unit]]
         # errorbar=None: repeated cells (seeds) are averaged without a bootstrap band, so the figure is reproducible.
         sns.lineplot(data=panel, x="epsilon", y="mean_abs_deviation", hue="model", hue_order=models, errorbar=None,
-                     legend=not drawn, ax=ax, **style)
+                     legend=not drawn, ax=ax, palette=sns.color_palette("colorblind", len(models)), **style)
         epsilons = sorted(panel["epsilon"].unique())
         if epsilons[0] > 0 and len(epsilons) > 1:
             ax.set_xscale("log")  # budgets are usually geometric (the paper's 5e-4, 1e-3, 2e-3)
@@ -312,10 +314,19 @@ def deviation_figure(table: pd.DataFrame) -> Figure | None:
     return figure
 
 
+def literal_text(figure: Figure) -> Figure:
+    """``figure`` with every text drawn literally: labels are the user's free text, and matplotlib would parse a
+    "$...$" in a model label as mathtext (and fail on an unknown macro such as "$\\nosuchmacro$")."""
+    for text in figure.findobj(lambda artist: hasattr(artist, "set_parse_math")):
+        text.set_parse_math(False)
+    return figure
+
+
 def figure_png(figure: Figure) -> bytes:
-    """The figure as PNG bytes (rendered by Agg without pyplot, so no global backend is touched)."""
+    """The figure as PNG bytes (rendered by Agg without pyplot, so no global backend is touched), its texts
+    literal."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
+    literal_text(figure).savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
 
 
@@ -436,15 +447,41 @@ def render_page(cells: pd.DataFrame, table: pd.DataFrame, runs: list[dict], figu
     )
 
 
+# An absolute path inside a text (a checkpoint, a dataset, a factory's file in an error): a "/" at the start or after
+# a space, "=", a quote or an opening bracket (so neither "1/2", a URL nor "</b>"), then what a path is made of.
+ABSOLUTE_PATH = re.compile(r"(?:^|(?<=[\s='\"(\[{]))/[^\s,;:'\"()\[\]{}<>]+")
+
+
+def relative_paths(value: object, base: Path) -> object:
+    """``value`` with every absolute path in its texts made relative to ``base`` (the run folder), through dicts,
+    lists and DataFrames: a page or CSV for a double-blind supplement must not name the author's home folder."""
+    if isinstance(value, str):
+        return ABSOLUTE_PATH.sub(lambda match: os.path.relpath(match.group(0), base), value)
+    if isinstance(value, dict):
+        return {key: relative_paths(item, base) for key, item in value.items()}
+    if isinstance(value, list):
+        return [relative_paths(item, base) for item in value]
+    if isinstance(value, pd.DataFrame):
+        frame = value.copy()
+        for column in frame.columns:
+            if not pd.api.types.is_numeric_dtype(frame[column]):  # texts, whatever pandas' string dtype
+                frame[column] = frame[column].map(lambda item: relative_paths(item, base))
+        return frame
+    return value
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Render the results store in ``run_dir`` into ``out`` (default: ``run_dir``); returns the page's path.
 
     Writes ``leaderboard.html`` (self-contained: CSS, script and figure inline), ``deviation_vs_epsilon.png`` (the
-    same figure; removed when no cell is done) and ``results.csv`` (the done cells, in leaderboard order). Raises
+    same figure; removed when no cell is done) and ``results.csv`` (the done cells, in leaderboard order). Every
+    absolute path in them is made relative to ``run_dir`` (`relative_paths`). Raises
     MedrobustError when ``run_dir`` holds no store or the output folder cannot be written.
     """
     with ResultStore(run_dir, create=False) as store:
         cells, runs, source = store.cells(), store.runs(), store.path
+    base = Path(run_dir).resolve()
+    cells, runs = relative_paths(cells, base), relative_paths(runs, base)
     table = leaderboard_table(cells, source)
     figure = deviation_figure(table)
     png = figure_png(figure) if figure is not None else None

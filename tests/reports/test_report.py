@@ -454,3 +454,35 @@ def test_the_page_opens_on_the_headline_and_folds_the_cells_away(tmp_path: Path)
     assert page.index('<details id="cells">') < page.index('id="leaderboard"')
     assert "worst case (worst-case shift up (y)) over the ensemble" in page
     assert 'class="filter"' in page and "flagged: black-box" in page
+
+
+def test_a_label_that_looks_like_mathtext_is_drawn_literally() -> None:
+    # A model label with "$\nosuchmacro$" made `medrobust report` die in matplotlib's mathtext parser.
+    from medrobust.reports.leaderboard import figure_png
+
+    table = _headline_cells()
+    label = r"$\nosuchmacro$ {x} \ <b>"
+    table["model"] = table["model"].replace("a", label)
+    figure = deviation_figure(table)
+    assert figure_png(figure).startswith(b"\x89PNG")
+    legend = [text.get_text() for legend in figure.legends for text in legend.get_texts()]
+    assert label in legend
+
+
+def test_no_absolute_path_reaches_the_page_or_the_csv(tmp_path: Path) -> None:
+    from medrobust.reports.leaderboard import relative_paths
+
+    run = tmp_path / "lab" / "run"
+    text = f"factory {tmp_path}/lab/net.py:net with weights {tmp_path}/lab/net.pt; 1/2 of https://example.org/x"
+    assert relative_paths(text, run) == ("factory ../net.py:net with weights ../net.pt; 1/2 of "
+                                         "https://example.org/x")
+    spec, metrics, samples = _cell("cnn3d", "fgsm", "linf", 1e-3, 0)
+    spec.update(checkpoint=f"factory {tmp_path}/lab/net.py:net", dataset=str(tmp_path / "lab" / "dataset"))
+    with ResultStore(run) as store:
+        run_id = store.start_run({"dataset": {"path": str(tmp_path / "lab" / "dataset")}}, ENVIRONMENT)
+        store.write_cell("c1", run_id, spec, metrics, samples, 1.0)
+        store.finish_run(run_id)
+    page = write_report(run)
+    for written in (page, run / "results.csv"):
+        assert str(tmp_path) not in written.read_text(), written.name
+    assert "../dataset" in page.read_text()
