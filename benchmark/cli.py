@@ -321,15 +321,18 @@ def check_model_cmd(config_path, labels, factory, torchscript, weights, input_sh
 
 
 @main.command("report")
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder for the page; default: RUN_DIR.")
-def report_cmd(run_dir, out) -> None:
-    """Write the leaderboard page (leaderboard.html), its figure and results.csv from a run's store."""
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for the page; default: RUN_DIR (required with several run folders).")
+def report_cmd(run_dirs, out) -> None:
+    """Write the leaderboard page (leaderboard.html), its figure and results.csv from a run's store; several run
+    folders make one page of their merged stores (a cell in two stores is one row)."""
     from pathlib import Path
 
     from medrobust.reports import write_report
 
-    click.echo(f"leaderboard: {write_report(Path(run_dir), Path(out) if out else None)}")
+    folders = [Path(folder) for folder in run_dirs]
+    click.echo(f"leaderboard: {write_report(folders if len(folders) > 1 else folders[0], Path(out) if out else None)}")
 
 
 @main.command("status")

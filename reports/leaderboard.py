@@ -470,22 +470,45 @@ def relative_paths(value: object, base: Path) -> object:
     return value
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def merged_stores(run_dirs: list[Path]) -> tuple[pd.DataFrame, list[dict], str]:
+    """The cells and runs of several run folders' stores as one: cells are content-addressed, so a cell in two
+    stores is one row (the one finished last); runs in the order they started. Each run folder's absolute paths
+    are made relative to it first. Returns (cells, runs, the stores' paths for error messages)."""
+    frames, runs, sources = [], [], []
+    for run_dir in run_dirs:
+        with ResultStore(run_dir, create=False) as store:
+            cells, store_runs, source = store.cells(), store.runs(), store.path
+        base = Path(run_dir).resolve()
+        frames.append(relative_paths(cells, base))
+        runs.extend(relative_paths(store_runs, base))
+        sources.append(str(source))
+    cells = pd.concat([frame for frame in frames if not frame.empty] or frames[:1], ignore_index=True)
+    if len(run_dirs) > 1 and not cells.empty:
+        done_first = cells.assign(_done=cells["status"] == "done").sort_values(
+            ["_done", "finished_at"], kind="stable", na_position="first")
+        cells = done_first.drop_duplicates("id", keep="last").drop(columns="_done").sort_index(ignore_index=True)
+    runs.sort(key=lambda run: str(run.get("started_at")))
+    return cells, runs, ", ".join(sources)
+
+
+def write_report(run_dir: str | Path | list, out: str | Path | None = None) -> Path:
     """Render the results store in ``run_dir`` into ``out`` (default: ``run_dir``); returns the page's path.
+    ``run_dir`` may be a list of run folders: their stores are merged (`merged_stores`; ``out`` is then
+    required), for a lab's leaderboard built over months.
 
     Writes ``leaderboard.html`` (self-contained: CSS, script and figure inline), ``deviation_vs_epsilon.png`` (the
     same figure; removed when no cell is done) and ``results.csv`` (the done cells, in leaderboard order). Every
     absolute path in them is made relative to ``run_dir`` (`relative_paths`). Raises
     MedrobustError when ``run_dir`` holds no store or the output folder cannot be written.
     """
-    with ResultStore(run_dir, create=False) as store:
-        cells, runs, source = store.cells(), store.runs(), store.path
-    base = Path(run_dir).resolve()
-    cells, runs = relative_paths(cells, base), relative_paths(runs, base)
+    run_dirs = [Path(folder) for folder in (run_dir if isinstance(run_dir, list) else [run_dir])]
+    if not run_dirs or (len(run_dirs) > 1 and out is None):
+        raise MedrobustError("several run folders make one page: say where it goes with --out FOLDER")
+    cells, runs, source = merged_stores(run_dirs)
     table = leaderboard_table(cells, source)
     figure = deviation_figure(table)
     png = figure_png(figure) if figure is not None else None
-    folder = Path(out) if out is not None else Path(run_dir)
+    folder = Path(out) if out is not None else run_dirs[0]
     page = folder / PAGE_FILENAME
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -494,7 +517,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         else:
             (folder / FIGURE_FILENAME).write_bytes(png)
         table.to_csv(folder / CSV_FILENAME, index=False)
-        title = f"medrobust leaderboard: {Path(run_dir).resolve().name}"
+        title = f"medrobust leaderboard: {', '.join(folder.resolve().name for folder in run_dirs)}"
         page.write_text(render_page(cells, table, runs, png, title), encoding="utf-8")
     except OSError as err:
         raise MedrobustError(f"cannot write the report into {folder} ({err}); choose another output folder") from err

@@ -486,3 +486,24 @@ def test_no_absolute_path_reaches_the_page_or_the_csv(tmp_path: Path) -> None:
     for written in (page, run / "results.csv"):
         assert str(tmp_path) not in written.read_text(), written.name
     assert "../dataset" in page.read_text()
+
+
+def test_several_runs_make_one_page_and_a_cell_in_two_stores_is_one_row(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from medrobust.cli import main
+
+    shared = _cell("cnn3d", "fgsm", "linf", 1e-3, 0)
+    for folder, own in (("spring", _cell("cnn3d", "pgd", "linf", 1e-3, 1)), ("autumn", _cell(XSS, "pgd", "l2", 0.5, 2))):
+        with ResultStore(tmp_path / folder) as store:
+            run_id = store.start_run(CONFIG, ENVIRONMENT)
+            store.write_cell("shared", run_id, *shared, 1.0)
+            store.write_cell(f"{folder}-own", run_id, *own, 1.0)
+            store.finish_run(run_id)
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "spring"), str(tmp_path / "autumn"), "--out",
+                                       str(tmp_path / "lab")])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "lab" / "results.csv")
+    assert sorted(table["id"]) == ["autumn-own", "shared", "spring-own"]
+    missing_out = CliRunner().invoke(main, ["report", str(tmp_path / "spring"), str(tmp_path / "autumn")])
+    assert missing_out.exit_code == 2 and "--out FOLDER" in missing_out.output
