@@ -494,7 +494,8 @@ def test_several_runs_make_one_page_and_a_cell_in_two_stores_is_one_row(tmp_path
     from medrobust.cli import main
 
     shared = _cell("cnn3d", "fgsm", "linf", 1e-3, 0)
-    for folder, own in (("spring", _cell("cnn3d", "pgd", "linf", 1e-3, 1)), ("autumn", _cell(XSS, "pgd", "l2", 0.5, 2))):
+    owns = {"spring": _cell("cnn3d", "pgd", "linf", 1e-3, 1), "autumn": _cell(XSS, "pgd", "l2", 0.5, 2)}
+    for folder, own in owns.items():
         with ResultStore(tmp_path / folder) as store:
             run_id = store.start_run(CONFIG, ENVIRONMENT)
             store.write_cell("shared", run_id, *shared, 1.0)
