@@ -335,6 +335,22 @@ def report_cmd(run_dirs, out) -> None:
     click.echo(f"leaderboard: {write_report(folders if len(folders) > 1 else folders[0], Path(out) if out else None)}")
 
 
+@main.command("export")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--to", "folder", required=True, type=click.Path(file_okay=False),
+              help="Folder for the exported files (created if missing).")
+def export_cmd(run_dirs, folder) -> None:
+    """Export a run's results for a paper: the headline and pivot tables as LaTeX (booktabs) and Markdown, the
+    figure as PNG, SVG and PDF, the per-subject rows as CSV and one JSON record per model; several run folders
+    are merged as by `medrobust report`."""
+    from pathlib import Path
+
+    from medrobust.reports.export import export
+
+    written = export([Path(run_dir) for run_dir in run_dirs], Path(folder))
+    click.echo(f"{len(written)} files in {folder}: {', '.join(sorted({path.name for path in written})[:8])}, ...")
+
+
 @main.command("status")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,

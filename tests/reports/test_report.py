@@ -508,3 +508,35 @@ def test_several_runs_make_one_page_and_a_cell_in_two_stores_is_one_row(tmp_path
     assert sorted(table["id"]) == ["autumn-own", "shared", "spring-own"]
     missing_out = CliRunner().invoke(main, ["report", str(tmp_path / "spring"), str(tmp_path / "autumn")])
     assert missing_out.exit_code == 2 and "--out FOLDER" in missing_out.output
+
+
+def test_export_writes_the_papers_set_with_every_label_escaped(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from medrobust.cli import main
+
+    label = r"$\weird$ {x} 50% & <b>_"
+    with ResultStore(tmp_path / "run") as store:
+        run_id = store.start_run(CONFIG, ENVIRONMENT)
+        for number, (model, attack) in enumerate([("cnn3d", "ensemble"), (label, "ensemble"), ("cnn3d", "pgd")]):
+            spec, metrics, samples = _cell(model, attack, "linf", 1e-3, number)
+            store.write_cell(f"c{number}", run_id, spec, metrics, samples, 1.0)
+        store.finish_run(run_id)
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "run"), "--to", str(tmp_path / "paper")])
+    assert result.exit_code == 0, result.output
+    paper = tmp_path / "paper"
+    for name in ("headline.tex", "headline.md", "pivot.tex", "pivot.md", "samples.csv", "deviation_vs_epsilon.png",
+                 "deviation_vs_epsilon.svg", "deviation_vs_epsilon.pdf"):
+        assert (paper / name).stat().st_size > 0, name
+    latex = (paper / "headline.tex").read_text()
+    assert r"\$\textbackslash{}weird\$ \{x\} 50\% \& \textless{}b\textgreater{}\_" in latex
+    assert r"\toprule" in latex and "worst case over the ensemble".lower() in latex.lower()
+    assert r"\$\textbackslash{}weird" in (paper / "pivot.tex").read_text()
+    assert "\\<b\\>" in (paper / "headline.md").read_text()
+    records = sorted((paper / "models").glob("*.json"))
+    assert len(records) == 2
+    record = json.loads(records[0].read_text())
+    assert {"model", "architecture", "evaluation", "results", "environment"} <= set(record)
+    assert record["results"][0]["worst_case"] and record["evaluation"]["worst_case_over"] == "ensemble"
+    empty = CliRunner().invoke(main, ["export", str(tmp_path / "nowhere"), "--to", str(tmp_path / "x")])
+    assert empty.exit_code == 2 and "holds no results store" in empty.output
