@@ -384,26 +384,74 @@ def _browser():
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (optional)")
     chromium = shutil.which("chromium")
     if chromium is None:
-        pytest.skip("no chromium on PATH (optional)")
+        pytest.skip("no chromium on PATH (apt-get install chromium; optional)")
     return sync_api, chromium
 
 
-def test_clicking_a_numeric_header_sorts_and_reverses_in_a_browser(report):
+@pytest.fixture(scope="module")
+def browsed(report):
+    """The demo-like page as a reader sees it in headless Chromium at 1280 px: every request it made, its console
+    errors and dialogs, and the page object, the details of every cell opened. Screenshots go to
+    $MEDROBUST_SCREENSHOTS (CI keeps them) or next to the page."""
+    import os
+
     sync_api, chromium = _browser()
+    shots = Path(os.environ.get("MEDROBUST_SCREENSHOTS") or report.parent)
+    shots.mkdir(parents=True, exist_ok=True)
+    seen = {"requests": [], "errors": [], "dialogs": []}
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, headless=True)
         try:
-            page = browser.new_page()
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("request", lambda request: seen["requests"].append(request.url))
+            page.on("console", lambda message: message.type == "error" and seen["errors"].append(message.text))
+            page.on("pageerror", lambda error: seen["errors"].append(str(error)))
+            page.on("dialog", lambda dialog: (seen["dialogs"].append(dialog.message), dialog.dismiss()))
             page.goto(report.resolve().as_uri())
-            header = page.locator("#leaderboard thead th", has_text="mean |deviation|")
-            values = "rows => rows.map(row => parseFloat(row.cells[8].dataset.value))"
-            header.click()
-            ascending = page.locator("#leaderboard tbody tr").evaluate_all(values)
-            header.click()
-            descending = page.locator("#leaderboard tbody tr").evaluate_all(values)
+            page.screenshot(path=str(shots / "leaderboard-top.png"))
+            seen["overflow_closed"] = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+            page.click("#cells > summary")
+            seen["overflow_open"] = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+            page.screenshot(path=str(shots / "leaderboard-full.png"), full_page=True)
+            yield page, seen
         finally:
             browser.close()
+
+
+def test_the_page_loads_from_disk_alone_without_errors_or_dialogs_and_fits_1280_px(browsed):
+    page, seen = browsed
+    assert seen["requests"] and all(url.startswith(("file:", "data:")) for url in seen["requests"]), seen["requests"]
+    assert seen["errors"] == [] and seen["dialogs"] == []  # the <script> label stays text
+    assert page.locator("#headline").count() == 1
+    assert seen["overflow_closed"] <= 0 and seen["overflow_open"] <= 0  # wide tables scroll in their own box
+
+
+def test_the_headline_ranks_as_the_store_says_in_a_browser(browsed):
+    page, _ = browsed
+    ranks = page.locator("#headline tbody tr td:first-child").all_inner_texts()
+    assert ranks == [str(number) for number in range(1, len(ranks) + 1)] and len(ranks) >= 2
+    headers = page.locator("#headline thead th").all_inner_texts()
+    standard = max(i for i, header in enumerate(headers) if header.startswith("linf"))
+    values = page.locator("#headline tbody tr").evaluate_all(
+        f"rows => rows.map(row => parseFloat(row.cells[{standard}].dataset.value))")
+    assert values == sorted(values)  # the most robust first
+
+
+def test_clicking_a_numeric_header_sorts_and_reverses_and_the_filter_keeps_matching_rows(browsed):
+    page, _ = browsed
+    header = page.locator("#leaderboard thead th", has_text="mean |deviation|")
+    values = "rows => rows.map(row => parseFloat(row.cells[8].dataset.value))"
+    header.click()
+    ascending = page.locator("#leaderboard tbody tr").evaluate_all(values)
+    header.click()
+    descending = page.locator("#leaderboard tbody tr").evaluate_all(values)
     assert ascending == sorted(ascending) and descending == sorted(ascending, reverse=True)
+    page.fill("input.filter", "pgd l2")
+    shown = page.locator("#leaderboard tbody tr:not([hidden])").all_inner_texts()
+    assert shown and all("pgd" in row and "l2" in row for row in shown)
+    assert page.locator("#leaderboard tbody tr[hidden]").count() > 0
+    page.fill("input.filter", "")
+    assert page.locator("#leaderboard tbody tr[hidden]").count() == 0
 
 
 # ---------------------------------------------------------------- the headline: the worst case per model
