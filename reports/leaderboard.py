@@ -220,7 +220,82 @@ def headline_table(table: pd.DataFrame, roles: dict[str, tuple[str, str]] | None
     frame = frame.sort_values(["objective", standard], kind="stable", na_position="last", ignore_index=True)
     frame.insert(0, "rank", frame.groupby("objective").cumcount() + 1)
     frame.attrs["standard"] = standard
+    frame.attrs["budgets"] = dict(zip(labels, budgets, strict=True))
+    frame.attrs["cells"] = chosen  # the cells the worst case is taken from (the ensemble's, or every attack's)
     return frame, labels, source
+
+
+def robustness_figure(headline: pd.DataFrame) -> Figure | None:
+    """The robustness curve: the headline's worst case against epsilon, one line per model (and threat model),
+    one panel per norm and objective. None without a headline."""
+    budgets = headline.attrs.get("budgets", {})
+    records = [{"model": row["model"], "threat model": row["threat_model"], "norm": budgets[label][0],
+                "unit": budgets[label][1], "epsilon": budgets[label][2], "objective": row["objective"],
+                "value": row[label]} for _, row in headline.iterrows() for label in budgets
+               if label in row and not _missing(row[label])]
+    if not records:
+        return None
+    data = pd.DataFrame.from_records(records)
+    data["line"] = data["model"].astype(str) + (" / " + data["threat model"].astype(str)
+                                                if data["threat model"].nunique() > 1 else "")
+    panels = sorted(set(zip(data["norm"], data["unit"], data["objective"], strict=True)),
+                    key=lambda p: (norm_rank(p[0]), p[1], p[2]))
+    lines = sorted(data["line"].unique())
+    figure = Figure(figsize=(4.2 * len(panels) + 2.4, 3.4), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (norm, unit, objective) in zip(axes, panels, strict=True):
+        panel = data[(data["norm"] == norm) & (data["unit"] == unit) & (data["objective"] == objective)]
+        sns.lineplot(data=panel, x="epsilon", y="value", hue="line", hue_order=lines, marker="o", errorbar=None,
+                     ax=ax, legend=ax is axes[0], palette=sns.color_palette("colorblind", len(lines)))
+        epsilons = sorted(panel["epsilon"].unique())
+        if epsilons[0] > 0 and len(epsilons) > 1:
+            ax.set_xscale("log")
+        ax.set_xticks(epsilons, [format_epsilon(e) for e in epsilons])
+        ax.minorticks_off()
+        units = "voxels" if norm == "l0" else UNIT_LABELS.get(unit, unit)
+        ax.set(title=f"{norm}, objective {objective}", xlabel=f"epsilon ({units})",
+               ylabel=HEADLINE_MEASURES[objective][1])
+    legend = axes[0].get_legend()
+    if legend is not None:
+        figure.legend(legend.legend_handles, [text.get_text() for text in legend.get_texts()],
+                      loc="outside right upper")
+        legend.remove()
+    return figure
+
+
+def age_bin_figure(headline: pd.DataFrame) -> Figure | None:
+    """The paper's figure by age: |mean deviation| per TRUE-age bin at the standard budget, one bar per model,
+    one panel per threat model, from the cells the headline's worst case comes from (the strongest of them per
+    model). None where those cells have no age bins."""
+    cells, standard = headline.attrs.get("cells"), headline.attrs.get("standard")
+    budget = headline.attrs.get("budgets", {}).get(standard)
+    if cells is None or budget is None or f"abs_mean_deviation_{AGE_BIN_KEYS[0]}" not in cells:
+        return None
+    at = cells[(cells["norm"] == budget[0]) & (cells["unit"] == budget[1]) & (cells["epsilon"] == budget[2])]
+    records = []
+    for (model, threat_model), group in at.groupby(["model", "threat_model"], sort=False):
+        strongest = group.loc[group["mean_abs_deviation"].idxmax()]
+        records += [{"model": model, "threat model": threat_model, "true age (y)": label,
+                     "|mean deviation| (y)": strongest[f"abs_mean_deviation_{key}"]}
+                    for key, label in zip(AGE_BIN_KEYS, AGE_BIN_LABELS, strict=True)]
+    data = pd.DataFrame.from_records(records).dropna()
+    if data.empty:
+        return None
+    threat_models = sorted(data["threat model"].unique(), key=lambda t: _rank(t, THREAT_MODELS))
+    models = sorted(data["model"].astype(str).unique())
+    figure = Figure(figsize=(4.6 * len(threat_models) + 2.4, 3.4), layout="constrained")
+    axes = figure.subplots(1, len(threat_models), squeeze=False, sharey=True)[0]
+    for ax, threat_model in zip(axes, threat_models, strict=True):
+        sns.barplot(data=data[data["threat model"] == threat_model], x="true age (y)", y="|mean deviation| (y)",
+                    hue="model", hue_order=models, order=list(AGE_BIN_LABELS), errorbar=None, ax=ax,
+                    legend=ax is axes[0], palette=sns.color_palette("colorblind", len(models)))
+        ax.set(title=f"{threat_model}, {standard}")
+    legend = axes[0].get_legend()
+    if legend is not None:
+        figure.legend(legend.legend_handles, [text.get_text() for text in legend.get_texts()],
+                      loc="outside right upper")
+        legend.remove()
+    return figure
 
 
 def _comparable(key: str, value: object) -> object:
@@ -412,7 +487,7 @@ def _summary(cells: pd.DataFrame, table: pd.DataFrame, runs: list[dict]) -> str:
 
 
 def render_page(cells: pd.DataFrame, table: pd.DataFrame, runs: list[dict], figure: bytes | None,
-                title: str = "medrobust leaderboard") -> str:
+                title: str = "medrobust leaderboard", figures: dict[str, bytes] | None = None) -> str:
     """The HTML page for a store's ``cells()`` frame, its `leaderboard_table` and its ``runs()`` list, with the
     figure's PNG bytes (or None) inlined.
 
@@ -442,6 +517,7 @@ def render_page(cells: pd.DataFrame, table: pd.DataFrame, runs: list[dict], figu
         threat_models=_table(comparison, comparison_columns),
         failed=_table(failed, _CELL_COLUMNS + (("error", "error", "text"),)),
         figure=base64.b64encode(figure).decode("ascii") if figure is not None else None,
+        figures={name: base64.b64encode(png).decode("ascii") for name, png in (figures or {}).items()},
         environment=_flatten(latest["environment"]),
         config=json.dumps(latest["config"], indent=2, sort_keys=True, default=str) if latest["config"] else "",
     )
@@ -508,6 +584,10 @@ def write_report(run_dir: str | Path | list, out: str | Path | None = None) -> P
     table = leaderboard_table(cells, source)
     figure = deviation_figure(table)
     png = figure_png(figure) if figure is not None else None
+    headline, _, _ = headline_table(table)
+    figures = {name: figure_png(drawn) for name, drawn in (("robustness", robustness_figure(headline)),
+                                                           ("age_bins", age_bin_figure(headline)))
+               if drawn is not None}
     folder = Path(out) if out is not None else run_dirs[0]
     page = folder / PAGE_FILENAME
     try:
@@ -518,7 +598,7 @@ def write_report(run_dir: str | Path | list, out: str | Path | None = None) -> P
             (folder / FIGURE_FILENAME).write_bytes(png)
         table.to_csv(folder / CSV_FILENAME, index=False)
         title = f"medrobust leaderboard: {', '.join(folder.resolve().name for folder in run_dirs)}"
-        page.write_text(render_page(cells, table, runs, png, title), encoding="utf-8")
+        page.write_text(render_page(cells, table, runs, png, title, figures), encoding="utf-8")
     except OSError as err:
         raise MedrobustError(f"cannot write the report into {folder} ({err}); choose another output folder") from err
     return page

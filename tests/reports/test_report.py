@@ -19,6 +19,7 @@ from medrobust.reports import deviation_figure, format_epsilon, leaderboard_tabl
 from medrobust.reports.leaderboard import format_ssim, threat_model_table
 from medrobust.results.metrics import cell_metrics
 from medrobust.results.store import ResultStore
+from medrobust.vocabulary import AGE_BIN_LABELS
 
 XSS = "<script>alert(1)</script>"
 MODELS = {"cnn3d": "cnn3d", XSS: "hybrid"}  # label -> registered architecture
@@ -588,3 +589,15 @@ def test_export_writes_the_papers_set_with_every_label_escaped(tmp_path: Path) -
     assert record["results"][0]["worst_case"] and record["evaluation"]["worst_case_over"] == "ensemble"
     empty = CliRunner().invoke(main, ["export", str(tmp_path / "nowhere"), "--to", str(tmp_path / "x")])
     assert empty.exit_code == 2 and "holds no results store" in empty.output
+
+
+def test_the_robustness_curves_and_the_papers_age_bin_figure_are_on_the_page(report, store_dir) -> None:
+    from medrobust.reports.leaderboard import age_bin_figure, headline_table, robustness_figure
+
+    text = report.read_text()
+    assert "Robustness curves" in text and "Deviation by true age at the standard budget" in text
+    with ResultStore(store_dir, create=False) as store:
+        headline, _, _ = headline_table(leaderboard_table(store.cells()))
+    curves, bins = robustness_figure(headline), age_bin_figure(headline)
+    assert [ax.get_title() for ax in curves.axes] == ["linf, objective older", "l2, objective older"]
+    assert len(bins.axes) == 1 and [t.get_text() for t in bins.axes[0].get_xticklabels()] == list(AGE_BIN_LABELS)
