@@ -486,8 +486,73 @@ def _summary(cells: pd.DataFrame, table: pd.DataFrame, runs: list[dict]) -> str:
     return " · ".join(parts)
 
 
+# The headline rows whose adversarial examples the page shows (the most robust first).
+EXAMPLE_ROWS = 6
+
+
+def example_figure(examples: list[dict]) -> Figure:
+    """A cell's adversarial examples (``medrobust.results.examples.read_examples``): per subject (the median and
+    the worst |deviation|) the clean slice, the attacked slice (on the clean one's grey scale) and the
+    perturbation scaled to its own largest |value| (a diverging map, 0 grey), one row per view."""
+    from medrobust.results.examples import VIEWS
+
+    figure = Figure(figsize=(2.3 * 3 * len(examples), 2.2 * len(VIEWS) + 0.6), layout="constrained")
+    axes = figure.subplots(len(VIEWS), 3 * len(examples), squeeze=False)
+    for number, example in enumerate(examples):
+        largest = max(float(abs(adversarial - clean).max()) for clean, adversarial in example["views"].values())
+        for row, view in enumerate(VIEWS):
+            clean, adversarial = example["views"][view]
+            low, high = float(clean.min()), float(clean.max())
+            panels = ((clean, "gray", low, high, "clean"), (adversarial, "gray", low, high, "attacked"),
+                      (adversarial - clean, "RdBu_r", -largest or -1, largest or 1,
+                       f"perturbation (±{largest:.3g})"))
+            for column, (image, cmap, vmin, vmax, label) in enumerate(panels):
+                ax = axes[row, 3 * number + column]
+                ax.imshow(image.T, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower", interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0:
+                    ax.set_title(label, fontsize=9)
+                if column == 0:
+                    ax.set_ylabel(view, fontsize=9)
+        figure.text((number + 0.5) / len(examples), 1.0, f"{example['which']}: {example['subject']}",
+                    ha="center", va="bottom", fontsize=10)
+    return figure
+
+
+def example_panels(headline: pd.DataFrame, run_dirs: list[Path]) -> list[dict]:
+    """For the first headline rows, the cell their worst case comes from at the standard budget and its examples
+    drawn (PNG) with each subject's facts; rows whose cell has no examples (2D images, older runs) are left out."""
+    from medrobust.results.examples import read_examples
+
+    cells, standard = headline.attrs.get("cells"), headline.attrs.get("standard")
+    budget = headline.attrs.get("budgets", {}).get(standard)
+    if cells is None or budget is None:
+        return []
+    panels = []
+    for _, row in headline.head(EXAMPLE_ROWS).iterrows():
+        at = cells[(cells["model"] == row["model"]) & (cells["threat_model"] == row["threat_model"])
+                   & (cells["objective"] == row["objective"]) & (cells["norm"] == budget[0])
+                   & (cells["unit"] == budget[1]) & (cells["epsilon"] == budget[2])]
+        if at.empty:
+            continue
+        cell = at.loc[at["mean_abs_deviation"].idxmax()]
+        examples = next((found for folder in run_dirs if (found := read_examples(folder, cell["id"]))), [])
+        if not examples:
+            continue
+        facts = [f"{example['which']} subject {example['subject']}: true age {example['true_age']:.1f} y, predicted "
+                 f"{example['clean_prediction']:.1f} y clean and {example['adversarial_prediction']:.1f} y "
+                 f"attacked, PSNR {example['psnr']:.1f} dB, SSIM {format_ssim(example['ssim'])}"
+                 for example in examples]
+        panels.append({"title": f"{row['model']} ({row['threat_model']}, {row['objective']}): {cell['attack']} at "
+                                f"{standard}", "facts": facts,
+                       "png": base64.b64encode(figure_png(example_figure(examples))).decode("ascii")})
+    return panels
+
+
 def render_page(cells: pd.DataFrame, table: pd.DataFrame, runs: list[dict], figure: bytes | None,
-                title: str = "medrobust leaderboard", figures: dict[str, bytes] | None = None) -> str:
+                title: str = "medrobust leaderboard", figures: dict[str, bytes] | None = None,
+                examples: list[dict] | None = None) -> str:
     """The HTML page for a store's ``cells()`` frame, its `leaderboard_table` and its ``runs()`` list, with the
     figure's PNG bytes (or None) inlined.
 
@@ -518,6 +583,7 @@ def render_page(cells: pd.DataFrame, table: pd.DataFrame, runs: list[dict], figu
         failed=_table(failed, _CELL_COLUMNS + (("error", "error", "text"),)),
         figure=base64.b64encode(figure).decode("ascii") if figure is not None else None,
         figures={name: base64.b64encode(png).decode("ascii") for name, png in (figures or {}).items()},
+        examples=examples or [],
         environment=_flatten(latest["environment"]),
         config=json.dumps(latest["config"], indent=2, sort_keys=True, default=str) if latest["config"] else "",
     )
@@ -598,7 +664,8 @@ def write_report(run_dir: str | Path | list, out: str | Path | None = None) -> P
             (folder / FIGURE_FILENAME).write_bytes(png)
         table.to_csv(folder / CSV_FILENAME, index=False)
         title = f"medrobust leaderboard: {', '.join(folder.resolve().name for folder in run_dirs)}"
-        page.write_text(render_page(cells, table, runs, png, title, figures), encoding="utf-8")
+        page.write_text(render_page(cells, table, runs, png, title, figures, example_panels(headline, run_dirs)),
+                        encoding="utf-8")
     except OSError as err:
         raise MedrobustError(f"cannot write the report into {folder} ({err}); choose another output folder") from err
     return page

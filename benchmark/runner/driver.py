@@ -16,6 +16,7 @@ from tqdm import tqdm
 from medrobust.devices import deterministic_cuda, resolve_devices
 from medrobust.environment import describe_environment
 from medrobust.errors import MedrobustError
+from medrobust.results.examples import write_examples
 from medrobust.results.reliability import reliability_flags
 from medrobust.results.store import ResultStore
 from medrobust.runner.config import RunConfig
@@ -130,6 +131,7 @@ def _run(config: RunConfig, store: ResultStore, devices: list[torch.device], pro
         for outcome in pool.map(tasks, on_batch if progress else None):
             store.write_cell(outcome.cell_id, run_id, specs[outcome.cell_id], outcome.metrics, outcome.rows,
                              outcome.seconds, outcome.status, outcome.error)
+            write_examples(config.out, outcome.cell_id, outcome.examples)
             name = names[outcome.cell_id]
             if outcome.status == "failed":
                 summary.failed.append((name, outcome.error))

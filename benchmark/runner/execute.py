@@ -11,7 +11,7 @@ import contextlib
 import inspect
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ import torch
 from medrobust.data.preprocess import PreparedDataset
 from medrobust.models import BrainAgeModel
 from medrobust.models.sources import ModelSource
+from medrobust.results.examples import ExampleCollector
 from medrobust.results.metrics import rows_metrics, sample_rows
 from medrobust.runner.cells import Cell, build_attack, is_set_level, subject_seeds
 from medrobust.runner.config import RunConfig
@@ -70,7 +71,7 @@ GRADIENT_FAULTS = ("zero_gradient", "nonfinite_gradient")
 
 def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: RunConfig, device: torch.device,
                      on_batch: Callable[[dict], None] | None = None, recompute: bool = False, seed: int = 0,
-                     parity: bool = True) -> tuple[dict, list[dict]]:
+                     parity: bool = True, examples: ExampleCollector | None = None) -> tuple[dict, list[dict]]:
     """Run ``call`` (an attack, or a fitted universal perturbation's ``apply``) over every subject of `data`;
     returns (metrics, per-subject rows). With ``recompute`` (threat model ``recomputed``) each batch comes with
     the config's feature extractor over its label maps. A callable that takes ``sample_seeds`` gets one seed per
@@ -79,7 +80,8 @@ def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: 
     Batches have ``config.batch_size`` subjects until the device runs out of memory: the batch is then halved and
     retried (down to one subject), and later batches keep the smaller size; ``batch_size_used`` records it. In
     reduced precision (``config.precision``), the first batch is attacked in fp32 too and both mean |deviation|
-    are kept (``parity_*``) for the reliability checks (with ``parity``)."""
+    are kept (``parity_*``) for the reliability checks (with ``parity``). ``examples`` collects every subject's
+    mid-slices, clean and attacked, for the page's adversarial examples."""
     rows: list[dict] = []
     counters = {"forward": 0, "backward": 0, "steps": 0}
     gradient_faults: dict[str, int] = {}
@@ -113,6 +115,8 @@ def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: 
         batch_rows, moved = sample_rows(subjects, data.ages[batch], inputs["images"], inputs["features"],
                                         inputs["mask"], result, config.ssim)
         rows.extend(batch_rows)
+        if examples is not None:
+            examples.add(batch_rows, inputs["images"], result.images)
         if moved is not None:
             feature_change.append(moved)
         for key in counters:
@@ -147,24 +151,27 @@ FIT_METRICS = ("n", "clean_mae", "adversarial_mae", "mean_abs_deviation", "mean_
 
 def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: RunConfig, device: torch.device,
              on_batch: Callable[[dict], None] | None = None, fit_data: PreparedDataset | None = None,
-             seed: int | None = None) -> tuple[dict, list[dict]]:
+             seed: int | None = None, examples: ExampleCollector | None = None) -> tuple[dict, list[dict]]:
     """Attack every subject of `data` in batches; returns (cell metrics, per-subject rows). A universal
     perturbation is fitted once on `fit_data` (its batches stay in host memory until used), then applied to
     `data` (the held-out subjects whose rows are stored); its effect on the fitting subjects is in `fit_*`.
-    ``seed``: of the attack's random draws (default: the run's seed)."""
+    ``seed``: of the attack's random draws (default: the run's seed); ``examples`` collects the (held-out)
+    subjects' mid-slices for the page."""
     seed = config.seed if seed is None else seed
     attack = build_attack(cell, model, config, seed)
     recompute = cell.threat_model == "recomputed"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if fit_data is None or not is_set_level(cell.attack.name):
-        metrics, rows = _attack_subjects(attack, data, model, config, device, on_batch, recompute, seed)
+        metrics, rows = _attack_subjects(attack, data, model, config, device, on_batch, recompute, seed,
+                                         examples=examples)
     else:
         began = time.perf_counter()
         with autocast(device, config.precision):
             attack.fit(batches(fit_data, model, config, None, recompute))
         fit_seconds = time.perf_counter() - began
-        metrics, rows = _attack_subjects(attack.apply, data, model, config, device, on_batch, recompute, seed)
+        metrics, rows = _attack_subjects(attack.apply, data, model, config, device, on_batch, recompute, seed,
+                                         examples=examples)
         on_fit, _ = _attack_subjects(attack.apply, fit_data, model, config, device, None, recompute, seed,
                                      parity=False)
         for key, count in zip(("forward", "backward", "steps"), attack.fit_counters, strict=True):
@@ -198,6 +205,8 @@ class CellOutcome:
     rows: list[dict]
     seconds: float
     error: str | None = None
+    # The median and the worst subject's mid-slices (medrobust.results.examples), for the page.
+    examples: list[dict] = field(default_factory=list)
 
 
 def compute_cell(task: CellTask, loaded: LoadedInputs, on_batch: Callable[[dict], None] | None = None) -> CellOutcome:
@@ -209,8 +218,9 @@ def compute_cell(task: CellTask, loaded: LoadedInputs, on_batch: Callable[[dict]
         grid = model_grid(model)
         fit_data = loaded.subjects(grid, fitting=True) if is_set_level(cell.attack.name) else None
         report = None if on_batch is None else (lambda state: on_batch({**state, "cell": cell.describe()}))
+        collector = ExampleCollector()
         metrics, rows = run_cell(cell, model, loaded.subjects(grid), task.config, loaded.device, report,
-                                 fit_data, cell.spec.get("cell_seed"))
+                                 fit_data, cell.spec.get("cell_seed"), collector)
     except Exception as err:  # a broken cell is recorded with its reason
         return CellOutcome(cell.id, "failed", {}, [], time.perf_counter() - started, f"{type(err).__name__}: {err}")
-    return CellOutcome(cell.id, "done", metrics, rows, time.perf_counter() - started)
+    return CellOutcome(cell.id, "done", metrics, rows, time.perf_counter() - started, examples=collector.chosen())
