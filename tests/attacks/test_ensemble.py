@@ -54,7 +54,9 @@ def test_the_defaults_push_a_two_sided_objective_both_ways_and_the_probe_is_coun
     two_sided = create_attack("ensemble", model, budget=BUDGETS["linf"], objective="error")
     assert two_sided.member_labels() == ["apgd/older", "apgd/younger", "square"]
     assert create_attack("ensemble", model, budget=BUDGETS["l0"], objective="deviation").member_labels() == [
-        "l0/older", "l0/younger"]
+        "l0/older", "l0/younger", "l0 ranking=gradient/older", "l0 ranking=gradient/younger"]
+    repeated = create_attack("ensemble", model, budget=BUDGETS["linf"], members=[{"name": "fgsm"}, {"name": "fgsm"}])
+    assert repeated.member_labels() == ["fgsm", "fgsm #2"]
     members = [{"name": "fgsm"}]
     with_probe = create_attack("ensemble", model, budget=BUDGETS["linf"], members=members)(images, mask=mask)
     without = create_attack("ensemble", model, budget=BUDGETS["linf"], members=members, probe=False)(
