@@ -43,12 +43,12 @@ class Ensemble(Attack):
     ``members``: a list of ``{"name": attack, **arguments}`` (a member may set its own ``objective``, e.g.
     ``{"name": "apgd", "objective": "older"}``, but not the shared budget, threat model, clip, keep_best, seed or
     feature budget). By default, per norm: l-inf and l2, ``apgd`` (100 steps, random start) and the black-box
-    ``square`` (1000 queries); l0, the greedy ``l0`` ranked by gain and ranked by |gradient| (the paper's). For
-    the two-sided objectives (``deviation``, ``error``) each gradient member runs twice, with objective ``older`` and ``younger``: the
-    worst case is at one end of the age range or the other, and each direction is pushed to its end. Members that
-    do not support the budget's norm or the threat model are left out (``square`` under ``perturbed``), so one
-    list serves a grid of several norms; the members are resolved when
-    the ensemble is built, so a cell's identity lists them. Member i draws its random numbers from seed + i.
+    ``square`` (1000 queries); l0, the greedy ``l0`` ranked by gain and ranked by |gradient| (the paper's). For the
+    two-sided objectives (``deviation``, ``error``) each gradient member runs twice, with objective ``older`` and
+    ``younger``: the worst case is at one end of the age range or the other, and each direction is pushed to its
+    end. Members that do not support the budget's norm or the threat model are left out (``square`` under
+    ``perturbed``), so one list serves a grid of several norms; the members are resolved when the ensemble is built,
+    so a cell's identity lists them. Member i draws its random numbers from seed + i.
 
     ``probe`` (on by default) also runs the unbounded check of the reliability checks: ``pgd`` at an l-inf
     budget of the whole intensity range (``PROBE_STEPS`` steps, objectives older and younger, the same threat
