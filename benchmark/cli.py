@@ -324,15 +324,24 @@ def check_model_cmd(config_path, labels, factory, torchscript, weights, input_sh
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for the page; default: RUN_DIR (required with several run folders).")
-def report_cmd(run_dirs, out) -> None:
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Only the cells this config plans (a store also keeps cells of earlier versions of a grid).")
+def report_cmd(run_dirs, out, config_path) -> None:
     """Write the leaderboard page (leaderboard.html), its figure and results.csv from a run's store; several run
     folders make one page of their merged stores (a cell in two stores is one row)."""
     from pathlib import Path
 
     from medrobust.reports import write_report
 
+    only = None
+    if config_path is not None:
+        from medrobust.runner import plan
+        from medrobust.runner.config import load_config
+
+        only = {cell.id for cell in plan(load_config(config_path))}
     folders = [Path(folder) for folder in run_dirs]
-    click.echo(f"leaderboard: {write_report(folders if len(folders) > 1 else folders[0], Path(out) if out else None)}")
+    page = write_report(folders if len(folders) > 1 else folders[0], Path(out) if out else None, only)
+    click.echo(f"leaderboard: {page}")
 
 
 @main.command("export")

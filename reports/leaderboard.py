@@ -633,10 +633,11 @@ def merged_stores(run_dirs: list[Path]) -> tuple[pd.DataFrame, list[dict], str]:
     return cells, runs, ", ".join(sources)
 
 
-def write_report(run_dir: str | Path | list, out: str | Path | None = None) -> Path:
+def write_report(run_dir: str | Path | list, out: str | Path | None = None, only: set[str] | None = None) -> Path:
     """Render the results store in ``run_dir`` into ``out`` (default: ``run_dir``); returns the page's path.
     ``run_dir`` may be a list of run folders: their stores are merged (`merged_stores`; ``out`` is then
-    required), for a lab's leaderboard built over months.
+    required), for a lab's leaderboard built over months. ``only``: the ids of the cells to show (e.g. those a
+    config plans), all by default.
 
     Writes ``leaderboard.html`` (self-contained: CSS, script and figure inline), ``deviation_vs_epsilon.png`` (the
     same figure; removed when no cell is done) and ``results.csv`` (the done cells, in leaderboard order). Every
@@ -647,6 +648,8 @@ def write_report(run_dir: str | Path | list, out: str | Path | None = None) -> P
     if not run_dirs or (len(run_dirs) > 1 and out is None):
         raise MedrobustError("several run folders make one page: say where it goes with --out FOLDER")
     cells, runs, source = merged_stores(run_dirs)
+    if only is not None and not cells.empty:
+        cells = cells[cells["id"].isin(only)].reset_index(drop=True)
     table = leaderboard_table(cells, source)
     figure = deviation_figure(table)
     png = figure_png(figure) if figure is not None else None

@@ -601,3 +601,10 @@ def test_the_robustness_curves_and_the_papers_age_bin_figure_are_on_the_page(rep
     curves, bins = robustness_figure(headline), age_bin_figure(headline)
     assert [ax.get_title() for ax in curves.axes] == ["linf, objective older", "l2, objective older"]
     assert len(bins.axes) == 1 and [t.get_text() for t in bins.axes[0].get_xticklabels()] == list(AGE_BIN_LABELS)
+
+
+def test_report_can_keep_only_the_cells_a_config_plans(store_dir, tmp_path: Path) -> None:
+    with ResultStore(store_dir, create=False) as store:
+        ids = list(store.cells()["id"])
+    page = write_report(store_dir, tmp_path / "some", only=set(ids[:3]))
+    assert len(pd.read_csv(page.parent / "results.csv")) == len([i for i in ids[:3] if i != "failed"])
