@@ -119,6 +119,7 @@ _FORMATS = {
     "seconds": lambda value: f"{value:.1f}",
     "checks": lambda reasons: fired_checks(reasons) if reasons else "ok",
     "rank": lambda value: f"{int(value)}",
+    "count": lambda value: f"{int(value):,}",
 }
 
 
@@ -141,8 +142,9 @@ def leaderboard_table(cells: pd.DataFrame, source: str | Path = STORE_FILENAME) 
                             key=_sort_key)
     counts = [key for key in COUNT_FIELDS if key in done and done[key].notna().all()]
     done[counts] = done[counts].astype("int64")
-    if "params" in done:
-        done["params"] = done["params"].map(_as_json)
+    for column in ("params", "model_card"):  # nested values as JSON text, so the table and the CSV stay flat
+        if column in done:
+            done[column] = done[column].map(_as_json)
     if "reliability" in done:  # the reliability checks' reasons, one text ("" when the cell passed them)
         done["reliability"] = done["reliability"].map(lambda reasons: "; ".join(reasons) if reasons else "")
     return done
@@ -486,6 +488,43 @@ def _summary(cells: pd.DataFrame, table: pd.DataFrame, runs: list[dict]) -> str:
     return " · ".join(parts)
 
 
+def model_cards(table: pd.DataFrame, headline: pd.DataFrame) -> pd.DataFrame:
+    """One row per model of a `leaderboard_table`: what it is (architecture, source, weights hash, parameters,
+    input contract), how it was trained and its clean test metrics (from its checkpoint's sidecar, where it has
+    one: the runner records them per cell as ``model_card``), and its headline results across threat models."""
+    rows = []
+    for model, group in table.groupby("model", sort=False):
+        first = group.iloc[0]
+        raw = first.get("model_card")
+        card = json.loads(raw) if isinstance(raw, str) and raw else {}
+        training, test = card.get("training") or {}, card.get("test_metrics") or {}
+        grid = card.get("input_shape")
+        inputs = "–" if not grid else (f"{'x'.join(map(str, grid))} at {'x'.join(f'{v:g}' for v in card['voxel_size'])}"
+                                       f" mm, {card.get('normalization')}" + (f", {card['features']} context features"
+                                                                               if card.get("features") else ""))
+        trained = "–" if not training else ", ".join(f"{key.replace('_', ' ')} {value:g}" if isinstance(value, float)
+                                                      else f"{key.replace('_', ' ')} {value}"
+                                                      for key, value in training.items() if value is not None)
+        results = headline[headline["model"] == model] if "model" in headline else headline.iloc[0:0]
+        standard = headline.attrs.get("standard", "")
+        summary = "; ".join(f"{row['threat_model']} ({row['objective']}): rank {int(row['rank'])}, "
+                            f"{row[standard]:.2f} y at {standard}" for _, row in results.iterrows()
+                            if standard in row and not _missing(row[standard]))
+        rows.append({"model": model, "architecture": first.get("model_name", "–"),
+                     "source": first.get("checkpoint", "–"),
+                     "weights": str(first.get("checkpoint_sha256") or "–")[:12],
+                     "parameters": card.get("parameters", math.nan), "input": inputs, "trained": trained,
+                     "test_mae": test.get("mae", math.nan), "test_n": test.get("n"), "results": summary or "–"})
+    return pd.DataFrame.from_records(rows)
+
+
+MODEL_CARD_COLUMNS = (("model", "model", "text"), ("architecture", "architecture", "text"),
+                      ("source", "source", "text"), ("weights", "weights (sha256)", "text"),
+                      ("parameters", "parameters", "count"), ("input", "input", "text"),
+                      ("trained", "trained", "text"), ("test_mae", "clean test MAE (y, its sidecar)", "years"),
+                      ("results", "headline results", "text"))
+
+
 # The headline rows whose adversarial examples the page shows (the most robust first).
 EXAMPLE_ROWS = 6
 
@@ -576,6 +615,7 @@ def render_page(cells: pd.DataFrame, table: pd.DataFrame, runs: list[dict], figu
         summary=_summary(cells, table, runs),
         leaderboard=_table(table, LEADERBOARD_COLUMNS),
         headline=_table(headline, headline_columns),
+        cards=_table(model_cards(table, headline), MODEL_CARD_COLUMNS) if not table.empty else {"rows": []},
         headline_source=source, headline_standard=headline.attrs.get("standard", ""),
         headline_measures=", ".join(measures),
         age_bins=_table(table, AGE_BIN_COLUMNS),

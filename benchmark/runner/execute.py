@@ -209,18 +209,33 @@ class CellOutcome:
     examples: list[dict] = field(default_factory=list)
 
 
+def model_card(model: BrainAgeModel, record: dict) -> dict:
+    """What the page's model card says of a model: its parameters, input contract and, from a checkpoint's sidecar,
+    how it was trained and its clean test metrics (None where it has none: a model of one's own)."""
+    meta, extra = model.meta, record.get("extra") or {}
+    training = extra.get("training") or {}
+    return {"parameters": int(sum(parameter.numel() for parameter in model.parameters())),
+            "input_shape": list(meta.input_shape), "voxel_size": list(meta.voxel_size),
+            "normalization": meta.normalization, "features": len(meta.feature_names) if meta.uses_features else 0,
+            "uses_image": bool(getattr(meta, "uses_image", True)),
+            "training": {key: training.get(key) for key in ("epochs", "best_epoch", "seed", "loss", "best_val_mae")}
+            if training else None,
+            "test_metrics": extra.get("test_metrics")}
+
+
 def compute_cell(task: CellTask, loaded: LoadedInputs, on_batch: Callable[[dict], None] | None = None) -> CellOutcome:
     """Run one cell with the models and subjects of ``loaded``; an exception becomes a ``failed`` outcome with its
     reason (the grid goes on)."""
     cell, started = task.cell, time.perf_counter()
     try:
-        model, _ = loaded.model(task.model)
+        model, record = loaded.model(task.model)
         grid = model_grid(model)
         fit_data = loaded.subjects(grid, fitting=True) if is_set_level(cell.attack.name) else None
         report = None if on_batch is None else (lambda state: on_batch({**state, "cell": cell.describe()}))
         collector = ExampleCollector()
         metrics, rows = run_cell(cell, model, loaded.subjects(grid), task.config, loaded.device, report,
                                  fit_data, cell.spec.get("cell_seed"), collector)
+        metrics["model_card"] = model_card(model, record)
     except Exception as err:  # a broken cell is recorded with its reason
         return CellOutcome(cell.id, "failed", {}, [], time.perf_counter() - started, f"{type(err).__name__}: {err}")
     return CellOutcome(cell.id, "done", metrics, rows, time.perf_counter() - started, examples=collector.chosen())

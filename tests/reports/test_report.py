@@ -608,3 +608,21 @@ def test_report_can_keep_only_the_cells_a_config_plans(store_dir, tmp_path: Path
         ids = list(store.cells()["id"])
     page = write_report(store_dir, tmp_path / "some", only=set(ids[:3]))
     assert len(pd.read_csv(page.parent / "results.csv")) == len([i for i in ids[:3] if i != "failed"])
+
+
+def test_a_model_card_says_what_the_model_is_how_it_was_trained_and_where_it_ranks() -> None:
+    from medrobust.reports.leaderboard import headline_table, model_cards
+
+    table = _headline_cells()
+    card = {"parameters": 123456, "input_shape": [48, 56, 48], "voxel_size": [3.5, 3.5, 3.5],
+            "normalization": "zscore_brain", "features": 0, "uses_image": True,
+            "training": {"epochs": 30, "best_epoch": 12, "seed": 0, "loss": "l1", "best_val_mae": 4.25},
+            "test_metrics": {"mae": 4.5, "r": 0.97, "n": 100}}
+    table["model_card"] = json.dumps(card)
+    table["checkpoint_sha256"] = "c673d3c8801db922185d0348"
+    headline, _, _ = headline_table(table, {"pgd": ("iterative", "batch"), "ensemble": ("ensemble", "batch")})
+    cards = model_cards(table, headline).set_index("model")
+    assert cards.loc["b", "parameters"] == 123456 and cards.loc["b", "weights"] == "c673d3c8801d"
+    assert cards.loc["b", "input"] == "48x56x48 at 3.5x3.5x3.5 mm, zscore_brain"
+    assert "best epoch 12" in cards.loc["b", "trained"] and cards.loc["b", "test_mae"] == 4.5
+    assert cards.loc["b", "results"] == "fixed (older): rank 1, 2.00 y at linf 2e-03 of range"
