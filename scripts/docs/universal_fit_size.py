@@ -1,7 +1,7 @@
 """The universal perturbation against the size of its fitting set (after Li et al. 2020's figure): the mean shift on
 the subjects it was fitted on and on held-out subjects, side by side, clipped to each image's range and not.
 
-    python scripts/universal_fit_size.py [--sizes 10,25,50,100,200,350] [--held-out 100] [--out runs/universal-fit]
+    python scripts/docs/universal_fit_size.py [--sizes 10,25,50,100,200,350] [--held-out 100] [--out runs/universal-fit]
 
 One grid per fitting-set size, run by the runner like any config (so every number is a stored, content-addressed
 cell): the demo's checkpoints (`make demo` first) on the built-in cohort, the paper's universal attack (the sign
