@@ -502,9 +502,13 @@ def model_cards(table: pd.DataFrame, headline: pd.DataFrame) -> pd.DataFrame:
         inputs = "–" if not grid else (f"{'x'.join(map(str, grid))} at {'x'.join(f'{v:g}' for v in card['voxel_size'])}"
                                        f" mm, {card.get('normalization')}" + (f", {card['features']} context features"
                                                                                if card.get("features") else ""))
-        trained = "–" if not training else ", ".join(f"{key.replace('_', ' ')} {value:g}" if isinstance(value, float)
-                                                      else f"{key.replace('_', ' ')} {value}"
-                                                      for key, value in training.items() if value is not None)
+        trained = "–"
+        if training:
+            parts = [f"{training.get('epochs')} epochs (best {training.get('best_epoch')})",
+                     f"loss {training.get('loss')}", f"seed {training.get('seed')}"]
+            if training.get("best_val_mae") is not None:
+                parts.append(f"val MAE {training['best_val_mae']:.2f} y")
+            trained = ", ".join(parts)
         results = headline[headline["model"] == model] if "model" in headline else headline.iloc[0:0]
         standard = headline.attrs.get("standard", "")
         summary = "; ".join(f"{row['threat_model']} ({row['objective']}): rank {int(row['rank'])}, "

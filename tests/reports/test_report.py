@@ -624,5 +624,6 @@ def test_a_model_card_says_what_the_model_is_how_it_was_trained_and_where_it_ran
     cards = model_cards(table, headline).set_index("model")
     assert cards.loc["b", "parameters"] == 123456 and cards.loc["b", "weights"] == "c673d3c8801d"
     assert cards.loc["b", "input"] == "48x56x48 at 3.5x3.5x3.5 mm, zscore_brain"
-    assert "best epoch 12" in cards.loc["b", "trained"] and cards.loc["b", "test_mae"] == 4.5
+    assert cards.loc["b", "trained"] == "30 epochs (best 12), loss l1, seed 0, val MAE 4.25 y"
+    assert cards.loc["b", "test_mae"] == 4.5
     assert cards.loc["b", "results"] == "fixed (older): rank 1, 2.00 y at linf 2e-03 of range"
