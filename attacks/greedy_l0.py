@@ -10,11 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from medrobust.attacks._registry import register_attack
-from medrobust.attacks.arguments import check_count
+from medrobust.attacks.arguments import check_choice, check_count
 from medrobust.attacks.base import Attack, AttackState
 from medrobust.attacks.budget import Budget
 from medrobust.attacks.threats import THREAT_MODELS
-from medrobust.errors import MedrobustError
 
 # gain: |gradient| x the room the voxel has to its image's bound in the gradient's direction (the first-order
 # rise of setting it there; optimal on a linear model); gradient: |gradient| alone (the paper's).
@@ -65,9 +64,7 @@ class GreedyL0(Attack):
         **kwargs,
     ) -> None:
         super().__init__(model, Budget("l0", 360) if budget is None else budget, *args, **kwargs)
-        if ranking not in RANKINGS:
-            raise MedrobustError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
-        self.ranking = ranking
+        self.ranking = check_choice("ranking", ranking, RANKINGS)
         self.max_failures = check_count("max_failures", max_failures)
         self.rerank_every = None if rerank_every is None else check_count("rerank_every", rerank_every)
 

@@ -28,13 +28,14 @@ class Square(Attack):
 
     It queries the model's output only: every query is one forward pass, no backward pass. Start: stripes of
     +-r (a random sign per sample, channel and position along the last axes, constant along the first spatial
-    axis), or for l2 a random sign per voxel scaled to norm r. Each query draws, per sample, a window (a square
+    axis), or for l2 a random sign per voxel at r / sqrt(d), norm r. Each query draws, per sample, a window (a square
     or cube) of side s at a random position, s set so that the window holds about a share p of the voxels; p
     starts at ``p_init`` and is halved at the paper's query counts (10, 50, 200, 500, 1000, 2000, 4000, 6000,
-    8000 of 10 000, rescaled to ``queries``). l-inf: the window's voxels are set to +-r (a random sign per sample
-    and channel). l2: the window's voxels get a random-sign step of sqrt(p) x r spread over the window, then the
-    whole perturbation is scaled back onto the ball (a simpler move than the paper's exchange of mass between
-    two windows, with the same effect that mass accumulates where it helps). Every candidate is projected into the
+    8000 of 10 000, rescaled to ``queries``). l-inf: the window's voxels are set to +-r (a random sign per sample;
+    a window already at those signs takes the other, as the paper's code does). l2: the window's voxels take a
+    random sign and their magnitude grows by r / sqrt(d) (d the voxels that may move), then the whole perturbation
+    is scaled back onto the ball (a simpler move than the paper's exchange of mass between two windows, with the
+    same effect that mass gathers where it helps). Every candidate is projected into the
     mask, budget and range, and kept per sample where it raises the objective: the objective never falls.
 
     Threat models: ``fixed``; ``recomputed``, where the extractor measures the features of every queried image.

@@ -186,7 +186,7 @@ class AttackState:
         return Pass(grad, feature_grad, prediction, score)
 
     def _checked(self, grad: Tensor) -> Tensor:
-        """``grad`` with its non-finite values set to 0 (a NaN would poison every later iterate: one in-place kernel
+        """``grad`` with its non-finite values set to 0 (a NaN would poison every later iterate: one kernel
         per pass). At the call's first pass it also records, per sample, whether the gradient held a NaN or inf
         (``nonfinite_gradient``) and whether it was zero everywhere the perturbation may go (``zero_gradient``):
         the reliability checks flag both, as signs of masked or broken gradients."""
