@@ -26,6 +26,7 @@ from medrobust.reports.leaderboard import (
     merged_stores,
     norm_rank,
     relative_paths,
+    spreadsheet_safe,
 )
 from medrobust.results.store import ResultStore
 
@@ -178,7 +179,7 @@ def export(run_dirs: list[Path], folder: Path) -> list[Path]:
             with ResultStore(run_dir, create=False) as store:
                 samples.append(store.samples())
         per_subject = pd.concat(samples, ignore_index=True).drop_duplicates(["cell_id", "subject"])
-        per_subject.to_csv(folder / "samples.csv", index=False)
+        spreadsheet_safe(per_subject).to_csv(folder / "samples.csv", index=False)
         written.append(folder / "samples.csv")
         models = folder / "models"
         models.mkdir(exist_ok=True)

@@ -677,6 +677,21 @@ def merged_stores(run_dirs: list[Path]) -> tuple[pd.DataFrame, list[dict], str]:
     return cells, runs, ", ".join(sources)
 
 
+# A text cell a spreadsheet would read as a formula (OWASP's CSV injection): it starts with one of these.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with every text cell that a spreadsheet would evaluate (``=1+1``, ``@SUM(...)``) prefixed with
+    a single quote, as OWASP recommends for CSV exports; numbers are left as they are."""
+    frame = frame.copy()
+    for column in frame.columns:
+        if not pd.api.types.is_numeric_dtype(frame[column]):
+            frame[column] = frame[column].map(
+                lambda value: f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value)
+    return frame
+
+
 def write_report(run_dir: str | Path | list, out: str | Path | None = None, only: set[str] | None = None) -> Path:
     """Render the results store in ``run_dir`` into ``out`` (default: ``run_dir``); returns the page's path.
     ``run_dir`` may be a list of run folders: their stores are merged (`merged_stores`; ``out`` is then
@@ -709,7 +724,7 @@ def write_report(run_dir: str | Path | list, out: str | Path | None = None, only
             (folder / FIGURE_FILENAME).unlink(missing_ok=True)
         else:
             (folder / FIGURE_FILENAME).write_bytes(png)
-        table.to_csv(folder / CSV_FILENAME, index=False)
+        spreadsheet_safe(table).to_csv(folder / CSV_FILENAME, index=False)
         title = f"medrobust leaderboard: {', '.join(folder.resolve().name for folder in run_dirs)}"
         page.write_text(render_page(cells, table, runs, png, title, figures, example_panels(headline, run_dirs)),
                         encoding="utf-8")

@@ -627,3 +627,19 @@ def test_a_model_card_says_what_the_model_is_how_it_was_trained_and_where_it_ran
     assert cards.loc["b", "trained"] == "30 epochs (best 12), loss l1, seed 0, val MAE 4.25 y"
     assert cards.loc["b", "test_mae"] == 4.5
     assert cards.loc["b", "results"] == "fixed (older): rank 1, 2.00 y at linf 2e-03 of range"
+
+
+def test_a_label_a_spreadsheet_would_evaluate_reaches_the_csv_neutralised(tmp_path: Path) -> None:
+    spec, metrics, samples = _cell("=1+1", "fgsm", "linf", 1e-3, 0)
+    samples[0]["subject"] = "@SUM(A1:A9)"
+    with ResultStore(tmp_path / "run") as store:
+        run_id = store.start_run(CONFIG, ENVIRONMENT)
+        store.write_cell("c1", run_id, spec, metrics, samples, 1.0)
+        store.finish_run(run_id)
+    write_report(tmp_path / "run")
+    table = pd.read_csv(tmp_path / "run" / "results.csv")
+    assert table.loc[0, "model"] == "'=1+1" and table.loc[0, "mean_deviation"] > 0  # numbers untouched
+    from medrobust.reports.export import export
+
+    export([tmp_path / "run"], tmp_path / "paper")
+    assert "'@SUM(A1:A9)" in (tmp_path / "paper" / "samples.csv").read_text()
