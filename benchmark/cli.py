@@ -15,7 +15,7 @@ from medrobust.errors import FieldError, MedrobustError
 from medrobust.settings import LOSSES, CohortSpec, TrainingConfig
 from medrobust.vocabulary import EXECUTORS, PRECISIONS
 
-EXIT_FAILED_CELLS, EXIT_BAD_INPUT, EXIT_STORE_BUSY = 1, 2, 3
+EXIT_FAILED_CELLS, EXIT_BAD_INPUT, EXIT_STORE_BUSY, EXIT_INTERRUPTED = 1, 2, 3, 130
 # The defaults the options show are the settings' own.
 _COHORT, _TRAINING = CohortSpec(), TrainingConfig()
 
@@ -25,11 +25,16 @@ def _one_line(text: str) -> str:
 
 
 class _Group(click.Group):
-    """A click group that turns MedrobustError into one line on stderr and exit code 2 (3 for a busy store)."""
+    """A click group that turns MedrobustError into one line on stderr and exit code 2 (3 for a busy store), and
+    Ctrl-C into one line and exit code 130 (not click's "Aborted!" with 1, the code of failed cells)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: what had finished is kept (every finished cell is in the store, and the same "
+                       "`medrobust run` resumes from it)", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except MedrobustError as error:
             from medrobust.results.store import StoreBusyError
 
@@ -203,7 +208,8 @@ def run_cmd(config_path, report, retry_failed, device, precision, executor, ray_
     Cells already done are skipped, so the same command resumes an interrupted or killed run; cells that failed
     before are skipped unless --retry-failed. The page is rewritten unless nothing ran and it is newer than the
     store. Exit code 0: every cell of the grid done; 1: some cells failed, here or earlier (recorded with their
-    errors; see `medrobust status`); 2: bad input; 3: another run is writing the same store.
+    errors; see `medrobust status`); 2: bad input; 3: another run is writing the same store; 130: interrupted
+    (Ctrl-C; the same command resumes).
     """
     import dataclasses
 

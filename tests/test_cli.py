@@ -54,3 +54,16 @@ def test_list_names_every_registered_model_and_attack_with_its_facts() -> None:
     assert described["pgd"]["parameters"]["steps"] == 20 and "perturbed" in described["pgd"]["threat_models"]
     text = CliRunner().invoke(main, ["list", "attacks"])
     assert text.exit_code == 0 and text.output.startswith("apgd [linf, l2;")
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch, tmp_path) -> None:
+    import medrobust.reports.leaderboard as leaderboard
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(leaderboard, "write_report", interrupted)
+    monkeypatch.setattr("medrobust.reports.write_report", interrupted)
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 130 and "interrupted: what had finished is kept" in result.output
+    assert "Traceback" not in result.output and "Aborted" not in result.output
