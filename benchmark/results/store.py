@@ -27,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from medrobust.errors import MedrobustError
+from medrobust.faults import fault_point
 
 STORE_FILENAME = "results.sqlite"
 LOCK_SUFFIX = ".lock"  # the writer's lock file: results.sqlite.lock
@@ -289,6 +290,7 @@ class ResultStore:
                         json.dumps(metrics, sort_keys=True), error, seconds, _now()))
             db.executemany(f"INSERT INTO samples (cell_id, {', '.join(SAMPLE_COLUMNS)}) "
                            f"VALUES (?, {', '.join('?' * len(SAMPLE_COLUMNS))})", rows)
+            fault_point("committing")
 
     def write_reliability(self, flags: dict[str, list[str]]) -> None:
         """Replace the reliability checks' verdicts (reasons per possibly unreliable cell) in one transaction."""

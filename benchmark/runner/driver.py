@@ -16,6 +16,7 @@ from tqdm import tqdm
 from medrobust.devices import deterministic_cuda, resolve_devices
 from medrobust.environment import describe_environment
 from medrobust.errors import MedrobustError
+from medrobust.faults import fault_point
 from medrobust.results.examples import write_examples
 from medrobust.results.reliability import reliability_flags
 from medrobust.results.store import ResultStore
@@ -105,6 +106,7 @@ def _run(config: RunConfig, store: ResultStore, devices: list[torch.device], pro
     loaded = LoadedInputs(config, root, devices[0], progress)
     cells = plan_cells(config, root, sources, loaded, echo)
     (config.out / PLAN_CACHE).write_text(json.dumps({"key": key, "cells": [cell.id for cell in cells]}))
+    fault_point("planned")
     if only is not None:
         cells = [cell for cell in cells if fnmatch.fnmatchcase(cell.describe(), only)]
         if not cells:
@@ -131,6 +133,7 @@ def _run(config: RunConfig, store: ResultStore, devices: list[torch.device], pro
         for outcome in pool.map(tasks, on_batch if progress else None):
             store.write_cell(outcome.cell_id, run_id, specs[outcome.cell_id], outcome.metrics, outcome.rows,
                              outcome.seconds, outcome.status, outcome.error)
+            fault_point("written")
             write_examples(config.out, outcome.cell_id, outcome.examples)
             name = names[outcome.cell_id]
             if outcome.status == "failed":

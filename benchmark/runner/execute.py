@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from medrobust.data.preprocess import PreparedDataset
+from medrobust.faults import fault_point
 from medrobust.models import BrainAgeModel
 from medrobust.models.sources import ModelSource
 from medrobust.results.examples import ExampleCollector
@@ -236,6 +237,7 @@ def compute_cell(task: CellTask, loaded: LoadedInputs, on_batch: Callable[[dict]
         metrics, rows = run_cell(cell, model, loaded.subjects(grid), task.config, loaded.device, report,
                                  fit_data, cell.spec.get("cell_seed"), collector)
         metrics["model_card"] = model_card(model, record)
+        fault_point("attacked")
     except Exception as err:  # a broken cell is recorded with its reason
         return CellOutcome(cell.id, "failed", {}, [], time.perf_counter() - started, f"{type(err).__name__}: {err}")
     return CellOutcome(cell.id, "done", metrics, rows, time.perf_counter() - started, examples=collector.chosen())
