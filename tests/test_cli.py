@@ -67,3 +67,28 @@ def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch, tmp_path) -> None:
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert result.exit_code == 130 and "interrupted: what had finished is kept" in result.output
     assert "Traceback" not in result.output and "Aborted" not in result.output
+
+
+def test_an_out_that_cannot_be_a_folder_is_one_line_and_exit_2(tmp_path, monkeypatch) -> None:
+    import shutil
+    from pathlib import Path
+
+    fixture = Path(__file__).resolve().parent / "runner" / "fixtures" / "pre_redesign"
+    for folder in ("dataset", "models"):
+        shutil.copytree(fixture / folder, tmp_path / folder)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("not a folder")
+    for out, reason in ((tmp_path / "afile", "File exists"), (tmp_path / "afile" / "sub", "Not a directory")):
+        config = tmp_path / "bad.toml"
+        config.write_text((fixture / "config.toml").read_text().replace('out = "out"', f'out = "{out}"'))
+        result = CliRunner().invoke(main, ["run", str(config), "--quiet", "--no-report"])
+        assert result.exit_code == 2 and "cannot be made a run folder" in result.output and reason in result.output
+        assert "Traceback" not in result.output
+
+
+def test_a_dangling_symlink_in_the_dataset_does_not_break_the_plans_key(tmp_path) -> None:
+    from medrobust.runner.plan import _stat
+
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    path, size, mtime = _stat(tmp_path / "link")
+    assert path.endswith("link") and size > 0 and mtime > 0

@@ -119,6 +119,16 @@ def plan(config: RunConfig) -> list[Cell]:
 PLAN_CACHE = "plan-cache.json"
 
 
+def _stat(path: Path) -> tuple[str, int, int]:
+    """(path, size, modification time) of a file for the plan's key; a link whose target is gone (a dangling
+    symlink in the dataset folder) counts as itself, so it neither crashes the key nor goes unnoticed."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        stat = path.lstat()
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
 def plan_key(config: RunConfig, root: Path, sources: dict[str, ModelSource], device: torch.device) -> str:
     """A hash of the config, this package's version and seeding scheme, the device, and the size and modification
     time of every checkpoint and dataset file (the preprocessing cache aside), of this package's own source files
@@ -136,7 +146,7 @@ def plan_key(config: RunConfig, root: Path, sources: dict[str, ModelSource], dev
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         files.extend(Path(folder) / name for name in sorted(names))
-    stats = [(str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files]
+    stats = [_stat(path) for path in files]
     content = {"config": config.raw, "source": str(config.source), "version": __version__, "seeding": SEEDING,
                "device": str(device), "files": stats}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
