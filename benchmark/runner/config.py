@@ -179,6 +179,8 @@ def _budgets(items: Any, where: str, table: _Table) -> list[Budget]:
         raw = entry.data.pop("epsilon", None)
         if raw is None:
             entry.fail(f"{entry.name('epsilon')} is required")
+        if isinstance(raw, list) and not raw:
+            entry.fail(f"{entry.name('epsilon')} is an empty list; give at least one epsilon")
         entry.done()
         for j, epsilon in enumerate(raw if isinstance(raw, list) else [raw]):
             name = entry.name(f"epsilon[{j}]" if isinstance(raw, list) else "epsilon")
@@ -391,6 +393,11 @@ def parse_config(data: dict, source: str = "config", models: list[ModelSpec] | N
         table.fail(f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
     if config.extractor not in EXTRACTORS:
         table.fail(f"extractor must be one of {', '.join(EXTRACTORS)}, got {config.extractor!r}")
+    if config.device != "auto":
+        try:  # the name alone (whether CUDA is there is the run's question): the config's key, not --device
+            torch.device(config.device)
+        except RuntimeError:
+            table.fail(f"device {config.device!r} is not a device; use auto, cpu, cuda or cuda:N")
     _check_attacks(config, table)
     return config
 

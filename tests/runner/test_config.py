@@ -126,6 +126,8 @@ BAD = [
     ('seed = 1', 'seed = 1\nprecision = "fp8"', "precision must be one of fp32, bf16, fp16"),
     ('seed = 1', 'seed = 1\nextractor = "magic"', "extractor must be one of soft, hard, hard-bpda"),
     ('seed = 1', 'seed = 1\nssim = "yes"', "ssim must be"),
+    ('epsilon = [1e-3, 2e-3]', 'epsilon = []', "budgets[0].epsilon is an empty list"),
+    ('seed = 1', 'seed = 1\ndevice = "tpu"', ": device 'tpu' is not a device"),
 ]
 
 
