@@ -21,6 +21,9 @@ from medrobust.errors import MedrobustError
 from medrobust.files import file_sha256
 from medrobust.vocabulary import MISSING_VALUES
 
+# The oldest age read as plausible, in years (the oldest documented human lived 122 years): above it a subject is
+# skipped with that reason, not attacked with an age in months or a typo.
+MAX_AGE = 125.0
 # BIDS allows `89+` for privacy; ages above it are reported as this value.
 _TOP_CODED_AGE = 89.0
 _SEX_CODES = {
@@ -143,6 +146,8 @@ def parse_age(value: object) -> float:
         raise _Skip(f"age {value!r} is not a number") from None
     if not math.isfinite(age) or age < 0:
         raise _Skip(f"age {value!r} is not a non-negative number")
+    if age > MAX_AGE:  # a typo (300 for 30), months or days for years: not a human age in years
+        raise _Skip(f"age {value!r} is above {MAX_AGE:g} years (months or a typo?); fix it in the table")
     return age
 
 

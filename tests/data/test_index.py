@@ -180,3 +180,11 @@ def test_fingerprint_is_stable_and_tracks_content_and_ages(bids_dataset, write_n
     write_nifti(t1, image)
     os.utime(t1, ns=(1, 1))  # a different mtime, so the in-process hash cache cannot serve stale bytes
     assert _load_quietly(bids_dataset).fingerprint() != first
+
+
+def test_an_age_above_any_human_age_is_skipped_with_its_reason() -> None:
+    from medrobust.data.index import MAX_AGE, parse_age
+
+    assert parse_age("34,5") == 34.5 and parse_age(str(MAX_AGE)) == MAX_AGE
+    with pytest.raises(Exception, match="is above 125 years"):
+        parse_age("300")
