@@ -88,6 +88,24 @@ CREATE TABLE IF NOT EXISTS reliability (
 """
 
 
+def _unreadable(*texts: str | None) -> str | None:
+    """Why a cell's stored JSON cannot be read (damaged by hand or by another program), or None."""
+    for text in texts:
+        if text is None:
+            continue
+        try:
+            json.loads(text)
+        except (TypeError, ValueError) as err:
+            return (f"the store's record of this cell is unreadable ({type(err).__name__}: {err}); "
+                    f"`medrobust run --retry-failed` computes it again")
+    return None
+
+
+def _readable(spec: str) -> str:
+    """The spec's JSON where it is readable (the cell can still be placed), else an empty one."""
+    return "{}" if _unreadable(spec) else spec
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -255,8 +273,11 @@ class ResultStore:
         self._db.execute("COMMIT")
 
     def statuses(self) -> dict[str, str]:
-        """The status of every recorded cell: cell id -> 'done' or 'failed' (a cell not recorded is pending)."""
-        return dict(self._db.execute("SELECT id, status FROM cells ORDER BY rowid"))
+        """The status of every recorded cell: cell id -> 'done' or 'failed' (a cell not recorded is pending). A
+        cell whose record cannot be read (its spec or metrics JSON damaged) counts as failed, so that
+        ``--retry-failed`` computes it again."""
+        return {cell_id: "failed" if _unreadable(spec, metrics) else status for cell_id, status, spec, metrics
+                in self._db.execute("SELECT id, status, spec, metrics FROM cells ORDER BY rowid")}
 
     def finished_cells(self) -> set[str]:
         """Ids of the cells whose results are complete (status 'done')."""
@@ -265,10 +286,14 @@ class ResultStore:
     def failures(self) -> list[dict]:
         """The cells recorded as failed, in the order they were written: id, run_id, error, seconds, finished_at
         and the parsed spec (model, attack, budget, threat model...)."""
-        query = ("SELECT id, run_id, error, seconds, finished_at, spec FROM cells WHERE status = 'failed' "
-                 "ORDER BY rowid")
-        return [{"id": i, "run_id": r, "error": e, "seconds": t, "finished_at": f, "spec": json.loads(spec)}
-                for i, r, e, t, f, spec in self._db.execute(query)]
+        query = "SELECT id, run_id, status, error, seconds, finished_at, spec, metrics FROM cells ORDER BY rowid"
+        failed = []
+        for i, r, status, e, t, f, spec, metrics in self._db.execute(query):
+            damage = _unreadable(spec, metrics)  # a damaged record counts as failed, with that reason
+            if status == "failed" or damage:
+                failed.append({"id": i, "run_id": r, "error": damage or e, "seconds": t, "finished_at": f,
+                               "spec": json.loads(_readable(spec))})
+        return failed
 
     def write_cell(self, cell_id: str, run_id: str, spec: dict, metrics: dict, samples: Iterable[dict],
                    seconds: float, status: str = "done", error: str | None = None) -> None:
@@ -313,6 +338,9 @@ class ResultStore:
                  "FROM cells c LEFT JOIN reliability r ON r.cell_id = c.id ORDER BY c.rowid")
         records = []
         for cell_id, run_id, status, error, seconds, finished_at, reasons, spec, metrics in self._db.execute(query):
+            damage = _unreadable(spec, metrics, reasons)
+            if damage:  # one damaged record is a failed cell with its reason, not a store nobody can read
+                status, error, spec, metrics, reasons = "failed", damage, _readable(spec), "{}", None
             records.append({"id": cell_id, "run_id": run_id, "status": status, "error": error, "seconds": seconds,
                             "finished_at": finished_at, "reliability": json.loads(reasons) if reasons else [],
                             **json.loads(spec), **json.loads(metrics)})

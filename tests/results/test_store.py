@@ -258,3 +258,23 @@ def test_a_lock_file_that_cannot_be_opened_is_a_clear_error(tmp_path):
         ResultStore(tmp_path)
     with ResultStore(tmp_path, writer=False) as reader:  # readers need no lock file
         assert reader.statuses() == {}
+
+
+def test_a_damaged_cell_record_is_a_failed_cell_with_its_reason_not_an_unreadable_store(tmp_path) -> None:
+    import sqlite3
+
+    with ResultStore(tmp_path) as store:
+        run_id = store.start_run({}, {})
+        store.write_cell("good", run_id, {"model": "m"}, {"n": 3}, [], 1.0)
+        store.write_cell("bad", run_id, {"model": "m"}, {"n": 3}, [], 1.0)
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        db.execute("UPDATE cells SET metrics = ? WHERE id = 'bad'", ('{"n": 3,',))  # cut off mid-record
+    with ResultStore(tmp_path, create=False) as store:
+        cells = store.cells().set_index("id")
+        statuses = store.statuses()
+    assert statuses == {"good": "done", "bad": "failed"}  # so --retry-failed computes it again
+    assert cells.loc["bad", "status"] == "failed" and "unreadable" in cells.loc["bad", "error"]
+    assert cells.loc["bad", "model"] == "m" and cells.loc["good", "n"] == 3
+    with ResultStore(tmp_path, create=False) as store:
+        (failure,) = store.failures()
+    assert failure["id"] == "bad" and "unreadable" in failure["error"] and failure["spec"] == {"model": "m"}
