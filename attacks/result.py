@@ -4,7 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
+
+# What an attack records of the gradients it saw, per sample (the fields of AttackResult of these names); the runner
+# counts each per cell as ``<name>_subjects`` and the reliability checks flag them.
+GRADIENT_FAULTS = ("zero_gradient", "nonfinite_gradient")
+
+
+def gradient_faults(grad: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+    """Per sample [B] (bool), the ``GRADIENT_FAULTS`` of an input gradient [B, ...]: whether it is zero wherever
+    the perturbation may go (``mask``, bool and broadcastable to ``grad``, or None; non-finite values counted as
+    0), and whether it holds a NaN or inf. Tensors on the gradient's device: no host synchronisation."""
+    moving = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+    if mask is not None:
+        moving = torch.where(mask, moving, 0)
+    return {"zero_gradient": ~moving.flatten(1).ne(0).any(dim=1),
+            "nonfinite_gradient": ~torch.isfinite(grad.flatten(1)).all(dim=1)}
 
 
 @dataclass

@@ -76,10 +76,10 @@ class Square(Attack):
             movable = state.ball.masked(torch.ones_like(images)).flatten(1).sum(dim=1).clamp_min(1).view(view)
             step = radius / movable.sqrt()  # each voxel's share of the radius, spread evenly
             delta = delta * step
-        best = state.project(images + delta)
-        prediction = state.predict(best)
+        start = state.project(images + delta)
+        prediction = state.predict(start)
         score = state.score(prediction)
-        state.record(best, prediction, score)
+        state.record(start, prediction, score)
         for query in range(self.queries):
             share = self.share(query)
             side = min(max(1, round((share * voxels) ** (1 / len(spatial)))), *spatial)
@@ -102,8 +102,9 @@ class Square(Attack):
             better = trial_score > score
             score = torch.where(better, trial_score, score)
             delta = torch.where(better.view(view), candidate, delta)
-            best = torch.where(better.view(view), trial, best)
-        return best
+        # The last accepted image: the projection is deterministic, so it is that query's image, bit for bit (one
+        # projection here instead of keeping a copy of it at every query).
+        return state.project(images + delta)
 
     def _window(self, state: AttackState, spatial: torch.Size, side: int) -> Tensor:
         """Per sample, a window of ``side`` voxels per spatial axis at a random position (each sample's own draw),

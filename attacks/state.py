@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from medrobust.attacks.geometry import ball_for
 from medrobust.attacks.objectives import objective_score
-from medrobust.attacks.result import AttackResult
+from medrobust.attacks.result import GRADIENT_FAULTS, AttackResult, gradient_faults
 from medrobust.attacks.threats import check_recomputed, feature_box, feature_radius
 from medrobust.errors import MedrobustError
 
@@ -191,15 +191,13 @@ class AttackState:
         (``nonfinite_gradient``) and whether it was zero everywhere the perturbation may go (``zero_gradient``):
         the reliability checks flag both, as signs of masked or broken gradients."""
         if self.zero_gradient is None:
-            self.nonfinite_gradient = ~torch.isfinite(grad.flatten(1)).all(dim=1)
-            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-            self.zero_gradient = ~self.ball.masked(grad).flatten(1).ne(0).any(dim=1)
-            return grad
+            for key, fault in gradient_faults(grad, self.mask).items():
+                setattr(self, key, fault)
         return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
     def merge_gradient_faults(self, result: AttackResult) -> None:
         """Take in the gradient faults another attack's ``result`` recorded on this batch (an ensemble's member)."""
-        for key in ("zero_gradient", "nonfinite_gradient"):
+        for key in GRADIENT_FAULTS:
             theirs, ours = getattr(result, key), getattr(self, key)
             if theirs is not None:
                 setattr(self, key, theirs if ours is None else ours | theirs)

@@ -15,6 +15,7 @@ from medrobust.attacks._registry import register_attack
 from medrobust.attacks.arguments import check_count, check_step_size
 from medrobust.attacks.base import Attack, AttackResult, AttackState, check_images, check_mask, evaluating
 from medrobust.attacks.objectives import objective_score
+from medrobust.attacks.result import gradient_faults
 from medrobust.errors import MedrobustError
 
 # sign: the paper's vote, each image's gradient sign summed over the set; pgd: the gradient of the set's summed
@@ -76,7 +77,7 @@ class Universal(Attack):
         self.fit_radius: Tensor | None = None
         # Passes of the last fit (forward, backward, steps): a call on a batch adds them to its result.
         self.fit_counters = (0, 0, 0)
-        # Fitting subjects of the last fit whose gradient was zero or non-finite (see ``_gradient_faults``).
+        # Fitting subjects of the last fit whose first-epoch gradient was zero or non-finite (``gradient_faults``).
         self.fit_gradient_faults: dict[str, int] = {}
 
     def __call__(self, images: Tensor, features: Tensor | None = None, ages: Tensor | None = None,
@@ -134,7 +135,7 @@ class Universal(Attack):
         device = next((parameter.device for parameter in self.model.parameters()), None)
         delta = best = radius = best_total = shift = best_shift = None
         forward = backward = 0
-        faults = {"zero_gradient": 0, "nonfinite_gradient": 0}
+        faults: dict[str, Tensor] = {}  # per fault, the fitting subjects that showed it (a device tensor)
         # keep_best scores the final iterate too: one more, forward-only, epoch.
         for step in range(self.steps + int(self.keep_best)):
             ascend = step < self.steps
@@ -184,7 +185,9 @@ class Universal(Attack):
                     grads = (torch.autograd.grad(score.sum(), leaves, allow_unused=True) if score.requires_grad
                              else [None] * len(leaves))
                     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads, strict=True)]
-                    faults = self._gradient_faults(grads[0], mask, faults, first=step == 0)
+                    if step == 0:  # the first epoch's gradients, as AttackState records a call's first pass
+                        for key, fault in gradient_faults(grads[0], mask).items():
+                            faults[key] = fault.sum() if key not in faults else faults[key] + fault.sum()
                     grads = [torch.where(torch.isfinite(g), g, 0) for g in grads]
                     backward += 1
                     vote = _summed(self._vote(grads[0]), mask)
@@ -209,21 +212,10 @@ class Universal(Attack):
                                         self.feature_budget)
         self.fit_radius = radius
         self.fit_counters = (forward, backward, self.steps)
-        self.fit_gradient_faults = faults
+        self.fit_gradient_faults = {key: int(count) for key, count in faults.items()}  # one sync, after the fit
         if self.keep_best:
             delta, shift = best, best_shift
         return delta.detach(), None if shift is None else shift.detach()
-
-    @staticmethod
-    def _gradient_faults(grad: Tensor, mask: Tensor | None, faults: dict[str, int], first: bool) -> dict[str, int]:
-        """``faults`` with this mini-batch's fitting subjects counted whose gradient held a NaN or inf (any epoch)
-        or, in the first epoch, was zero wherever the perturbation may go: as ``AttackState`` records them."""
-        flat = grad.flatten(1)
-        faults["nonfinite_gradient"] += int((~torch.isfinite(flat)).any(dim=1).sum())
-        if first:
-            moving = grad if mask is None else torch.where(mask, grad, 0)
-            faults["zero_gradient"] += int((~moving.flatten(1).ne(0).any(dim=1)).sum())
-        return faults
 
     def _vote(self, grad: Tensor) -> Tensor:
         """Each subject's contribution to a step: its gradient's sign (``sign``) or its gradient (``pgd``)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from medrobust.attacks.result import GRADIENT_FAULTS
 from medrobust.data.preprocess import PreparedDataset
 from medrobust.faults import fault_point
 from medrobust.models import BrainAgeModel
@@ -64,10 +65,6 @@ class _Timer:
         end.record()
         end.synchronize()
         self.seconds += start.elapsed_time(end) / 1000
-
-
-# What an AttackResult says of the gradients it saw, per sample; each becomes the cell metric ``<name>_subjects``.
-GRADIENT_FAULTS = ("zero_gradient", "nonfinite_gradient")
 
 
 def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: RunConfig, device: torch.device,
