@@ -17,7 +17,7 @@ import pandas as pd
 
 from medrobust.errors import MedrobustError
 from medrobust.reports.leaderboard import (
-    HEADLINE_MEASURES,
+    HEADLINE_LABELS,
     deviation_figure,
     format_epsilon,
     headline_table,
@@ -126,7 +126,7 @@ def model_records(table: pd.DataFrame, headline: pd.DataFrame, budgets: list[str
                            if "n" in first and not pd.isna(first["n"]) else None, "seed": first.get("seed"),
                            "attacks": sorted(set(model_cells["attack"]))},
             "results": [], "environment": environment})
-        measure = HEADLINE_MEASURES[row["objective"]][1]
+        measure = HEADLINE_LABELS[row["objective"]]
         record["results"].append({
             "threat_model": row["threat_model"], "objective": row["objective"], "measure": measure,
             "clean_mae": row["clean_mae"], "rank": int(row["rank"]),

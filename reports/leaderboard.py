@@ -22,6 +22,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from medrobust.errors import MedrobustError
+from medrobust.results.metrics import OBJECTIVE_STRENGTH
 from medrobust.results.store import STORE_FILENAME, ResultStore
 from medrobust.vocabulary import AGE_BIN_KEYS, AGE_BIN_LABELS, NORMS, THREAT_MODELS
 
@@ -150,13 +151,10 @@ def leaderboard_table(cells: pd.DataFrame, source: str | Path = STORE_FILENAME) 
     return done
 
 
-# What a headline number is, per objective: the cell metric, its label and which way is more robust (smaller).
-HEADLINE_MEASURES = {
-    "error": ("adversarial_mae", "robust MAE (y)"),
-    "deviation": ("mean_abs_deviation", "worst-case |deviation| (y)"),
-    "older": ("mean_deviation", "worst-case shift up (y)"),
-    "younger": ("mean_deviation", "worst-case shift down (y)"),
-}
+# What a headline number is called, per objective (the metric and its sign are ``OBJECTIVE_STRENGTH``'s: the
+# worst case is the largest strength, the most robust model the smallest).
+HEADLINE_LABELS = {"error": "robust MAE (y)", "deviation": "worst-case |deviation| (y)",
+                   "older": "worst-case shift up (y)", "younger": "worst-case shift down (y)"}
 
 
 def _budget_label(norm: str, unit: str, epsilon: float) -> str:
@@ -170,12 +168,12 @@ def headline_table(table: pd.DataFrame, roles: dict[str, tuple[str, str]] | None
     run. From a `leaderboard_table`. Where the run has ``ensemble`` cells (an attack declaring role ``ensemble``)
     the worst case is the ensemble's, per subject; else the strongest single attack's mean per budget (a
     weaker bound: say so). Returns (rows, the budget columns in order, the source: "ensemble" or "strongest
-    attack"); each budget column holds the objective's measure (``HEADLINE_MEASURES``), with ``<column>_ci_low``
+    attack"); each budget column holds the objective's measure (``HEADLINE_LABELS``), with ``<column>_ci_low``
     and ``_ci_high`` where the cell has an interval. Rows are ranked within each objective by the standard budget
     (the largest l-inf budget, else the largest of the first norm), the most robust (smallest) first; ``checks``
     counts the row's cells the reliability checks flagged, over every attack."""
     empty = pd.DataFrame(columns=["rank", "model", "threat_model", "objective", "clean_mae", "checks"])
-    table = table[table["objective"].isin(list(HEADLINE_MEASURES))] if not table.empty else table
+    table = table[table["objective"].isin(list(OBJECTIVE_STRENGTH))] if not table.empty else table
     if table.empty:
         return empty, [], ""
     if roles is None:
@@ -194,8 +192,7 @@ def headline_table(table: pd.DataFrame, roles: dict[str, tuple[str, str]] | None
     rows = []
     for (model, threat_model, objective), group in table.groupby(["model", "threat_model", "objective"],
                                                                  sort=False):
-        metric, _ = HEADLINE_MEASURES[objective]
-        sign = -1 if objective == "younger" else 1
+        metric, sign = OBJECTIVE_STRENGTH[objective]
         flagged = group[group.get("reliability", pd.Series("", index=group.index)).astype(bool)]
         row = {"model": model, "threat_model": threat_model, "objective": objective,
                "clean_mae": group["clean_mae"].mean(), "model_name": group["model_name"].iloc[0]
@@ -256,7 +253,7 @@ def robustness_figure(headline: pd.DataFrame) -> Figure | None:
         ax.minorticks_off()
         units = "voxels" if norm == "l0" else UNIT_LABELS.get(unit, unit)
         ax.set(title=f"{norm}, objective {objective}", xlabel=f"epsilon ({units})",
-               ylabel=HEADLINE_MEASURES[objective][1])
+               ylabel=HEADLINE_LABELS[objective])
     legend = axes[0].get_legend()
     if legend is not None:
         figure.legend(legend.legend_handles, [text.get_text() for text in legend.get_texts()],
@@ -610,7 +607,7 @@ def render_page(cells: pd.DataFrame, table: pd.DataFrame, runs: list[dict], figu
                         ("threat_model", "threat model", "text"), ("objective", "objective", "text"),
                         ("clean_mae", "clean MAE (y)", "years")) + tuple(
         (label, label, "years_ci") for label in budgets) + (("checks", "checks", "checks"),)
-    measures = sorted({HEADLINE_MEASURES[objective][1] for objective in headline.get("objective", [])})
+    measures = sorted({HEADLINE_LABELS[objective] for objective in headline.get("objective", [])})
     latest = runs[-1] if runs else {"environment": {}, "config": {}}
     environment = jinja2.Environment(loader=jinja2.PackageLoader("medrobust.reports", "templates"), autoescape=True,
                                      undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)

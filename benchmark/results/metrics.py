@@ -30,6 +30,11 @@ BOOTSTRAP_SEED = 0
 BOOTSTRAP_LEVEL = 0.95
 # The cell metrics (means over subjects) that get a bootstrap interval.
 INTERVAL_METRICS = ("adversarial_mae", "mean_abs_deviation")
+# What a cell achieved for its objective: the cell metric and its sign, so that sign x metric is larger for a
+# stronger attack (years). The objective `target` has no stored summary of its own. The reliability checks compare
+# attacks by it, the page ranks models by it.
+OBJECTIVE_STRENGTH = {"older": ("mean_deviation", 1), "younger": ("mean_deviation", -1),
+                      "deviation": ("mean_abs_deviation", 1), "error": ("adversarial_mae", 1)}
 # Optional per-subject image metrics (``image_metrics``) summarized by their mean and median when given.
 IMAGE_METRICS = ("l0", "psnr", "ssim")
 

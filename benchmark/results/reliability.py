@@ -24,6 +24,8 @@ import math
 
 import pandas as pd
 
+from medrobust.results.metrics import OBJECTIVE_STRENGTH
+
 # Tolerance of every comparison, in years: absolute, plus a fraction of the larger value.
 ABS_TOLERANCE = 0.05
 REL_TOLERANCE = 0.02
@@ -31,14 +33,6 @@ REL_TOLERANCE = 0.02
 # larger mean |deviation|.
 PARITY_ABS_TOLERANCE = 0.25
 PARITY_REL_TOLERANCE = 0.10
-# What a cell achieved for its objective, in years, larger = stronger attack (the objective `target` has no
-# stored summary of its own and is left unchecked).
-_STRENGTH = {
-    "older": lambda cell: cell["mean_deviation"],
-    "younger": lambda cell: -cell["mean_deviation"],
-    "deviation": lambda cell: cell["mean_abs_deviation"],
-    "error": lambda cell: cell["adversarial_mae"],
-}
 # The unbounded probe must move predictions at least this far (years, the larger of the up and down shift, mean
 # over subjects): a healthy model's prediction goes to the edge of the age range and beyond, a cohort spans
 # decades, and a masked model's stays within a few years.
@@ -153,10 +147,12 @@ def reliability_flags(cells: pd.DataFrame, roles: dict[str, tuple[str, str]] | N
 
     _parity_flags(cells, flag)
     _gradient_flags(cells[cells["status"] == "done"], flag)
-    done = cells[(cells["status"] == "done") & cells["objective"].isin(list(_STRENGTH))].copy()
+    # What each cell achieved for its objective (the objective `target` has no summary and is left unchecked).
+    done = cells[(cells["status"] == "done") & cells["objective"].isin(list(OBJECTIVE_STRENGTH))].copy()
     if done.empty:
         return flags
-    done["strength"] = [_STRENGTH[row["objective"]](row) for _, row in done.iterrows()]
+    done["strength"] = [OBJECTIVE_STRENGTH[row["objective"]][1] * row[OBJECTIVE_STRENGTH[row["objective"]][0]]
+                        for _, row in done.iterrows()]
     done["attack_config"] = done["params"].map(_attack_config)
 
     done["role"] = done["attack"].map(role)
