@@ -18,13 +18,14 @@ import pandas as pd
 from medrobust.errors import MedrobustError
 from medrobust.reports.leaderboard import (
     HEADLINE_LABELS,
+    at_budget,
+    budget_label,
+    budgets_of,
     deviation_figure,
-    format_epsilon,
     headline_table,
     leaderboard_table,
     literal_text,
     merged_stores,
-    norm_rank,
     relative_paths,
     spreadsheet_safe,
 )
@@ -92,15 +93,13 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 def pivot_table(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """Mean |deviation| per model, threat model, objective and attack (rows) at each budget (columns), as the
     README's tables: from a `leaderboard_table`."""
-    budgets = sorted(set(zip(table["norm"], table["unit"], table["epsilon"], strict=True)),
-                     key=lambda b: (norm_rank(b[0]), b[1], b[2]))
-    labels = [f"{norm} {format_epsilon(epsilon)}" + ("" if norm == "l0" else f" ({unit})")
-              for norm, unit, epsilon in budgets]
+    budgets = budgets_of(table)
+    labels = [budget_label(*budget) for budget in budgets]
     rows = []
     for key, group in table.groupby(["model", "threat_model", "objective", "attack"], sort=False):
         row = dict(zip(("model", "threat_model", "objective", "attack"), key, strict=True))
         for (norm, unit, epsilon), label in zip(budgets, labels, strict=True):
-            at = group[(group["norm"] == norm) & (group["unit"] == unit) & (group["epsilon"] == epsilon)]
+            at = at_budget(group, (norm, unit, epsilon))
             if not at.empty:
                 row[label] = at["mean_abs_deviation"].mean()
                 for suffix in ("_ci_low", "_ci_high"):

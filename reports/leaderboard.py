@@ -157,7 +157,14 @@ HEADLINE_LABELS = {"error": "robust MAE (y)", "deviation": "worst-case |deviatio
                    "older": "worst-case shift up (y)", "younger": "worst-case shift down (y)"}
 
 
-def _budget_label(norm: str, unit: str, epsilon: float) -> str:
+def budgets_of(cells: pd.DataFrame) -> list[tuple[str, str, float]]:
+    """The budgets (norm, unit, epsilon) of ``cells``, in the page's order: l-inf, l2, l0, then unit and epsilon."""
+    return sorted(set(zip(cells["norm"], cells["unit"], cells["epsilon"], strict=True)),
+                  key=lambda b: (norm_rank(b[0]), b[1], b[2]))
+
+
+def budget_label(norm: str, unit: str, epsilon: float) -> str:
+    """A budget as the tables' headers write it: ``linf 2e-03 of range``, ``l0 25``."""
     units = {"range": "of range", "std": "std", "abs": "abs"}
     return f"{norm} {format_epsilon(epsilon)}" + ("" if norm == "l0" else f" {units.get(unit, unit)}")
 
@@ -183,9 +190,8 @@ def headline_table(table: pd.DataFrame, roles: dict[str, tuple[str, str]] | None
     ensembles = [name for name, (role, _) in roles.items() if role == "ensemble"]
     source = "ensemble" if table["attack"].isin(ensembles).any() else "strongest attack"
     chosen = table[table["attack"].isin(ensembles)] if source == "ensemble" else table
-    budgets = sorted(set(zip(chosen["norm"], chosen["unit"], chosen["epsilon"], strict=True)),
-                     key=lambda b: (norm_rank(b[0]), b[1], b[2]))
-    labels = [_budget_label(*budget) for budget in budgets]
+    budgets = budgets_of(chosen)
+    labels = [budget_label(*budget) for budget in budgets]
     linf = [label for budget, label in zip(budgets, labels, strict=True) if budget[0] == "linf"]
     standard = (linf or [label for budget, label in zip(budgets, labels, strict=True)
                          if budget[0] == budgets[0][0]])[-1]
@@ -195,14 +201,14 @@ def headline_table(table: pd.DataFrame, roles: dict[str, tuple[str, str]] | None
         metric, sign = OBJECTIVE_STRENGTH[objective]
         flagged = group[group.get("reliability", pd.Series("", index=group.index)).astype(bool)]
         row = {"model": model, "threat_model": threat_model, "objective": objective,
-               "clean_mae": group["clean_mae"].mean(), "model_name": group["model_name"].iloc[0]
-               if "model_name" in group else "",
-               "checks": "; ".join(f"{cell['attack']} {_budget_label(cell['norm'], cell['unit'], cell['epsilon'])}: "
+               "clean_mae": group["clean_mae"].mean(),
+               "model_name": group["model_name"].iloc[0] if "model_name" in group else "",
+               "checks": "; ".join(f"{cell['attack']} {budget_label(cell['norm'], cell['unit'], cell['epsilon'])}: "
                                    f"{cell['reliability']}" for _, cell in flagged.iterrows()),
                "flagged": len(flagged)}
         picks = group[group["attack"].isin(ensembles)] if source == "ensemble" else group
         for (norm, unit, epsilon), label in zip(budgets, labels, strict=True):
-            at = picks[(picks["norm"] == norm) & (picks["unit"] == unit) & (picks["epsilon"] == epsilon)]
+            at = at_budget(picks, (norm, unit, epsilon))
             if at.empty:
                 continue
             best = at.loc[(sign * at[metric]).idxmax()]
@@ -222,6 +228,35 @@ def headline_table(table: pd.DataFrame, roles: dict[str, tuple[str, str]] | None
     frame.attrs["budgets"] = dict(zip(labels, budgets, strict=True))
     frame.attrs["cells"] = chosen  # the cells the worst case is taken from (the ensemble's, or every attack's)
     return frame, labels, source
+
+
+def at_budget(cells: pd.DataFrame, budget: tuple[str, str, float]) -> pd.DataFrame:
+    """The cells of ``cells`` at ``budget`` (norm, unit, epsilon)."""
+    norm, unit, epsilon = budget
+    return cells[(cells["norm"] == norm) & (cells["unit"] == unit) & (cells["epsilon"] == epsilon)]
+
+
+def epsilon_axis(ax, epsilons: list[float], norm: str, unit: str) -> str:
+    """An epsilon axis as every figure draws it: logarithmic where all its epsilons are > 0 (budgets are usually
+    geometric, the paper's 5e-4, 1e-3, 2e-3), ticks at the budgets themselves labelled as the leaderboard writes
+    them; returns the axis label (voxels for l0, else the unit)."""
+    epsilons = sorted(epsilons)
+    if epsilons[0] > 0 and len(epsilons) > 1:
+        ax.set_xscale("log")
+    ax.set_xticks(epsilons, [format_epsilon(e) for e in epsilons])
+    ax.minorticks_off()
+    return f"epsilon ({'voxels' if norm == 'l0' else UNIT_LABELS.get(unit, unit)})"
+
+
+def figure_legend(figure: Figure, ax) -> Figure:
+    """One legend for the whole figure, outside the panels, taken from ``ax``'s (None when that panel had no
+    finite value to draw: then none)."""
+    legend = ax.get_legend()
+    if legend is not None:
+        figure.legend(legend.legend_handles, [text.get_text() for text in legend.get_texts()],
+                      loc="outside right upper")
+        legend.remove()
+    return figure
 
 
 def robustness_figure(headline: pd.DataFrame) -> Figure | None:
@@ -246,20 +281,10 @@ def robustness_figure(headline: pd.DataFrame) -> Figure | None:
         panel = data[(data["norm"] == norm) & (data["unit"] == unit) & (data["objective"] == objective)]
         sns.lineplot(data=panel, x="epsilon", y="value", hue="line", hue_order=lines, marker="o", errorbar=None,
                      ax=ax, legend=ax is axes[0], palette=sns.color_palette("colorblind", len(lines)))
-        epsilons = sorted(panel["epsilon"].unique())
-        if epsilons[0] > 0 and len(epsilons) > 1:
-            ax.set_xscale("log")
-        ax.set_xticks(epsilons, [format_epsilon(e) for e in epsilons])
-        ax.minorticks_off()
-        units = "voxels" if norm == "l0" else UNIT_LABELS.get(unit, unit)
-        ax.set(title=f"{norm}, objective {objective}", xlabel=f"epsilon ({units})",
+        ax.set(title=f"{norm}, objective {objective}", xlabel=epsilon_axis(ax, list(panel["epsilon"].unique()),
+                                                                          norm, unit),
                ylabel=HEADLINE_LABELS[objective])
-    legend = axes[0].get_legend()
-    if legend is not None:
-        figure.legend(legend.legend_handles, [text.get_text() for text in legend.get_texts()],
-                      loc="outside right upper")
-        legend.remove()
-    return figure
+    return figure_legend(figure, axes[0])
 
 
 def age_bin_figure(headline: pd.DataFrame) -> Figure | None:
@@ -270,7 +295,7 @@ def age_bin_figure(headline: pd.DataFrame) -> Figure | None:
     budget = headline.attrs.get("budgets", {}).get(standard)
     if cells is None or budget is None or f"abs_mean_deviation_{AGE_BIN_KEYS[0]}" not in cells:
         return None
-    at = cells[(cells["norm"] == budget[0]) & (cells["unit"] == budget[1]) & (cells["epsilon"] == budget[2])]
+    at = at_budget(cells, budget)
     records = []
     for (model, threat_model), group in at.groupby(["model", "threat_model"], sort=False):
         strongest = group.loc[group["mean_abs_deviation"].idxmax()]
@@ -289,12 +314,7 @@ def age_bin_figure(headline: pd.DataFrame) -> Figure | None:
                     hue="model", hue_order=models, order=list(AGE_BIN_LABELS), errorbar=None, ax=ax,
                     legend=ax is axes[0], palette=sns.color_palette("colorblind", len(models)))
         ax.set(title=f"{threat_model}, {standard}")
-    legend = axes[0].get_legend()
-    if legend is not None:
-        figure.legend(legend.legend_handles, [text.get_text() for text in legend.get_texts()],
-                      loc="outside right upper")
-        legend.remove()
-    return figure
+    return figure_legend(figure, axes[0])
 
 
 def _comparable(key: str, value: object) -> object:
@@ -367,25 +387,12 @@ def deviation_figure(table: pd.DataFrame) -> Figure | None:
         # errorbar=None: repeated cells (seeds) are averaged without a bootstrap band, so the figure is reproducible.
         sns.lineplot(data=panel, x="epsilon", y="mean_abs_deviation", hue="model", hue_order=models, errorbar=None,
                      legend=not drawn, ax=ax, palette=sns.color_palette("colorblind", len(models)), **style)
-        epsilons = sorted(panel["epsilon"].unique())
-        if epsilons[0] > 0 and len(epsilons) > 1:
-            ax.set_xscale("log")  # budgets are usually geometric (the paper's 5e-4, 1e-3, 2e-3)
-        # Ticks at the budgets themselves, labelled as the leaderboard writes them.
-        ax.set_xticks(epsilons, [format_epsilon(e) for e in epsilons])
-        ax.minorticks_off()
-        units = "voxels" if norm == "l0" else UNIT_LABELS.get(unit, unit)
-        ax.set(title=f"{attack}, {norm}", xlabel=f"epsilon ({units})",
+        ax.set(title=f"{attack}, {norm}", xlabel=epsilon_axis(ax, list(panel["epsilon"].unique()), norm, unit),
                ylabel="mean |deviation| (years)")
         drawn.append(ax)
     for ax in axes.flat:
         ax.set_visible(ax in drawn)  # an attack that lacks a norm leaves its place empty
-    # One legend for the whole figure, outside the panels, instead of one per panel.
-    legend = drawn[0].get_legend()
-    if legend is not None:  # None when the first panel had no finite value to draw
-        figure.legend(legend.legend_handles, [text.get_text() for text in legend.get_texts()],
-                      loc="outside right upper")
-        legend.remove()
-    return figure
+    return figure_legend(figure, drawn[0])
 
 
 def literal_text(figure: Figure) -> Figure:
@@ -571,9 +578,9 @@ def example_panels(headline: pd.DataFrame, run_dirs: list[Path]) -> list[dict]:
         return []
     panels = []
     for _, row in headline.head(EXAMPLE_ROWS).iterrows():
-        at = cells[(cells["model"] == row["model"]) & (cells["threat_model"] == row["threat_model"])
-                   & (cells["objective"] == row["objective"]) & (cells["norm"] == budget[0])
-                   & (cells["unit"] == budget[1]) & (cells["epsilon"] == budget[2])]
+        at = at_budget(cells, budget)
+        at = at[(at["model"] == row["model"]) & (at["threat_model"] == row["threat_model"])
+                & (at["objective"] == row["objective"])]
         if at.empty:
             continue
         cell = at.loc[at["mean_abs_deviation"].idxmax()]
