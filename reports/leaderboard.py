@@ -22,7 +22,9 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from medrobust.errors import MedrobustError
+from medrobust.results.examples import VIEWS, read_examples
 from medrobust.results.metrics import OBJECTIVE_STRENGTH
+from medrobust.results.reliability import CHECKS, declared_roles
 from medrobust.results.store import STORE_FILENAME, ResultStore
 from medrobust.vocabulary import AGE_BIN_KEYS, AGE_BIN_LABELS, NORMS, THREAT_MODELS
 
@@ -103,8 +105,6 @@ def format_epsilon(value: float) -> str:
 def fired_checks(reasons: str) -> str:
     """The names of the reliability checks that fired, from their reasons joined by "; " (each reason starts
     with its check's name, see medrobust.results.reliability): "flagged: black-box, unbounded"."""
-    from medrobust.results.reliability import CHECKS
-
     names = [name for name in CHECKS if f"{name}: " in reasons]
     return "flagged: " + ", ".join(names) if names else "flagged"
 
@@ -184,8 +184,6 @@ def headline_table(table: pd.DataFrame, roles: dict[str, tuple[str, str]] | None
     if table.empty:
         return empty, [], ""
     if roles is None:
-        from medrobust.results.reliability import declared_roles
-
         roles = declared_roles(set(table["attack"]))
     ensembles = [name for name, (role, _) in roles.items() if role == "ensemble"]
     source = "ensemble" if table["attack"].isin(ensembles).any() else "strongest attack"
@@ -541,8 +539,6 @@ def example_figure(examples: list[dict]) -> Figure:
     """A cell's adversarial examples (``medrobust.results.examples.read_examples``): per subject (the median and
     the worst |deviation|) the clean slice, the attacked slice (on the clean one's grey scale) and the
     perturbation scaled to its own largest |value| (a diverging map, 0 grey), one row per view."""
-    from medrobust.results.examples import VIEWS
-
     figure = Figure(figsize=(2.3 * 3 * len(examples), 2.2 * len(VIEWS) + 0.6), layout="constrained")
     axes = figure.subplots(len(VIEWS), 3 * len(examples), squeeze=False)
     for number, example in enumerate(examples):
@@ -570,8 +566,6 @@ def example_figure(examples: list[dict]) -> Figure:
 def example_panels(headline: pd.DataFrame, run_dirs: list[Path]) -> list[dict]:
     """For the first headline rows, the cell their worst case comes from at the standard budget and its examples
     drawn (PNG) with each subject's facts; rows whose cell has no examples (2D images, older runs) are left out."""
-    from medrobust.results.examples import read_examples
-
     cells, standard = headline.attrs.get("cells"), headline.attrs.get("standard")
     budget = headline.attrs.get("budgets", {}).get(standard)
     if cells is None or budget is None:

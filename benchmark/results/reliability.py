@@ -125,8 +125,10 @@ def _gradient_flags(done: pd.DataFrame, flag) -> None:
                                              f"{what} input gradient")
         shift = _metric(cell, "diag:unbounded_shift")
         if shift == shift and shift < UNBOUNDED_YEARS:
-            flag(cell["id"], "unbounded", f"at a budget of the whole intensity range pgd moved predictions only "
-                                          f"{shift:.1f} y (a working attack moves them over {UNBOUNDED_YEARS:g} y)")
+            # The probe is the attack's own (the ensemble's): its diagnostic, whatever attack reports it.
+            flag(cell["id"], "unbounded", f"its unbounded probe (the whole intensity range as budget) moved "
+                                          f"predictions only {shift:.1f} y (a working attack moves them over "
+                                          f"{UNBOUNDED_YEARS:g} y)")
 
 
 def reliability_flags(cells: pd.DataFrame, roles: dict[str, tuple[str, str]] | None = None) -> dict[str, list[str]]:
