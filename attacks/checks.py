@@ -22,10 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from medrobust.attacks import optima
 from medrobust.attacks._registry import attack_entrypoint
 from medrobust.attacks.base import Attack, AttackResult
 from medrobust.attacks.budget import perturbation_norms
 from medrobust.attacks.objectives import objective_score
+from medrobust.attacks.threats import movable_features
 from medrobust.errors import MedrobustError
 from medrobust.models import create_model
 from medrobust.vocabulary import NORMS, OBJECTIVES, ROLES, SCOPES, THREAT_MODELS
@@ -467,9 +469,6 @@ def optimum_fraction(attack: str | type[Attack], norm: str, epsilon: float, clip
     linear image model under ``fixed``; a linear model of the image and ``OPTIMUM_FEATURES`` under ``perturbed``
     (the two volumes movable) and ``recomputed`` (through a linear extractor). An attack on a set is fitted on
     one batch and measured on another."""
-    from medrobust.attacks import optima
-    from medrobust.attacks.threats import movable_features
-
     cls = attack_class(attack)
     images, _ = brain_batch((6, 6, 6), batch=3, seed=5)
     held_out, _ = brain_batch((6, 6, 6), batch=3, seed=6)

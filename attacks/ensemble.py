@@ -12,6 +12,7 @@ from medrobust.attacks._registry import attack_entrypoint, list_attacks, registe
 from medrobust.attacks.arguments import check_flag
 from medrobust.attacks.base import Attack, AttackState
 from medrobust.attacks.budget import Budget
+from medrobust.attacks.pgd import PGD
 from medrobust.errors import MedrobustError
 from medrobust.vocabulary import THREAT_MODELS
 
@@ -166,8 +167,6 @@ class Ensemble(Attack):
     def _probe(self, state: AttackState) -> Tensor:
         """Per subject, the larger shift of the prediction (years) that ``pgd`` reaches up and down at an l-inf
         budget of the whole intensity range; its passes are counted, its images discarded."""
-        from medrobust.attacks.pgd import PGD
-
         shifts = []
         for objective in ("older", "younger"):
             probe = PGD(self.model, budget=Budget("linf", 1.0, "range"), objective=objective,
