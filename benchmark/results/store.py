@@ -13,6 +13,7 @@ ends, however it ends, so a killed run never leaves a stale lock; a second write
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -31,7 +32,14 @@ from medrobust.faults import fault_point
 
 STORE_FILENAME = "results.sqlite"
 LOCK_SUFFIX = ".lock"  # the writer's lock file: results.sqlite.lock
-SCHEMA_VERSION = 2  # 2: samples gained l0, psnr and ssim (a version-1 store is migrated in place on opening)
+# 2: samples gained l0, psnr and ssim; 3: a cell's id no longer covers the model's label (older stores are migrated
+# in place on opening: columns added, cells re-keyed).
+SCHEMA_VERSION = 3
+
+# Spec keys that locate, describe or name a cell without changing its result: left out of its id. The label
+# (``model``) is a display name: a model renamed in its config keeps its cells, which are relabelled (`relabel`).
+NOT_IDENTITY = ("model", "checkpoint", "dataset", "device", "cell_seed")
+_NOT_IDENTITY_V2 = ("checkpoint", "dataset", "device", "cell_seed")  # what schema 2's ids left out
 
 # Per-subject columns of the samples table, in order: the one list the writer and the reader use. A sample
 # without one of the nullable columns (l0, psnr, ssim) stores NULL there.
@@ -86,6 +94,12 @@ CREATE TABLE IF NOT EXISTS reliability (
     reasons TEXT NOT NULL
 );
 """
+
+
+def cell_id(spec: dict, leave_out: tuple[str, ...] = NOT_IDENTITY) -> str:
+    """A cell's id: a short hash of everything in its spec that decides its result (key order aside)."""
+    content = {k: v for k, v in spec.items() if k not in leave_out}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _unreadable(*texts: str | None) -> str | None:
@@ -199,12 +213,21 @@ class ResultStore:
 
     def __init__(self, run_dir: str | Path, create: bool = True, writer: bool | None = None) -> None:
         self.path = Path(run_dir) / STORE_FILENAME
+        writer = create if writer is None else writer
         if not create and not self.path.is_file():
             raise MedrobustError(f"{run_dir} holds no results store ({STORE_FILENAME}); run `medrobust run` first")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = _WriterLock(self.path) if (create if writer is None else writer) else None
+        self._db: sqlite3.Connection | None = None
+        self._lock: _WriterLock | None = None
+        self._read_only = False
         try:
+            # A reader opens the file read-only: an archived run in a read-only folder stays readable. A store of an
+            # older schema is reopened for writing, to be migrated.
+            if not writer and self.path.is_file() and self._open_read_only():
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = _WriterLock(self.path) if writer else None
             self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            self._refuse_foreign()  # before anything is written into the file
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
@@ -216,6 +239,48 @@ class ResultStore:
             self.close()
             raise
 
+    def _open_read_only(self) -> bool:
+        """Open the store read-only (``mode=ro``; ``immutable`` where its folder cannot be written, so that SQLite
+        needs no shared-memory file beside it); True when it is at the current schema and ready to read."""
+        queries = ["mode=ro"] + ([] if os.access(self.path.parent, os.W_OK) else ["immutable=1"])
+        for query in queries:
+            try:
+                self._db = sqlite3.connect(f"{self.path.absolute().as_uri()}?{query}", uri=True, timeout=30.0,
+                                           isolation_level=None)
+                self._refuse_foreign()
+            except sqlite3.OperationalError:
+                self.close()
+                continue
+            self._read_only = True
+            if self._schema_version() == SCHEMA_VERSION:
+                return True
+            if os.access(self.path.parent, os.W_OK):  # an older store in a writable folder: reopened to migrate
+                self.close()
+                self._read_only = False
+                return False
+            self._check_schema()  # an older store that cannot be migrated here: one line says so
+        self._read_only = False
+        return False
+
+    def _schema_version(self) -> int | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(row[0]) if row is not None else None
+
+    def _refuse_foreign(self) -> None:
+        """Refuse, untouched, an SQLite file that is not a results store (another program's database)."""
+        tables = sorted(name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+        if not tables:
+            return  # an empty file: a new store
+        if "meta" in tables and "cells" in tables:
+            try:
+                if self._schema_version() is not None:
+                    return
+            except (sqlite3.DatabaseError, ValueError):
+                pass
+        shown = ", ".join(tables[:6]) + (" ..." if len(tables) > 6 else "")
+        raise MedrobustError(f"{self.path} is an SQLite file of another program (tables {shown}), not a medrobust "
+                             f"results store; it was left untouched: move it away or give the run another `out`")
+
     def _check_schema(self) -> None:
         """Stamp a new store with the current schema version; migrate an older one in place, in one transaction
         (a store already at the current version is only read)."""
@@ -224,6 +289,13 @@ class ResultStore:
         row = db.execute(query).fetchone()
         if row is not None and int(row[0]) == SCHEMA_VERSION:
             return
+        if row is not None and int(row[0]) > SCHEMA_VERSION:
+            raise MedrobustError(f"{self.path} has store schema {row[0]}; this medrobust reads up to "
+                                 f"{SCHEMA_VERSION}: upgrade medrobust to read it")
+        if self._read_only:
+            raise MedrobustError(f"{self.path} has store schema {row[0] if row else '?'} and its folder is read-only; "
+                                 f"copy the run folder somewhere writable and open it there to upgrade it")
+        renamed: dict[str, str] = {}
         with self._transaction():
             row = db.execute(query).fetchone()  # again, inside the transaction: another process may have migrated
             if row is not None and int(row[0]) > SCHEMA_VERSION:
@@ -234,7 +306,51 @@ class ResultStore:
                 for column, kind in _ADDED_SAMPLE_COLUMNS.items():
                     if column not in present:
                         db.execute(f"ALTER TABLE samples ADD COLUMN {column} {kind}")
+                if int(row[0]) < 3:
+                    renamed = self._rekey_cells()
             db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        folder = self.path.parent / "examples"  # the page's example slices are kept per cell id
+        for old, new in renamed.items():
+            if (folder / f"{old}.npz").is_file():
+                os.replace(folder / f"{old}.npz", folder / f"{new}.npz")
+
+    def _rekey_cells(self) -> dict[str, str]:
+        """Schema 3: each cell's id recomputed without its label, inside the caller's transaction. A cell whose id
+        its spec does not give (an id of another scheme, an unreadable record) keeps its id; when two labels of one
+        model collapse onto one id, the first cell written stays and the other goes. Returns old -> new ids."""
+        db = self._db
+        db.execute("PRAGMA defer_foreign_keys = ON")
+        taken = {cell_id for (cell_id,) in db.execute("SELECT id FROM cells")}
+        renamed = {}
+        for old, text in db.execute("SELECT id, spec FROM cells ORDER BY rowid").fetchall():
+            if _unreadable(text) or cell_id(json.loads(text), _NOT_IDENTITY_V2) != old:
+                continue
+            new = cell_id(json.loads(text))
+            if new == old:
+                continue
+            if new in taken:  # the same model under a second label: its cell is already there
+                for table, column in (("samples", "cell_id"), ("reliability", "cell_id"), ("cells", "id")):
+                    db.execute(f"DELETE FROM {table} WHERE {column} = ?", (old,))
+                continue
+            for table, column in (("cells", "id"), ("samples", "cell_id"), ("reliability", "cell_id")):
+                db.execute(f"UPDATE {table} SET {column} = ? WHERE {column} = ?", (new, old))
+            taken.add(new)
+            renamed[old] = new
+        return renamed
+
+    def relabel(self, labels: dict[str, str]) -> int:
+        """Give the cells ``labels`` (cell id -> the model's label in the config now) that label on the page and in
+        exports, in one transaction; returns how many changed. A renamed model is relabelled, not recomputed."""
+        changed = []
+        for cell_id_, text in self._db.execute("SELECT id, spec FROM cells"):
+            if cell_id_ in labels and not _unreadable(text):
+                spec = json.loads(text)
+                if spec.get("model") != labels[cell_id_]:
+                    changed.append((json.dumps({**spec, "model": labels[cell_id_]}, sort_keys=True), cell_id_))
+        if changed:
+            with self._transaction() as db:
+                db.executemany("UPDATE cells SET spec = ? WHERE id = ?", changed)
+        return len(changed)
 
     def __enter__(self) -> ResultStore:
         return self
@@ -244,11 +360,12 @@ class ResultStore:
 
     def close(self) -> None:
         """Close the connection and release the writer's lock."""
-        db = getattr(self, "_db", None)
+        db, self._db = getattr(self, "_db", None), None
         if db is not None:
             db.close()
-        if self._lock is not None:
-            self._lock.release()
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.release()
 
     def start_run(self, config: dict, environment: dict) -> str:
         """Record one invocation (its resolved config and environment); returns its id."""

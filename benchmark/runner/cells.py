@@ -1,22 +1,20 @@
 """Cells: one model under one attack, budget, objective and threat model; their ids, seeds and the grid.
 
-A cell's id is a hash of everything that decides its result (its spec, less the keys that only locate it), so
-re-running a config skips the cells already in the store. Its seed comes from its attack setting.
+A cell's id is a hash of everything that decides its result (its spec, less the keys that only locate or name it:
+``medrobust.results.store.NOT_IDENTITY``, the model's label among them), so re-running a config skips the cells
+already in the store and renaming a model only relabels its cells. Its seed comes from its attack setting.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 
 from medrobust.attacks import Attack, Budget, attack_entrypoint, create_attack
 from medrobust.models import BrainAgeModel
-from medrobust.results.store import describe_spec
+from medrobust.results.store import NOT_IDENTITY, cell_id, describe_spec
 from medrobust.runner.config import AttackSpec, RunConfig
 
-# Spec keys that locate or describe a cell without changing its result: left out of its id.
-_NOT_IDENTITY = ("checkpoint", "dataset", "device", "cell_seed")
 # Spec keys that decide what is measured, not what the attack does: part of a cell's id, not of its seed.
 _MEASUREMENT_ONLY = ("ssim",)
 # How a cell's random draws are seeded (part of its id, so cells computed under another scheme are redone):
@@ -37,15 +35,14 @@ class Cell:
 
     @property
     def id(self) -> str:
-        return _digest({k: v for k, v in self.spec.items() if k not in _NOT_IDENTITY})
+        return cell_id(self.spec)
 
     @property
     def seed(self) -> int:
         """The seed of the cell's random draws, from everything that decides what its attack does (not what is
         measured of it): two cells draw differently, a re-run repeats, and switching a measurement off or on
         leaves the attacked images as they were."""
-        drop = _NOT_IDENTITY + _MEASUREMENT_ONLY
-        return int(_digest({k: v for k, v in self.spec.items() if k not in drop})[:8], 16)
+        return int(cell_id(self.spec, NOT_IDENTITY + _MEASUREMENT_ONLY)[:8], 16)
 
     def describe(self) -> str:
         return describe_spec({"model": self.model, "attack": self.attack.name, **self.budget.as_dict(),
@@ -80,10 +77,6 @@ def expand_cells(config: RunConfig, base_spec: dict[str, dict], uses_features: d
                             cell.spec["extractor"] = config.extractor
                         cells.append(cell)
     return cells
-
-
-def _digest(content: dict) -> str:
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def subject_seeds(seed: int, subjects: list[str]) -> list[int]:

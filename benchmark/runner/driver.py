@@ -116,6 +116,9 @@ def _run(config: RunConfig, store: ResultStore, devices: list[torch.device], pro
         if not cells:
             raise MedrobustError(f"--only {only!r} matches no cell of {config.source} (cells read e.g. "
                                  f"'cnn3d pgd linf eps=0.001 range older fixed')")
+    relabelled = store.relabel({cell.id: cell.model for cell in cells})
+    if relabelled:  # a model renamed in the config: its cells keep their results under the new label
+        echo(f"{relabelled} stored cells take their model's label in {config.source}")
     statuses = store.statuses()
     pending = cells if force else [c for c in cells if statuses.get(c.id) != "done"
                                    and (retry_failed or statuses.get(c.id) is None)]

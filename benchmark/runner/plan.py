@@ -96,6 +96,12 @@ def plan_cells(config: RunConfig, root: Path, sources: dict[str, ModelSource], l
         except MedrobustError as err:  # e.g. an image attack on a features-only model: a config mistake
             raise MedrobustError(f"{config.source}: {cell.describe()}: {err}") from None
         cell.spec["cell_seed"] = cell.seed
+    same: dict[str, str] = {}
+    for cell in cells:  # the label names a model, it is not part of it: two labels of one model are one model
+        other = same.setdefault(cell.id, cell.model)
+        if other != cell.model:
+            raise MedrobustError(f"{config.source}: models {other!r} and {cell.model!r} are the same model (same "
+                                 f"architecture, weights, code and contract); keep one [[models]] entry")
     return cells
 
 

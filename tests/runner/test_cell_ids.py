@@ -9,9 +9,12 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
-from medrobust.results.store import ResultStore
+from medrobust.errors import MedrobustError
+from medrobust.results.store import ResultStore, describe_spec
 from medrobust.runner import plan, run
+from medrobust.runner.cells import Cell
 from medrobust.runner.config import load_config
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "pre_redesign"
@@ -56,10 +59,16 @@ def test_the_same_grid_computed_afresh_gives_the_stored_results(tmp_path: Path, 
     # store, matches what the code before the redesign wrote (to float rounding of another machine's kernels), but
     # one fix: under `recomputed` the fixture's missing field strength (NaN) made the extractor's gradient NaN
     # for every voxel, which weakened every attack there; with the NaN kept out, each of them is stronger.
+    # Since store schema 3 a cell's seed no longer derives from its model's label (a display name): each cell is
+    # given the seed the fixture recorded for it, so that random starts and noise draw as they did then.
     shutil.copytree(FIXTURE, tmp_path / "fixture")
     monkeypatch.chdir(tmp_path / "fixture")
     config = load_config("config.toml")
     before = by_setting(config.out)
+    with ResultStore(config.out) as store:
+        recorded = {describe_spec(row): row["cell_seed"] for row in store.cells().to_dict("records")}
+    assert len(recorded) == 104
+    monkeypatch.setattr(Cell, "seed", property(lambda cell: recorded[cell.describe()]))
     fresh = dataclasses.replace(config, out=tmp_path / "fresh")
     summary = run(fresh, progress=False, echo=lambda line: None)
     assert summary.done == 104 and not summary.failed
@@ -103,3 +112,31 @@ def test_force_and_only_recompute_chosen_cells_on_purpose(tmp_path: Path, monkey
     assert "0 cells run, 4 already finished" in again.output
     nothing = CliRunner().invoke(main, ["run", "config.toml", "--quiet", "--no-report", "--only", "resnet *"])
     assert nothing.exit_code == 2 and "matches no cell" in nothing.stderr
+
+
+def test_renaming_a_model_relabels_its_cells_without_recomputing_them(tmp_path: Path, monkeypatch) -> None:
+    shutil.copytree(FIXTURE, tmp_path / "fixture")
+    monkeypatch.chdir(tmp_path / "fixture")
+    config = load_config("config.toml")
+    run(config, progress=False, echo=lambda line: None)  # the cells of l0, the only ones pending
+    Path("renamed.toml").write_text(Path("config.toml").read_text().replace('label = "hybrid e2e"',
+                                                                             'label = "e2e, renamed"'))
+    renamed = load_config("renamed.toml")
+    said: list[str] = []
+    summary = run(renamed, progress=False, echo=said.append)
+    assert (summary.cells, summary.done, summary.skipped, summary.failed) == (104, 0, 104, [])
+    planned = {cell.id: cell.model for cell in plan(renamed)}
+    assert sum(label == "e2e, renamed" for label in planned.values()) > 0
+    assert any(line.endswith("stored cells take their model's label in renamed.toml") for line in said)
+    with ResultStore(config.out) as store:
+        cells = store.cells().set_index("id")
+    assert {cell: cells.loc[cell, "model"] for cell in planned} == planned  # the page names it once, renamed
+
+
+def test_one_model_under_two_labels_is_one_clear_error(tmp_path: Path, monkeypatch) -> None:
+    shutil.copytree(FIXTURE, tmp_path / "fixture")
+    monkeypatch.chdir(tmp_path / "fixture")
+    Path("twice.toml").write_text(Path("config.toml").read_text() + '\n[[models]]\nname = "cnn3d"\nlabel = "copy"\n'
+                                  'checkpoint = "models/cnn3d"\ntrain_if_missing = false\n')
+    with pytest.raises(MedrobustError, match="models 'cnn3d' and 'copy' are the same model .*keep one"):
+        plan(load_config("twice.toml"))

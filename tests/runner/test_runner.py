@@ -155,8 +155,8 @@ def test_rerun_skips_finished_cells_and_says_so(demo_run):
 def test_cell_ids_depend_on_what_decides_the_result(demo_run):
     _, config_path, _ = demo_run
     config = load_config(config_path)
-    base = {"cnn3d": {"model": "cnn3d", "x": 1}, "hybrid": {"model": "hybrid", "x": 1},
-            "<script>alert(1)</script>": {"model": "e2e", "x": 1}}
+    base = {"cnn3d": {"model": "cnn3d", "model_name": "cnn3d"}, "hybrid": {"model": "hybrid", "model_name": "hybrid"},
+            "<script>alert(1)</script>": {"model": "e2e", "model_name": "hybrid_e2e"}}
     uses_features = {"cnn3d": False, "hybrid": True, "<script>alert(1)</script>": True}
     cells = expand_cells(config, base, uses_features)
     assert len(cells) == N_CELLS and len({c.id for c in cells}) == N_CELLS
@@ -166,6 +166,9 @@ def test_cell_ids_depend_on_what_decides_the_result(demo_run):
     cell = cells[0]
     before = cell.id
     cell.spec["device"], cell.spec["checkpoint"] = "cuda:0", "/elsewhere"
+    assert cell.id == before
+    # The label is a display name: renaming the model keeps its cells.
+    cell.spec["model"] = "renamed"
     assert cell.id == before
     cell.spec["data_fingerprint"] = "other"
     assert cell.id != before
