@@ -78,6 +78,23 @@ def _triple(kind: type):
     return parse
 
 
+def _feature_source(ctx: click.Context, param: click.Parameter, value: str | None):
+    """A click callback parsing FORMAT:PATH into a FeatureSource (medrobust.data.tables)."""
+    if value is None:
+        return None
+    from pathlib import Path
+
+    from medrobust.data.tables import FEATURE_FORMATS, FeatureSource
+
+    format_, _, path = value.partition(":")
+    if format_ not in FEATURE_FORMATS or not path:
+        raise click.BadParameter(f"expected FORMAT:PATH with FORMAT one of {', '.join(FEATURE_FORMATS)}, got {value!r}")
+    try:
+        return FeatureSource(format=format_, path=Path(path)).validate()
+    except MedrobustError as err:
+        raise click.BadParameter(str(err).replace("dataset.features.", "")) from None
+
+
 @data.command("synth")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/cohort", show_default=True,
               help="Folder for the BIDS dataset (created; must be new or hold the same cohort).")
@@ -105,16 +122,19 @@ def data_synth(out, n, seed, shape, voxel_size, age_range, quiet) -> None:
 @click.option("--voxel-size", callback=_triple(float), default=None, help="Model voxel size in mm.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Preprocessed-tensor cache; default: <dataset>/.medrobust_cache.")
+@click.option("--features", "features", default=None, metavar="FORMAT:PATH", callback=_feature_source,
+              help="Read the context features by name: freesurfer:SUBJECTS_DIR (each subject's stats/aseg.stats), "
+                   "synthseg:VOLUMES.csv, or table:FILE.csv (a subject id column and named columns).")
 @click.option("--strict", is_flag=True, help="Fail at the first bad subject instead of listing it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def data_check(dataset, shape, voxel_size, cache_dir, strict, quiet) -> None:
+def data_check(dataset, shape, voxel_size, cache_dir, features, strict, quiet) -> None:
     """Load and preprocess a dataset (BIDS folder or CSV manifest); list usable and skipped subjects."""
     from pathlib import Path
 
     from medrobust.data import load_prepared
 
     index, preprocessing, prepared = load_prepared(dataset, shape, voxel_size, Path(cache_dir) if cache_dir else None,
-                                                   strict=strict, progress=not quiet)
+                                                   strict=strict, progress=not quiet, features=features)
     ages = prepared.ages
     click.echo(f"{index.root}: {len(prepared.subject_ids)} usable subjects, {len(prepared.skipped)} skipped; "
                f"ages {float(ages.min()):.1f}-{float(ages.max()):.1f}; grid {preprocessing.shape} at "
@@ -152,10 +172,13 @@ def data_check(dataset, shape, voxel_size, cache_dir, strict, quiet) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Preprocessed-tensor cache; default: <dataset>/.medrobust_cache.")
+@click.option("--features", "features", default=None, metavar="FORMAT:PATH", callback=_feature_source,
+              help="Read the context features by name: freesurfer:SUBJECTS_DIR (each subject's stats/aseg.stats), "
+                   "synthseg:VOLUMES.csv, or table:FILE.csv (a subject id column and named columns).")
 @click.option("--strict", is_flag=True, help="Stop at the first bad subject instead of skipping it.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_cmd(data_path, models, out, trained, epochs, batch_size, lr, weight_decay, loss, patience, seed, split_seed,
-              shape, voxel_size, device, cache_dir, strict, quiet) -> None:
+              shape, voxel_size, device, cache_dir, features, strict, quiet) -> None:
     """Train brain-age models; writes checkpoints and prints clean test MAE, Pearson r and n."""
     from pathlib import Path
 
@@ -166,7 +189,7 @@ def train_cmd(data_path, models, out, trained, epochs, batch_size, lr, weight_de
     request = TrainRequest(
         data=Path(data_path), models=list(models), out=Path(out), config=config, shape=shape, voxel_size=voxel_size,
         trained=[Path(path) for path in trained], split_seed=split_seed, device=device,
-        cache_dir=Path(cache_dir) if cache_dir else None, strict=strict, progress=not quiet)
+        cache_dir=Path(cache_dir) if cache_dir else None, strict=strict, progress=not quiet, features=features)
     for result in train(request):
         m = result.test_metrics
         click.echo(f"{result.name:14s} test MAE {m['mae']:6.2f} y  r {m['r']:.3f}  n {m['n']}  "

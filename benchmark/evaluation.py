@@ -41,7 +41,8 @@ class Evaluation:
 def evaluate(model: nn.Module, data: str | Path, *, input_shape: Sequence[int], voxel_size: Sequence[float],
              normalization: str = "zscore_brain", inputs: str = "image", features: Sequence[str] | None = None,
              output: str = "years", age_mean: float | None = None, age_std: float | None = None,
-             bin_centres: Sequence[float] | None = None, attacks: Sequence[str | dict] = ("fgsm", "pgd"),
+             bin_centres: Sequence[float] | None = None, space: str = "resample",
+             attacks: Sequence[str | dict] = ("fgsm", "pgd"),
              budgets: Sequence[dict] = DEFAULT_BUDGETS, objectives: str | Sequence[str] = "older",
              threat_models: str | Sequence[str] = "fixed", split: str = "all", count: int | None = None,
              label: str | None = None, out: str | Path = "runs/evaluate", batch_size: int = 8, device: str = "auto",
@@ -50,7 +51,8 @@ def evaluate(model: nn.Module, data: str | Path, *, input_shape: Sequence[int], 
     ``forward(image, features)``) on the dataset at ``data`` (a BIDS folder or a CSV manifest).
 
     The input contract is declared as for a config's model of one's own: ``input_shape`` and ``voxel_size`` (the
-    grid it was trained on; the data are resampled to it), ``normalization``, ``inputs`` and ``features``,
+    grid it was trained on; the data are resampled to it, or, with ``space="preprocessed"``, taken as stored and
+    checked against it), ``normalization``, ``inputs`` and ``features``,
     ``output`` (``years``, ``standardized`` with ``age_mean``/``age_std``, or ``bins`` with ``bin_centres``).
     ``attacks``: registered names, or dicts of a name and its arguments (``{"name": "pgd", "steps": 10}``);
     ``budgets``: budget tables as in a config (norm, epsilon or a list, unit). Everything else is a config key of
@@ -59,7 +61,8 @@ def evaluate(model: nn.Module, data: str | Path, *, input_shape: Sequence[int], 
         contract = contract_from({"input_shape": list(input_shape), "voxel_size": list(voxel_size),
                                   "normalization": normalization, "inputs": inputs, "output": output,
                                   "age_mean": age_mean, "age_std": age_std,
-                                  "bin_centres": list(bin_centres) if bin_centres is not None else None},
+                                  "bin_centres": list(bin_centres) if bin_centres is not None else None,
+                                  "space": space},
                                  features)
     except FieldError as error:
         raise MedrobustError(f"evaluate: {error.field} {error.problem}") from None

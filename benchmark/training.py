@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from medrobust.data import load_prepared
+from medrobust.data import FeatureSource, load_prepared
 from medrobust.data.features import FeatureScaler
 from medrobust.data.preprocess import PreparedDataset, Preprocessing
 from medrobust.data.splits import load_or_create_splits
@@ -193,6 +193,7 @@ class TrainRequest:
     cache_dir: Path | None = None
     strict: bool = False
     progress: bool = True
+    features: FeatureSource | None = None  # context features read by name instead of from the label maps
 
 
 @dataclass
@@ -230,7 +231,7 @@ def train(request: TrainRequest) -> list[TrainedModel]:
         first = next(iter(given.values()))[0]
         shape, voxel_size = first.meta.input_shape, first.meta.voxel_size
     index, preprocessing, data = load_prepared(request.data, shape, voxel_size, request.cache_dir, request.strict,
-                                               request.progress)
+                                               request.progress, features=request.features)
     for skipped in data.skipped:
         tqdm.write(f"skipped {skipped.subject_id}: {skipped.reason}")
     splits = load_or_create_splits(index.root, [s.subject_id for s in index.subjects], request.split_seed)

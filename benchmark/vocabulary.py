@@ -24,6 +24,9 @@ EXECUTORS = ("local", "ray")
 # Intensity normalizations of a prepared image: z-score inside the brain mask, z-score over the volume, min-max
 # to [0, 1], or none.
 NORMALIZATIONS = ("zscore_brain", "zscore", "minmax", "none")
+# How an image reaches a model's grid: `resample` (reoriented to RAS, resampled and centred onto it) or
+# `preprocessed` (already in the model's space, e.g. MNI crops: taken as stored, its grid checked).
+SPACES = ("resample", "preprocessed")
 # Subject-level splits of a dataset; a run attacks one of them, or `all` the usable subjects (a model trained
 # elsewhere needs no split).
 SPLIT_NAMES = ("train", "val", "test")

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from medrobust.errors import FieldError, MedrobustError
 from medrobust.models.base import BrainAgeModel, ModelMeta
-from medrobust.vocabulary import NORMALIZATIONS
+from medrobust.vocabulary import NORMALIZATIONS, SPACES
 
 INPUTS = ("image", "image+features")
 OUTPUTS = ("years", "standardized", "bins")
@@ -44,6 +44,7 @@ class InputContract:
     age_mean: float | None = None
     age_std: float | None = None
     bin_centres: tuple[float, ...] = ()
+    space: str = "resample"
 
     def validate(self) -> InputContract:
         """This contract, or a FieldError naming the first bad field."""
@@ -54,6 +55,8 @@ class InputContract:
         if self.normalization not in NORMALIZATIONS:
             raise FieldError("normalization", f"must be one of {', '.join(NORMALIZATIONS)}, got "
                                               f"{self.normalization!r}")
+        if self.space not in SPACES:
+            raise FieldError("space", f"must be one of {', '.join(SPACES)}, got {self.space!r}")
         if self.inputs not in INPUTS:
             raise FieldError("inputs", f"must be one of {', '.join(INPUTS)}, got {self.inputs!r}")
         if self.inputs == "image+features" and not self.features:
@@ -79,7 +82,10 @@ class InputContract:
 
     def as_dict(self) -> dict:
         """JSON-native (lists), for a cell's spec."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if values["space"] == "resample":  # the default, left out so that the ids of earlier cells stay
+            del values["space"]
+        return values
 
 
 class AdaptedModel(BrainAgeModel):
@@ -91,7 +97,7 @@ class AdaptedModel(BrainAgeModel):
         meta = ModelMeta(name=name, kwargs={"source": source or {}, "contract": contract.as_dict()},
                          input_shape=tuple(contract.input_shape), voxel_size=tuple(contract.voxel_size),
                          normalization=contract.normalization, feature_names=list(contract.features),
-                         uses_image=True, uses_features=contract.inputs == "image+features")
+                         uses_image=True, uses_features=contract.inputs == "image+features", space=contract.space)
         nn.Module.__init__(self)  # BrainAgeModel's own scaling buffers belong to our architectures, not to this
         self.meta = meta
         self.module = module

@@ -30,6 +30,7 @@ class ModelMeta:
     feature_names: list[str] = field(default_factory=list)
     uses_image: bool = True
     uses_features: bool = False
+    space: str = "resample"  # how images reach the grid (medrobust.vocabulary.SPACES)
 
     @classmethod
     def from_kwargs(cls, name: str, kwargs: dict, uses_image: bool, uses_features: bool) -> ModelMeta:

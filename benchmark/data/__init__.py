@@ -9,9 +9,10 @@ from pathlib import Path
 
 from medrobust.data.index import DatasetIndex, load_dataset_index
 from medrobust.data.preprocess import PreparedDataset, Preprocessing, prepare_dataset
+from medrobust.data.tables import FeatureSource
 from medrobust.errors import MedrobustError
 
-__all__ = ["DatasetIndex", "PreparedDataset", "Preprocessing", "dataset_grid", "load_prepared"]
+__all__ = ["DatasetIndex", "FeatureSource", "PreparedDataset", "Preprocessing", "dataset_grid", "load_prepared"]
 
 
 def dataset_grid(index: DatasetIndex) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
@@ -34,14 +35,16 @@ def dataset_grid(index: DatasetIndex) -> tuple[tuple[int, int, int], tuple[float
 def load_prepared(data: str | Path, shape: tuple[int, int, int] | None = None,
                   voxel_size: tuple[float, float, float] | None = None, cache_dir: Path | None = None,
                   strict: bool = False, progress: bool = True,
-                  normalization: str = "zscore_brain") -> tuple[DatasetIndex, Preprocessing, PreparedDataset]:
+                  normalization: str = "zscore_brain", features: FeatureSource | None = None,
+                  space: str = "resample") -> tuple[DatasetIndex, Preprocessing, PreparedDataset]:
     """Index a dataset and prepare it on a grid (default: the dataset's own) with an intensity normalization,
-    through the content cache (default: <dataset>/.medrobust_cache). Skipped subjects are in the result's
-    `skipped`."""
-    index = load_dataset_index(data, strict=strict)
+    through the content cache (default: <dataset>/.medrobust_cache), its context features read by name from
+    ``features`` where given; with ``space="preprocessed"`` the images are taken as stored, their grid checked.
+    Skipped subjects are in the result's `skipped`."""
+    index = load_dataset_index(data, strict=strict, features=features)
     if shape is None or voxel_size is None:
         default_shape, default_voxels = dataset_grid(index)
         shape, voxel_size = shape or default_shape, voxel_size or default_voxels
-    preprocessing = Preprocessing(shape=shape, voxel_size=voxel_size, normalization=normalization)
+    preprocessing = Preprocessing(shape=shape, voxel_size=voxel_size, normalization=normalization, space=space)
     cache = cache_dir or Path(index.root) / ".medrobust_cache"
     return index, preprocessing, prepare_dataset(index, preprocessing, cache, strict=strict, progress=progress)

@@ -61,6 +61,12 @@ def precomputed_volume_labels(record: SubjectRecord) -> list[int]:
     return [int(m.group(1)) for m in (re.fullmatch(pattern, str(c).strip()) for c in header) if m]
 
 
+def covariates(record: SubjectRecord) -> list[float]:
+    """Sex (F -> 0, M -> 1) and field strength of a subject, NaN where unknown: the first context features."""
+    return [_SEX_VALUES.get(record.sex, float("nan")) if record.sex else float("nan"),
+            float(record.field_strength) if record.field_strength is not None else float("nan")]
+
+
 def context_features(
     record: SubjectRecord,
     volumes: dict[int, float],
@@ -75,18 +81,15 @@ def context_features(
     left out and are then taken from the record).
     """
     names = context_feature_names(label_names or {}, labels)
-    covariates = [
-        _SEX_VALUES.get(record.sex, float("nan")) if record.sex else float("nan"),
-        float(record.field_strength) if record.field_strength is not None else float("nan"),
-    ]
+    known = covariates(record)
     if record.features_path is None:
         has_labels = bool(volumes) or record.dseg_path is not None
         missing_volume = 0.0 if has_labels else float("nan")
-        row = covariates + [volumes.get(label, missing_volume) for label in sorted(labels)]
+        row = known + [volumes.get(label, missing_volume) for label in sorted(labels)]
         return np.asarray(row, dtype=np.float32)
 
     values = _read_precomputed(Path(record.features_path))
-    for name, value in zip(COVARIATE_NAMES, covariates, strict=True):
+    for name, value in zip(COVARIATE_NAMES, known, strict=True):
         values.setdefault(name, value)
     missing = [name for name in names if name not in values]
     extra = [name for name in values if name not in names]

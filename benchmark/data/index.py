@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from medrobust.data.tables import FeatureRowError, FeatureSource, FeatureTable
 from medrobust.errors import MedrobustError
 from medrobust.files import file_sha256
 from medrobust.vocabulary import MISSING_VALUES
@@ -79,10 +80,16 @@ class DatasetIndex:
     subjects: list[SubjectRecord]
     skipped: list[SkippedSubject] = field(default_factory=list)
     label_names: dict[int, str] = field(default_factory=dict)
+    # Context features read by name (FreeSurfer stats, SynthSeg, a table: `medrobust.data.tables`), or None: the
+    # regional volumes are then measured on each subject's label map.
+    features: FeatureTable | None = None
 
     def fingerprint(self) -> str:
-        """Content hash of the dataset: subjects, ages, covariates and the bytes of every file."""
+        """Content hash of the dataset: subjects, ages, covariates, the bytes of every file and the features read
+        by name."""
         digest = hashlib.sha256()
+        if self.features is not None:
+            digest.update(self.features.fingerprint().encode())
         for record in sorted(self.subjects, key=lambda r: r.subject_id):
             files = [record.t1_path, record.dseg_path, record.features_path]
             entry = [
@@ -97,11 +104,13 @@ class DatasetIndex:
         return digest.hexdigest()
 
 
-def load_dataset_index(path: str | Path, strict: bool = False) -> DatasetIndex:
-    """Index a dataset: a folder is read as BIDS, a .csv/.tsv file as a manifest.
+def load_dataset_index(path: str | Path, strict: bool = False, features: FeatureSource | None = None) -> DatasetIndex:
+    """Index a dataset: a folder is read as BIDS, a .csv/.tsv file as a manifest; with ``features``, each subject's
+    context features are read by name from there (`medrobust.data.tables`).
 
-    Subjects with a missing file or an unusable age are recorded in `skipped`; with `strict=True` the first
-    such subject raises MedrobustError instead. A dataset with no usable subject always raises.
+    Subjects with a missing file, an unusable age or no readable features are recorded in `skipped`; with
+    `strict=True` the first such subject raises MedrobustError instead. A dataset with no usable subject always
+    raises.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -114,6 +123,17 @@ def load_dataset_index(path: str | Path, strict: bool = False) -> DatasetIndex:
         where = f"manifest {path}"
     else:
         raise MedrobustError(f"{path}: not a folder or a .csv/.tsv file; pass a BIDS folder or a manifest")
+    if features is not None:
+        index.features = FeatureTable(features)
+        usable = []
+        for record in index.subjects:
+            try:
+                index.features.read(record.subject_id)
+            except FeatureRowError as problem:
+                _skip(index.skipped, record.subject_id, f"features: {problem}", Path(features.path), strict)
+                continue
+            usable.append(record)
+        index.subjects = usable
     if not index.subjects:
         reasons = "; ".join(f"{s.subject_id}: {s.reason}" for s in index.skipped[:5])
         more = f" (first skips: {reasons})" if reasons else ""

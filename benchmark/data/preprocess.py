@@ -19,13 +19,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from medrobust.data.features import COVARIATE_NAMES, context_feature_names, context_features, precomputed_volume_labels
+from medrobust.data.features import (
+    COVARIATE_NAMES,
+    context_feature_names,
+    context_features,
+    covariates,
+    precomputed_volume_labels,
+)
 
 # SubjectError lives in dataset.py (the bottom of the import chain) so that features.py can raise it too.
 from medrobust.data.index import DatasetIndex, SkippedSubject, SubjectError, SubjectRecord
 from medrobust.errors import MedrobustError
 from medrobust.files import atomic_write, file_sha256
-from medrobust.vocabulary import NORMALIZATIONS
+from medrobust.vocabulary import NORMALIZATIONS, SPACES
 
 # Bump when the preprocessing code changes what it produces, so that old cache entries are not reused.
 _ALGORITHM_VERSION = 1
@@ -43,6 +49,7 @@ class Preprocessing:
     voxel_size: tuple[float, float, float]  # mm
     normalization: str = "zscore_brain"
     use_mask: bool = True  # zero the voxels outside the brain mask after normalization
+    space: str = "resample"  # medrobust.vocabulary.SPACES: resampled onto the grid, or taken as stored
 
     def __post_init__(self) -> None:
         # Accept lists (e.g. from JSON metadata) but store tuples so that the object stays hashable.
@@ -57,6 +64,8 @@ class Preprocessing:
             raise MedrobustError(f"preprocessing.shape: {self.shape!r} must be three positive integers")
         if len(voxel_size) != 3 or not all(np.isfinite(voxel_size)) or min(voxel_size) <= 0:
             raise MedrobustError(f"preprocessing.voxel_size: {self.voxel_size!r} must be three positive mm")
+        if self.space not in SPACES:
+            raise MedrobustError(f"preprocessing.space: {self.space!r} is unknown; use one of {SPACES}")
         if self.normalization not in NORMALIZATIONS:
             raise MedrobustError(
                 f"preprocessing.normalization: {self.normalization!r} is unknown; use one of {NORMALIZATIONS}"
@@ -67,7 +76,8 @@ class Preprocessing:
 
     def key(self) -> str:
         """Stable hash of the parameters (and the algorithm version): part of every cache key."""
-        payload = json.dumps({"version": _ALGORITHM_VERSION, **asdict(self)}, sort_keys=True)
+        values = {k: v for k, v in asdict(self).items() if (k, v) != ("space", "resample")}  # earlier keys stay
+        payload = json.dumps({"version": _ALGORITHM_VERSION, **values}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -210,6 +220,18 @@ def _label_volumes(dseg: nib.Nifti1Image) -> dict[int, float]:
     return {int(lab): float(n) * voxel_ml for lab, n in zip(labels, counts, strict=True) if lab != 0}
 
 
+def _check_stored_grid(image: nib.Nifti1Image, path: Path, preprocessing: Preprocessing) -> None:
+    """With space "preprocessed": the image must already have the model's shape and voxel size (nothing is
+    resampled or reoriented), or the subject is skipped saying what it has."""
+    shape = tuple(int(n) for n in image.shape[:3])
+    zooms = tuple(float(z) for z in np.sqrt((np.asarray(image.affine)[:3, :3] ** 2).sum(axis=0)))
+    if shape != preprocessing.shape or not np.allclose(zooms, preprocessing.voxel_size, rtol=1e-3, atol=1e-4):
+        raise SubjectError(f"{path}: image is {'x'.join(map(str, shape))} at {'x'.join(f'{z:g}' for z in zooms)} mm, "
+                           f"the model takes {'x'.join(map(str, preprocessing.shape))} at "
+                           f"{'x'.join(f'{z:g}' for z in preprocessing.voxel_size)} mm; space = 'preprocessed' "
+                           f"resamples nothing (resample the image, or use space = 'resample')")
+
+
 def prepare_subject(record: SubjectRecord, preprocessing: Preprocessing) -> PreparedSubject:
     """Bring one subject onto the model grid; raises SubjectError with the reason for any bad input."""
     t1 = _load_volume(record.t1_path, "T1w image")
@@ -228,10 +250,15 @@ def prepare_subject(record: SubjectRecord, preprocessing: Preprocessing) -> Prep
         dseg = nib.Nifti1Image(labels.astype(np.int32), dseg.affine)
         volumes = _label_volumes(dseg)
 
-    image = resample_to_grid(t1, preprocessing.shape, preprocessing.voxel_size, order=1).astype(np.float32)
+    if preprocessing.space == "preprocessed":  # already in the model's space: as stored, its grid checked
+        _check_stored_grid(t1, record.t1_path, preprocessing)
+        image = np.asanyarray(t1.dataobj).astype(np.float32)
+    else:
+        image = resample_to_grid(t1, preprocessing.shape, preprocessing.voxel_size, order=1).astype(np.float32)
     grid_labels = None
-    if dseg is not None:
-        grid_labels = resample_to_grid(dseg, preprocessing.shape, preprocessing.voxel_size, order=0)
+    if dseg is not None:  # on the T1w's grid already (checked above)
+        grid_labels = np.asanyarray(dseg.dataobj) if preprocessing.space == "preprocessed" else resample_to_grid(
+            dseg, preprocessing.shape, preprocessing.voxel_size, order=0)
         mask = grid_labels > 0
     else:
         mask = _threshold_mask(image)
@@ -350,14 +377,26 @@ def prepare_dataset(
                 raise
             skipped.append(SkippedSubject(record.subject_id, str(error)))
 
-    if index.label_names:
-        labels = sorted(index.label_names)
+    if index.features is not None:  # features read by name: no region of a label map behind them
+        named = [name for name in index.features.names if name not in COVARIATE_NAMES]
+        feature_names = list(COVARIATE_NAMES) + named
+        labels, feature_labels = [], [None] * len(feature_names)
     else:
-        seen = {label for _, subject in prepared for label in subject.volumes}
-        seen |= {label for record, _ in prepared for label in precomputed_volume_labels(record)}
-        labels = sorted(seen)
+        if index.label_names:
+            labels = sorted(index.label_names)
+        else:
+            seen = {label for _, subject in prepared for label in subject.volumes}
+            seen |= {label for record, _ in prepared for label in precomputed_volume_labels(record)}
+            labels = sorted(seen)
+        feature_names = context_feature_names(index.label_names, labels)
+        feature_labels = [None] * len(COVARIATE_NAMES) + list(labels)
     usable: list[tuple[SubjectRecord, PreparedSubject, np.ndarray]] = []
     for record, subject in prepared:
+        if index.features is not None:
+            values = index.features.values[record.subject_id]
+            usable.append((record, subject, np.asarray(covariates(record) + [
+                values.get(name, np.nan) for name in feature_names[len(COVARIATE_NAMES):]], dtype=np.float32)))
+            continue
         try:
             features = context_features(record, subject.volumes, labels, label_names=index.label_names)
         except SubjectError as error:
@@ -376,9 +415,9 @@ def prepare_dataset(
         images=torch.stack([subject.image for _, subject, _ in usable]),
         masks=torch.stack([subject.mask for _, subject, _ in usable]),
         features=torch.from_numpy(np.stack([features for _, _, features in usable]).astype(np.float32)),
-        feature_names=context_feature_names(index.label_names, labels),
+        feature_names=feature_names,
         skipped=skipped,
         labels=torch.stack([subject.labels for _, subject, _ in usable])
         if all(subject.labels is not None for _, subject, _ in usable) else None,
-        feature_labels=[None] * len(COVARIATE_NAMES) + list(labels),
+        feature_labels=feature_labels,
     )

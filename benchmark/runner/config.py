@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from medrobust.attacks import Budget, attack_entrypoint, create_attack, list_attacks
+from medrobust.data.tables import FEATURE_FORMATS, FeatureSource
 from medrobust.errors import FieldError, MedrobustError
 from medrobust.models import list_models
 from medrobust.models.adapter import contract_from
@@ -74,6 +75,8 @@ class DatasetSpec:
     # cohort, <out>/cache for a dataset of one's own (never written into)
     shape: tuple[int, int, int] | None = None  # built-in cohort grid; default CohortSpec's
     voxel_size: tuple[float, float, float] | None = None
+    # Context features read by name (FreeSurfer stats, SynthSeg, a table of one's own) instead of the label maps.
+    features: FeatureSource | None = None
 
 
 
@@ -212,6 +215,24 @@ def _triple(entry: _Table, key: str, kind: str) -> tuple | None:
     return values
 
 
+def _features(dataset: _Table) -> FeatureSource | None:
+    """``[dataset.features]``: where the context features are read by name (medrobust.data.tables)."""
+    if "features" not in dataset.data:
+        return None
+    entry = _Table(dataset.take("features", "table"), "dataset.features", dataset.source)
+    format_ = _choice(entry.take("format", "str"), FEATURE_FORMATS, "dataset.features.format", entry)
+    stats = entry.take_list("stats", "str", ["aseg.stats"]) if format_ == "freesurfer" else ["aseg.stats"]
+    columns = entry.take("columns", "list", None)
+    source = FeatureSource(format=format_, path=Path(entry.take("path", "str")), stats=tuple(stats),
+                           id_column=entry.take("id_column", "str", None) if format_ != "freesurfer" else None,
+                           columns=tuple(str(c) for c in columns) if columns is not None else None)
+    entry.done()
+    try:
+        return source.validate()
+    except MedrobustError as err:
+        entry.fail(str(err))
+
+
 def _dataset(table: _Table) -> DatasetSpec:
     entry = _Table(table.take("dataset", "table"), "dataset", table.source)
     builtin = entry.take("builtin", "bool", False)
@@ -224,7 +245,7 @@ def _dataset(table: _Table) -> DatasetSpec:
         cache_dir=Path(entry.take("cache_dir", "str")) if "cache_dir" in entry.data else None,
         fit_count=entry.take("fit_count", "int", None),
         strict=entry.take("strict", "bool", False), shape=_triple(entry, "shape", "int"),
-        voxel_size=_triple(entry, "voxel_size", "number"))
+        voxel_size=_triple(entry, "voxel_size", "number"), features=_features(entry))
     entry.done()
     if not builtin and not path.exists():
         entry.fail(f"dataset.path {str(path)!r} does not exist; set builtin = true to generate the built-in cohort "
@@ -250,7 +271,7 @@ MODEL_SOURCES = ("name", "factory", "torchscript")
 # The input contract of a model of one's own (medrobust.models.adapter.InputContract).
 CONTRACT_KEYS = {"input_shape": "list", "voxel_size": "list", "normalization": "str", "inputs": "str",
                  "features": "list", "output": "str", "age_mean": "number", "age_std": "number",
-                 "bin_centres": "list"}
+                 "bin_centres": "list", "space": "str"}
 
 
 def _models(table: _Table) -> list[ModelSpec]:

@@ -40,8 +40,9 @@ def evaluation_subset(config: RunConfig, root: Path, all_ids: list[str], data: P
 
 
 def model_grid(model: BrainAgeModel) -> tuple:
-    """(input shape, voxel size, normalization) of a model: how its subjects are prepared."""
-    return tuple(model.meta.input_shape), tuple(model.meta.voxel_size), model.meta.normalization
+    """(input shape, voxel size, normalization, space) of a model: how its subjects are prepared."""
+    meta = model.meta
+    return tuple(meta.input_shape), tuple(meta.voxel_size), meta.normalization, meta.space
 
 
 def attack_inputs(data: PreparedDataset, rows: slice, model: BrainAgeModel, config: RunConfig,
@@ -91,11 +92,12 @@ class LoadedInputs:
 
     def _index(self, grid: tuple) -> tuple:
         if grid not in self._prepared:
-            shape, voxel_size, normalization = grid
+            shape, voxel_size, normalization, space = grid
             dataset = self.config.dataset
             cache = dataset.cache_dir or (None if dataset.builtin else self.config.out / "cache")
             index, _, prepared = load_prepared(self.root, shape, voxel_size, cache_dir=cache, strict=dataset.strict,
-                                               progress=self.progress, normalization=normalization)
+                                               progress=self.progress, normalization=normalization,
+                                               features=dataset.features, space=space)
             self._prepared[grid] = (index, prepared)
         return self._prepared[grid]
 

@@ -51,6 +51,12 @@ def plan_cells(config: RunConfig, root: Path, sources: dict[str, ModelSource], l
         if "recomputed" in config.threat_models and model.meta.uses_features and subset.labels is None:
             raise MedrobustError(f"{config.source}: threat_model 'recomputed' recomputes the regional volumes from "
                                  f"each subject's label map, and some subjects of {root} have none (dseg)")
+        if ("recomputed" in config.threat_models and model.meta.uses_features and config.dataset.features
+                and all(label is None for label in subset.feature_labels)):
+            raise MedrobustError(f"{config.source}: threat_model 'recomputed' recomputes the regional volumes from "
+                                 f"each subject's label map, and the volumes of dataset.features are read from "
+                                 f"{config.dataset.features.format} files, with no label map region behind them; "
+                                 f"drop 'recomputed' or take the volumes from the label maps")
         if model.meta.uses_features and list(model.meta.feature_names) != list(subset.feature_names):
             raise MedrobustError(f"model {spec.label!r} ({sources[spec.label].describe()}) takes other context "
                                  f"features than {root} provides ({list(model.meta.feature_names)} against "
@@ -137,7 +143,8 @@ def _stat(path: Path) -> tuple[str, int, int]:
 
 def plan_key(config: RunConfig, root: Path, sources: dict[str, ModelSource], device: torch.device) -> str:
     """A hash of the config, this package's version and seeding scheme, the device, and the size and modification
-    time of every checkpoint and dataset file (the preprocessing cache aside), of this package's own source files
+    time of every checkpoint and dataset file (the preprocessing cache aside) and features file, of this package's
+    own source files
     and of every registered model's and attack's, plugins included (an attack's supported threat models or
     defaults decide the grid): any change means a new plan."""
     import medrobust
@@ -149,6 +156,8 @@ def plan_key(config: RunConfig, root: Path, sources: dict[str, ModelSource], dev
     for package in (medrobust, medrobust.attacks, medrobust.models):
         files.extend(sorted(Path(package.__file__).parent.rglob("*.py")))
     files.extend(path for path in registered_source_files() if path not in files)
+    if config.dataset.features is not None:  # features read from outside the dataset folder
+        files.extend(config.dataset.features.files())
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         files.extend(Path(folder) / name for name in sorted(names))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import time
 import warnings
 from pathlib import Path
@@ -342,3 +344,29 @@ def test_manifest_with_precomputed_features(tmp_path, write_nifti, synthetic_bra
     torch.testing.assert_close(data.features[:, 3], torch.tensor([0.5, 1.5, 2.5]))
     assert (data.features[:, 1] == 3.0).all() and (data.features[:, 2] == 1.25).all()
     assert data.masks.any()  # threshold mask, as there is no label map
+
+
+def test_preprocessed_space_takes_the_image_as_stored_and_checks_its_grid(tmp_path, write_nifti, synthetic_brain):
+    image, dseg = synthetic_brain()
+    # Stored in radiological order (an MNI crop as FSL writes it) and off-centre: `resample` would reorient and
+    # re-centre it; `preprocessed` hands the model the array as it is stored.
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = [40.0, -20.0, 5.0]
+    record = _record(write_nifti(tmp_path / "t1.nii.gz", image, affine), write_nifti(tmp_path / "d.nii", dseg, affine))
+    stored = Preprocessing(shape=SHAPE, voxel_size=(1.0, 1.0, 1.0), space="preprocessed")
+    subject = prepare_subject(record, stored)
+    mask = dseg > 0
+    expected = np.where(mask, (image - image[mask].mean()) / image[mask].std(), 0.0)
+    torch.testing.assert_close(subject.image[0], torch.from_numpy(expected.astype(np.float32)), atol=1e-5, rtol=1e-5)
+    assert torch.equal(subject.labels[0], torch.from_numpy(dseg.astype(np.int16)))
+    assert not torch.equal(prepare_subject(record, NATIVE).image, subject.image)  # resample flips the first axis
+    # Another grid is the subject's reason to be skipped, not a silent resampling.
+    for shape, voxels in ((SHAPE[::-1], (1.0, 1.0, 1.0)), (SHAPE, (2.0, 1.0, 1.0))):
+        with pytest.raises(SubjectError, match=r"space = 'preprocessed' resamples nothing"):
+            prepare_subject(record, Preprocessing(shape=shape, voxel_size=voxels, space="preprocessed"))
+    # The default space keeps the cache keys written before it existed; the other is another key.
+    before = {"version": preprocess._ALGORITHM_VERSION, "shape": list(SHAPE), "voxel_size": [1.0, 1.0, 1.0],
+              "normalization": "zscore_brain", "use_mask": True}
+    assert NATIVE.key() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest() != stored.key()
+    with pytest.raises(MedrobustError, match="preprocessing.space: 'mni' is unknown"):
+        Preprocessing(shape=SHAPE, voxel_size=(1.0, 1.0, 1.0), space="mni")

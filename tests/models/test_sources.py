@@ -356,6 +356,45 @@ def test_a_model_takes_its_declared_features_from_the_data_and_perturbed_needs_a
         assert "takes no regional volume" in result.output
 
 
+@pytest.mark.parametrize("threat_models", [["fixed", "perturbed"], ["fixed", "recomputed"]])
+def test_a_model_takes_volumes_a_freesurfer_run_measured(lab: Path, threat_models: list[str]) -> None:
+    # Real data come with FreeSurfer's stats, not with our label maps: the model names what it takes from them.
+    for number in range(12):
+        stats = lab / "freesurfer" / f"sub-{number:02d}" / "stats"
+        stats.mkdir(parents=True)
+        (stats / "aseg.stats").write_text(
+            f"# Measure EstimatedTotalIntraCranialVol, eTIV, Estimated Total Intracranial Volume, {1.5e6 + number}, "
+            f"mm^3\n# ColHeaders  Index SegId NVoxels Volume_mm3 StructName\n"
+            f"  1  17  {4000 + number}  {4000 + number}.0  Left-Hippocampus\n")
+    (lab / "featured.py").write_text(FEATURED)
+    config = _config(lab, f'factory = "{lab}/featured.py:Net"\n{GRID_KEYS}\ninputs = "image+features"\n'
+                          f'features = ["vol_Left-Hippocampus", "vol_eTIV"]')
+    config.write_text(f"threat_model = {threat_models}\n" + config.read_text().replace(
+        'count = 3\n', f'count = 3\n\n[dataset.features]\nformat = "freesurfer"\npath = "{lab / "freesurfer"}"\n'))
+    result = _run(config)
+    if "recomputed" in threat_models:  # no label-map region behind these volumes: nothing to recompute them from
+        assert result.exit_code == 2 and "the volumes of dataset.features are read from freesurfer" in result.stderr
+        return
+    assert result.exit_code == 0, result.output
+    assert "2 cells run" in result.output
+    with ResultStore(lab / "run", create=False) as store:
+        stored = store.cells()
+    assert set(stored["threat_model"]) == {"fixed", "perturbed"}
+    assert (stored["status"] == "done").all()
+
+
+@pytest.mark.parametrize(("grid", "ok"), [("[16, 16, 16]", True), ("[16, 16, 18]", False)])
+def test_data_already_in_the_models_space_are_taken_as_stored(lab: Path, grid: str, ok: bool) -> None:
+    config = _config(lab, f'factory = "{lab}/net.py:net"\nweights = "{lab}/net.pt"\ninput_shape = {grid}\n'
+                          f'voxel_size = [1, 1, 1]\nspace = "preprocessed"')
+    result = _run(config)
+    if ok:
+        assert result.exit_code == 0, result.output
+        assert "1 cells run" in result.output
+    else:  # nothing is resampled: every subject is refused with its grid, and the run says so in one line
+        assert result.exit_code == 2 and "space = 'preprocessed' resamples nothing" in result.stderr
+
+
 def test_declared_features_the_data_lack_are_one_line(lab: Path) -> None:
     (lab / "featured.py").write_text(FEATURED)
     result = _run(_config(lab, f'factory = "{lab}/featured.py:Net"\n{GRID_KEYS}\ninputs = "image+features"\n'
