@@ -6,7 +6,9 @@ Exit codes: 0 success; 1 a run finished with failed cells; 2 bad input (a Medrob
 
 from __future__ import annotations
 
+import errno
 import re
+import sqlite3
 import sys
 
 import click
@@ -24,17 +26,36 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _disk_full(error: BaseException) -> bool:
+    """Whether an error is a full disk (ENOSPC, a quota, or SQLite's SQLITE_FULL)."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "disk is full" in str(error)
+
+
 class _Group(click.Group):
-    """A click group that turns MedrobustError into one line on stderr and exit code 2 (3 for a busy store), and
-    Ctrl-C into one line and exit code 130 (not click's "Aborted!" with 1, the code of failed cells)."""
+    """A click group that turns MedrobustError, a bad option or argument and a full disk into one line on stderr and
+    exit code 2 (3 for a busy store), and Ctrl-C into one line and exit code 130 (not click's "Aborted!" with 1, the
+    code of failed cells)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as error:  # a bad option or argument: one line too, naming where help is
+            where = error.ctx.command_path if error.ctx is not None else "medrobust"
+            click.echo(f"error: {_one_line(error.format_message())} (`{where} --help` lists the options)", err=True)
+            sys.exit(EXIT_BAD_INPUT)
         except KeyboardInterrupt:
             click.echo("\ninterrupted: what had finished is kept (every finished cell is in the store, and the same "
                        "`medrobust run` resumes from it)", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except (OSError, sqlite3.OperationalError) as error:
+            if not _disk_full(error):
+                raise
+            where = f" writing {error.filename}" if getattr(error, "filename", None) else ""
+            click.echo(f"error: the disk is full{where} ({_one_line(error)}); nothing written is half-written (every "
+                       f"finished cell is in the store): free some space and run the same command again", err=True)
+            sys.exit(EXIT_BAD_INPUT)
         except MedrobustError as error:
             from medrobust.results.store import StoreBusyError
 

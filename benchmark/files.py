@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from medrobust.faults import fault_point
+
 
 def atomic_write(target: str | os.PathLike, write: Callable[[Path], object], suffix: str = ".tmp") -> Path:
     """Write ``target`` through ``write(temporary_path)`` beside it, then rename it into place: an interrupted
@@ -18,6 +20,7 @@ def atomic_write(target: str | os.PathLike, write: Callable[[Path], object], suf
     os.close(descriptor)
     try:
         write(Path(temporary))
+        fault_point("replacing")
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from medrobust.data import FeatureSource, load_prepared
 from medrobust.data.features import FeatureScaler
+from medrobust.data.index import AGE_RANGE
 from medrobust.data.preprocess import PreparedDataset, Preprocessing
 from medrobust.data.splits import load_or_create_splits
 from medrobust.devices import resolve_device
@@ -194,6 +195,7 @@ class TrainRequest:
     strict: bool = False
     progress: bool = True
     features: FeatureSource | None = None  # context features read by name instead of from the label maps
+    age_range: tuple[float, float] = AGE_RANGE  # plausible ages: others are skipped
 
 
 @dataclass
@@ -231,7 +233,8 @@ def train(request: TrainRequest) -> list[TrainedModel]:
         first = next(iter(given.values()))[0]
         shape, voxel_size = first.meta.input_shape, first.meta.voxel_size
     index, preprocessing, data = load_prepared(request.data, shape, voxel_size, request.cache_dir, request.strict,
-                                               request.progress, features=request.features)
+                                               request.progress, features=request.features,
+                                               age_range=request.age_range)
     for skipped in data.skipped:
         tqdm.write(f"skipped {skipped.subject_id}: {skipped.reason}")
     splits = load_or_create_splits(index.root, [s.subject_id for s in index.subjects], request.split_seed)

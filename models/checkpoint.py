@@ -6,6 +6,7 @@ Loading never unpickles: the architecture is rebuilt from the registry and the t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -22,7 +23,9 @@ from medrobust.models._registry import create_model, list_models
 from medrobust.models.base import BrainAgeModel
 
 FORMAT = "medrobust-checkpoint"
-FORMAT_VERSION = 1
+# 2: the sidecar records the hash of its own content (``sidecar_sha256``); version 1 sidecars (no such hash) are
+# still read, their weights hash required and their grid checked against the architecture they rebuild.
+FORMAT_VERSION = 2
 _SUFFIXES = (".safetensors", ".json")
 
 
@@ -73,9 +76,38 @@ def save_checkpoint(model: BrainAgeModel, path: str | os.PathLike, extra: dict |
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(weights_path, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     sidecar["weights_sha256"] = file_sha256(weights_path)
+    sidecar["sidecar_sha256"] = sidecar_digest(sidecar)
     text = json.dumps(sidecar, indent=2)
     atomic_write(sidecar_path, lambda p: p.write_text(text + "\n", encoding="utf-8"))
     return weights_path
+
+
+def sidecar_digest(sidecar: dict) -> str:
+    """The hash of a sidecar's content, its own hash aside (key order and indentation aside)."""
+    content = {k: v for k, v in sidecar.items() if k != "sidecar_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _check_sidecar(sidecar: dict, sidecar_path: Path) -> None:
+    """A sidecar edited by hand (a voxel size changed would resample the data to a grid the model never saw; a
+    weights hash deleted would turn the tamper check off) is refused, saying how to recover."""
+    if not isinstance(sidecar.get("weights_sha256"), str):
+        raise MedrobustError(f"checkpoint sidecar {sidecar_path} records no weights_sha256, so its weights cannot "
+                             f"be checked; restore the sidecar written with them, or train the model again")
+    if sidecar.get("format_version", 1) >= 2 and sidecar.get("sidecar_sha256") != sidecar_digest(sidecar):
+        raise MedrobustError(f"checkpoint sidecar {sidecar_path} was changed after it was written (its content "
+                             f"no longer matches its sidecar_sha256); restore it, or train the model again")
+
+
+def _check_meta(model: BrainAgeModel, sidecar: dict, sidecar_path: Path) -> None:
+    """The grid, normalization and features a sidecar states must be those of the architecture it rebuilds."""
+    meta = model.meta
+    stated = {"input_shape": list(meta.input_shape), "voxel_size": list(meta.voxel_size),
+              "normalization": meta.normalization, "feature_names": list(meta.feature_names)}
+    for key, value in stated.items():
+        if key in sidecar and sidecar[key] != value:
+            raise MedrobustError(f"checkpoint sidecar {sidecar_path}: {key} {sidecar[key]!r} is not the model's "
+                                 f"{value!r} (the sidecar was edited); restore it, or train the model again")
 
 
 def load_checkpoint(
@@ -101,8 +133,8 @@ def load_checkpoint(
             f"checkpoint sidecar {sidecar_path} names unknown model '{name}'; "
             f"known: {', '.join(list_models())}"
         )
-    expected_sha = sidecar.get("weights_sha256")
-    if expected_sha is not None and file_sha256(weights_path) != expected_sha:
+    _check_sidecar(sidecar, sidecar_path)
+    if file_sha256(weights_path) != sidecar["weights_sha256"]:
         raise MedrobustError(
             f"checkpoint weights {weights_path} do not match their sidecar {sidecar_path} (sha256 differs); "
             "the pair was mixed up or the file is corrupt"
@@ -123,4 +155,5 @@ def load_checkpoint(
         raise MedrobustError(
             f"checkpoint weights {weights_path} do not fit model '{name}' as its sidecar describes ({err})"
         ) from err
+    _check_meta(model, sidecar, sidecar_path)
     return model.to(device).eval(), sidecar

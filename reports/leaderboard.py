@@ -656,8 +656,9 @@ def relative_paths(value: object, base: Path) -> object:
 
 def merged_stores(run_dirs: list[Path]) -> tuple[pd.DataFrame, list[dict], str]:
     """The cells and runs of several run folders' stores as one: cells are content-addressed, so a cell in two
-    stores is one row (the one finished last); runs in the order they started. Each run folder's absolute paths
-    are made relative to it first. Returns (cells, runs, the stores' paths for error messages)."""
+    stores is one row (the one finished last); runs in the order they started; a label naming several models told
+    apart (`distinct_labels`). Each run folder's absolute paths are made relative to it first. Returns (cells,
+    runs, the stores' paths for error messages)."""
     frames, runs, sources = [], [], []
     for run_dir in run_dirs:
         with ResultStore(run_dir, create=False) as store:
@@ -672,7 +673,34 @@ def merged_stores(run_dirs: list[Path]) -> tuple[pd.DataFrame, list[dict], str]:
             ["_done", "finished_at"], kind="stable", na_position="first")
         cells = done_first.drop_duplicates("id", keep="last").drop(columns="_done").sort_index(ignore_index=True)
     runs.sort(key=lambda run: str(run.get("started_at")))
-    return cells, runs, ", ".join(sources)
+    return distinct_labels(cells), runs, ", ".join(sources)
+
+
+# Spec keys that tell one model (with its data and setting) from another under the same label: two configs sharing
+# one run folder, or a label reused for a retrained checkpoint, would otherwise give rows no reader can tell apart.
+MODEL_KEYS = ("model_name", "model_source", "checkpoint_sha256", "data_fingerprint", "split", "count",
+              "subjects_sha256", "seed", "precision", "batch_size", "brain_mask")
+
+
+def _short(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text[:7] if len(text) > 12 else text
+
+
+def distinct_labels(cells: pd.DataFrame) -> pd.DataFrame:
+    """``cells`` with a label that names several models (see MODEL_KEYS) told apart by what differs between them:
+    ``cnn3d (count 50)`` and ``cnn3d (count 100)``, ``cnn3d (checkpoint 1a2b3c4)``."""
+    keys = [key for key in MODEL_KEYS if key in cells]
+    if cells.empty or "model" not in cells or not keys:
+        return cells
+    cells = cells.copy()
+    variants = cells[keys].map(lambda value: json.dumps(value, sort_keys=True, default=str))
+    for label, rows in cells.groupby("model", sort=False).groups.items():
+        differing = [key for key in keys if variants.loc[rows, key].nunique() > 1]
+        for row in rows if differing else []:
+            parts = ", ".join(f"{key.removesuffix('_sha256')} {_short(cells.at[row, key])}" for key in differing)
+            cells.at[row, "model"] = f"{label} ({parts})"
+    return cells
 
 
 # A text cell a spreadsheet would read as a formula (OWASP's CSV injection): it starts with one of these.

@@ -16,6 +16,8 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import os
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 
 from medrobust.environment import package_versions
 from medrobust.errors import MedrobustError
+from medrobust.faults import fault_point
 from medrobust.files import atomic_write
 from medrobust.settings import CohortSpec
 
@@ -466,7 +469,15 @@ def synthesize(out: str | Path, spec: CohortSpec, progress: bool = True) -> Path
             raise MedrobustError(f"{root} holds a cohort generated with other parameters; choose a new --out folder")
         if (root / "participants.tsv").exists():
             return root  # same spec, already complete: generation is deterministic
-    root.mkdir(parents=True, exist_ok=True)
+        raise MedrobustError(f"{root} holds an incomplete cohort (no participants.tsv: an older medrobust was "
+                             f"stopped while writing it); delete the folder and generate it again")
+    # Written into a hidden sibling and moved into place when complete: a killed generation leaves no half cohort
+    # at `out`, and the same command starts it again (generation is deterministic).
+    partial = root.with_name(f".{root.name}.partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    result, root = root, partial
+    root.mkdir(parents=True)
     generator = CohortGenerator(spec)
     rows = []
     with ThreadPoolExecutor(max_workers=2) as pool:  # gzip releases the GIL: overlap writing with rendering
@@ -479,6 +490,7 @@ def synthesize(out: str | Path, spec: CohortSpec, progress: bool = True) -> Path
             pending.append(pool.submit(_write_nifti, anat / f"{draw.participant_id}_dseg.nii.gz", labels,
                                        generator.affine))
             rows.append(f"{draw.participant_id}\t{draw.age:.2f}\t{draw.sex}\t{draw.field_strength:.1f}")
+            fault_point("synthesizing")
             if len(pending) > 64:
                 for job in pending:
                     job.result()
@@ -504,7 +516,10 @@ def synthesize(out: str | Path, spec: CohortSpec, progress: bool = True) -> Path
     (root / "dataset_description.json").write_text(json.dumps(description, indent=2) + "\n")
     # Written last: its presence marks a complete dataset.
     (root / "participants.tsv").write_text("participant_id\tage\tsex\tfield_strength\n" + "\n".join(rows) + "\n")
-    return root
+    if result.exists():
+        result.rmdir()  # empty (checked above)
+    os.replace(root, result)
+    return result
 
 
 def _jsonable(spec: CohortSpec) -> dict:

@@ -22,9 +22,11 @@ from medrobust.errors import MedrobustError
 from medrobust.files import file_sha256
 from medrobust.vocabulary import MISSING_VALUES
 
-# The oldest age read as plausible, in years (the oldest documented human lived 122 years): above it a subject is
-# skipped with that reason, not attacked with an age in months or a typo.
+# The ages read as plausible by default, in years (the oldest documented human lived 122 years): outside them a
+# subject is skipped with that reason, not attacked with an age in months or a typo. A dataset's `age_range`
+# narrows or widens them (a paediatric cohort, a cohort in months converted elsewhere).
 MAX_AGE = 125.0
+AGE_RANGE = (0.0, MAX_AGE)
 # BIDS allows `89+` for privacy; ages above it are reported as this value.
 _TOP_CODED_AGE = 89.0
 _SEX_CODES = {
@@ -104,22 +106,23 @@ class DatasetIndex:
         return digest.hexdigest()
 
 
-def load_dataset_index(path: str | Path, strict: bool = False, features: FeatureSource | None = None) -> DatasetIndex:
+def load_dataset_index(path: str | Path, strict: bool = False, features: FeatureSource | None = None,
+                       age_range: tuple[float, float] = AGE_RANGE) -> DatasetIndex:
     """Index a dataset: a folder is read as BIDS, a .csv/.tsv file as a manifest; with ``features``, each subject's
     context features are read by name from there (`medrobust.data.tables`).
 
-    Subjects with a missing file, an unusable age or no readable features are recorded in `skipped`; with
-    `strict=True` the first such subject raises MedrobustError instead. A dataset with no usable subject always
-    raises.
+    Subjects with a missing file, an unusable age (or one outside ``age_range``) or no readable features are
+    recorded in `skipped`; with `strict=True` the first such subject raises MedrobustError instead. A dataset
+    with no usable subject always raises.
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise MedrobustError(f"{path}: dataset not found; pass a BIDS folder or a .csv/.tsv manifest")
     if path.is_dir():
-        index = _load_bids(path, strict)
+        index = _load_bids(path, strict, age_range)
         where = f"BIDS folder {path}"
     elif path.suffix.lower() in (".csv", ".tsv"):
-        index = _load_manifest(path, strict)
+        index = _load_manifest(path, strict, age_range)
         where = f"manifest {path}"
     else:
         raise MedrobustError(f"{path}: not a folder or a .csv/.tsv file; pass a BIDS folder or a manifest")
@@ -152,8 +155,9 @@ def _skip(skipped: list[SkippedSubject], subject_id: str, reason: str, source: P
     skipped.append(SkippedSubject(subject_id, reason))
 
 
-def parse_age(value: object) -> float:
-    """Read an age in years: `89+` is read as 89 (with a warning) and a decimal comma is accepted."""
+def parse_age(value: object, age_range: tuple[float, float] = AGE_RANGE) -> float:
+    """Read an age in years: `89+` is read as 89 (with a warning) and a decimal comma is accepted; an age outside
+    ``age_range`` (years, both ends included) is refused with that reason."""
     text = str(value).strip()
     if text.lower() in MISSING_VALUES:
         raise _Skip("age is missing (n/a)")
@@ -166,8 +170,12 @@ def parse_age(value: object) -> float:
         raise _Skip(f"age {value!r} is not a number") from None
     if not math.isfinite(age) or age < 0:
         raise _Skip(f"age {value!r} is not a non-negative number")
-    if age > MAX_AGE:  # a typo (300 for 30), months or days for years: not a human age in years
-        raise _Skip(f"age {value!r} is above {MAX_AGE:g} years (months or a typo?); fix it in the table")
+    low, high = age_range
+    if age > high:  # a typo (300 for 30), months or days for years: not a human age in years
+        raise _Skip(f"age {value!r} is above {high:g} years (months or a typo?); fix it in the table, or widen "
+                    f"the dataset's age_range")
+    if age < low:
+        raise _Skip(f"age {value!r} is below {low:g} years, outside the dataset's age_range")
     return age
 
 
@@ -240,7 +248,7 @@ def _read_label_names(path: Path) -> dict[int, str]:
     return names
 
 
-def _load_bids(root: Path, strict: bool) -> DatasetIndex:
+def _load_bids(root: Path, strict: bool, age_range: tuple[float, float]) -> DatasetIndex:
     participants_path = root / "participants.tsv"
     if not participants_path.is_file():
         raise MedrobustError(f"{participants_path}: missing; a BIDS dataset needs it, with an age column")
@@ -269,7 +277,7 @@ def _load_bids(root: Path, strict: bool) -> DatasetIndex:
             _skip(skipped, subject_id, reason, participants_path, strict)
             continue
         try:
-            age = parse_age(row["age"])
+            age = parse_age(row["age"], age_range)
         except _Skip as problem:
             _skip(skipped, subject_id, str(problem), participants_path, strict)
             continue
@@ -304,7 +312,7 @@ def _subject_from_path(path: str) -> str:
     return match.group(1) if match else stem.removesuffix("_T1w")
 
 
-def _load_manifest(manifest: Path, strict: bool) -> DatasetIndex:
+def _load_manifest(manifest: Path, strict: bool, age_range: tuple[float, float]) -> DatasetIndex:
     table = _read_table(manifest)
     columns = {name: _column(table, name) for name in _MANIFEST_COLUMNS}
     for required in ("image", "age"):
@@ -336,7 +344,7 @@ def _load_manifest(manifest: Path, strict: bool) -> DatasetIndex:
         try:
             if image is None:
                 raise _Skip(f"line {number}: no image path")
-            age = parse_age(row[columns["age"]])
+            age = parse_age(row[columns["age"]], age_range)
             paths = {"image": resolve(image), "dseg": resolve(cell(row, "dseg")),
                      "features": resolve(cell(row, "features"))}
             for name, file_path in paths.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -129,29 +130,54 @@ class PreparedDataset:
         )
 
 
+# The largest image read, per axis and in all: a header beyond them is damaged or not a brain MRI (the paper's grid
+# is 172x220x156 = 5.9 M voxels; a 0.5 mm whole-head scan about 400^3 = 64 M).
+MAX_AXIS = 1024
+MAX_VOXELS = 2**28
+
+
+def header_problem(image) -> str | None:
+    """What is wrong with an image's header (dimensions, voxel sizes, affine), read before any voxel, or None."""
+    shape = tuple(int(n) for n in image.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3 or min(shape) < 2:
+        return f"has shape {tuple(image.shape)}; a 3D volume is needed"
+    if max(shape) > MAX_AXIS or math.prod(shape) > MAX_VOXELS:
+        return (f"header claims {'x'.join(map(str, shape))} voxels (at most {MAX_AXIS} per axis and {MAX_VOXELS:,} in "
+                f"all are read); the header is damaged, or the image is not a brain MRI")
+    zooms = [float(z) for z in image.header.get_zooms()[:3]]
+    if not all(math.isfinite(z) and z > 0 for z in zooms):
+        return f"header has voxel sizes {zooms}; they must be finite and positive"
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        return "has an invalid affine (non-finite or singular); fix its header"
+    return None
+
+
 def _load_volume(path: Path, what: str) -> nib.Nifti1Image:
     """Read a NIfTI fully into memory as a finite float32 3D image, or raise SubjectError saying why."""
     try:
         image = nib.load(str(path))
-        # Reading the data now catches truncated or corrupt payloads that the header alone does not show.
-        data = image.get_fdata(dtype=np.float32)
-        affine = np.asarray(image.affine, dtype=np.float64)
     except FileNotFoundError:
         raise SubjectError(f"{path}: {what} file not found") from None
     except Exception as error:  # nibabel raises many unrelated types for damaged files
-        reason = f"{what} is not a readable NIfTI ({type(error).__name__}: {error})"
-        raise SubjectError(f"{path}: {reason}") from None
+        raise SubjectError(f"{path}: {what} is not a readable NIfTI ({type(error).__name__}: {error})") from None
+    problem = header_problem(image)
+    if problem:  # before a voxel is read: a header claiming 4000^3 voxels must not allocate them
+        raise SubjectError(f"{path}: {what} {problem}")
+    try:
+        # Reading the data now catches truncated or corrupt payloads that the header alone does not show.
+        data = image.get_fdata(dtype=np.float32)
+    except Exception as error:  # nibabel raises many unrelated types for damaged files
+        raise SubjectError(f"{path}: {what} is not a readable NIfTI ({type(error).__name__}: {error})") from None
     # A trailing singleton dimension (e.g. one volume of a 4D series) carries no extra data.
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
-    if data.ndim != 3 or min(data.shape) < 2:
-        raise SubjectError(f"{path}: {what} has shape {data.shape}; a 3D volume is needed")
-    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise SubjectError(f"{path}: {what} has an invalid affine (non-finite or singular); fix its header")
     bad = int(data.size - np.count_nonzero(np.isfinite(data)))
     if bad:
         raise SubjectError(f"{path}: {what} has {bad} NaN/Inf voxels; fix or remove the image")
-    return nib.Nifti1Image(data, affine)
+    return nib.Nifti1Image(data, np.asarray(image.affine, dtype=np.float64))
 
 
 def target_affine(

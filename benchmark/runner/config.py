@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from medrobust.attacks import Budget, attack_entrypoint, create_attack, list_attacks
+from medrobust.data.index import AGE_RANGE
 from medrobust.data.tables import FEATURE_FORMATS, FeatureSource
 from medrobust.errors import FieldError, MedrobustError
 from medrobust.models import list_models
@@ -77,6 +78,7 @@ class DatasetSpec:
     voxel_size: tuple[float, float, float] | None = None
     # Context features read by name (FreeSurfer stats, SynthSeg, a table of one's own) instead of the label maps.
     features: FeatureSource | None = None
+    age_range: tuple[float, float] = AGE_RANGE  # plausible ages (years): others are skipped with that reason
 
 
 
@@ -233,6 +235,16 @@ def _features(dataset: _Table) -> FeatureSource | None:
         entry.fail(str(err))
 
 
+def _age_range(dataset: _Table) -> tuple[float, float]:
+    values = dataset.take("age_range", "list", None)
+    if values is None:
+        return AGE_RANGE
+    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                   for v in values) or not 0 <= values[0] < values[1]:
+        dataset.fail(f"dataset.age_range must be [MIN, MAX] years with 0 <= MIN < MAX, got {values!r}")
+    return float(values[0]), float(values[1])
+
+
 def _dataset(table: _Table) -> DatasetSpec:
     entry = _Table(table.take("dataset", "table"), "dataset", table.source)
     builtin = entry.take("builtin", "bool", False)
@@ -245,7 +257,7 @@ def _dataset(table: _Table) -> DatasetSpec:
         cache_dir=Path(entry.take("cache_dir", "str")) if "cache_dir" in entry.data else None,
         fit_count=entry.take("fit_count", "int", None),
         strict=entry.take("strict", "bool", False), shape=_triple(entry, "shape", "int"),
-        voxel_size=_triple(entry, "voxel_size", "number"), features=_features(entry))
+        voxel_size=_triple(entry, "voxel_size", "number"), features=_features(entry), age_range=_age_range(entry))
     entry.done()
     if not builtin and not path.exists():
         entry.fail(f"dataset.path {str(path)!r} does not exist; set builtin = true to generate the built-in cohort "

@@ -126,7 +126,6 @@ def _run(config: RunConfig, store: ResultStore, devices: list[torch.device], pro
         out=config.out, store=store.path, cells=len(cells), skipped=len(cells) - len(pending), done=0,
         failed_before=0 if retry_failed or force else sum(1 for c in cells if statuses.get(c.id) == "failed")),
         echo)
-    run_id = store.start_run(config.raw, describe_environment(devices[0]))
     tasks = [CellTask(cell, config, root, sources[cell.model]) for cell in pending]
     names = {cell.id: cell.describe() for cell in cells}
     specs = {cell.id: cell.spec for cell in pending}
@@ -136,7 +135,9 @@ def _run(config: RunConfig, store: ResultStore, devices: list[torch.device], pro
         bar.set_postfix_str(f"{state['cell']}: {state['done']}/{state['of']} subjects, mean |deviation| so far "
                             f"{state['mean_abs_deviation']:.2f} y")
 
+    # The run is recorded once its executor stands: a run that could not start is no run that died.
     with make_executor(executor, loaded, devices, ray_address) as pool:
+        run_id = store.start_run(config.raw, describe_environment(devices[0]))
         for outcome in pool.map(tasks, on_batch if progress else None):
             store.write_cell(outcome.cell_id, run_id, specs[outcome.cell_id], outcome.metrics, outcome.rows,
                              outcome.seconds, outcome.status, outcome.error)

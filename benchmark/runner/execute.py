@@ -231,6 +231,7 @@ def compute_cell(task: CellTask, loaded: LoadedInputs, on_batch: Callable[[dict]
         fit_data = loaded.subjects(grid, fitting=True) if is_set_level(cell.attack.name) else None
         report = None if on_batch is None else (lambda state: on_batch({**state, "cell": cell.describe()}))
         collector = ExampleCollector()
+        fault_point("attacking")
         metrics, rows = run_cell(cell, model, loaded.subjects(grid), task.config, loaded.device, report,
                                  fit_data, cell.spec.get("cell_seed"), collector)
         metrics["model_card"] = model_card(model, record)

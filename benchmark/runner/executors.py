@@ -10,6 +10,7 @@ worker process) and returns the outcome; a task whose worker dies is retried a b
 from __future__ import annotations
 
 import queue
+import socket
 import threading
 from collections.abc import Callable, Iterator
 
@@ -133,12 +134,35 @@ class RayExecutor:
                     yield CellOutcome(task.cell.id, "failed", {}, [], 0.0, f"{type(err).__name__}: {err}")
 
 
+# How long `--ray-address` may take to answer before the run is refused (Ray's own join waits minutes).
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
 def check_executor(name: str, ray_address: str | None = None) -> None:
-    """Refuse an unknown executor, and a Ray address without the Ray executor, before anything runs."""
+    """Refuse an unknown executor, a Ray address without the Ray executor, a malformed one and one where nobody
+    listens (within ``RAY_CONNECT_TIMEOUT_S``), before anything runs or is recorded."""
     if name not in EXECUTORS:
         raise MedrobustError(f"executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
     if ray_address is not None and name != "ray":
         raise MedrobustError("--ray-address goes with --executor ray")
+    if ray_address is None or ray_address == "auto":
+        return
+    host, port = ray_endpoint(ray_address)
+    try:
+        socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise MedrobustError(f"--ray-address {ray_address}: nobody answers at {host}:{port} "
+                             f"({err.strerror or type(err).__name__}); start the cluster (`ray start --head`) or fix "
+                             f"the address") from None
+
+
+def ray_endpoint(address: str) -> tuple[str, int]:
+    """(host, port) of a Ray address ``[ray://]host:port``, or a MedrobustError saying what is wrong with it."""
+    rest = address.removeprefix("ray://")
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
+        raise MedrobustError(f"--ray-address {address!r} is not [ray://]HOST:PORT (e.g. 10.0.0.5:6379), nor 'auto'")
+    return host.strip("[]"), int(port)
 
 
 def make_executor(name: str, loaded: LoadedInputs, devices: list[torch.device], ray_address: str | None = None):

@@ -97,7 +97,7 @@ class LoadedInputs:
             cache = dataset.cache_dir or (None if dataset.builtin else self.config.out / "cache")
             index, _, prepared = load_prepared(self.root, shape, voxel_size, cache_dir=cache, strict=dataset.strict,
                                                progress=self.progress, normalization=normalization,
-                                               features=dataset.features, space=space)
+                                               features=dataset.features, space=space, age_range=dataset.age_range)
             self._prepared[grid] = (index, prepared)
         return self._prepared[grid]
 

@@ -78,7 +78,8 @@ def ensure_models(config: RunConfig, device: str, progress: bool = True,
     echo(f"training {', '.join(names)} on {config.dataset.path} (checkpoints into {config.models_dir})")
     request = TrainRequest(data=config.dataset.path, models=names, out=config.models_dir, config=config.training,
                            trained=built_from, split_seed=config.dataset.split_seed, device=device,
-                           strict=config.dataset.strict, progress=progress, features=config.dataset.features)
+                           strict=config.dataset.strict, progress=progress, features=config.dataset.features,
+                           age_range=config.dataset.age_range)
     for trained in train(request):
         echo(f"trained {trained.name}: clean test MAE {trained.test_metrics['mae']:.2f} y "
              f"({trained.seconds:.0f} s) -> {trained.checkpoint}")

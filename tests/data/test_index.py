@@ -188,3 +188,9 @@ def test_an_age_above_any_human_age_is_skipped_with_its_reason() -> None:
     assert parse_age("34,5") == 34.5 and parse_age(str(MAX_AGE)) == MAX_AGE
     with pytest.raises(Exception, match="is above 125 years"):
         parse_age("300")
+    # The range is the dataset's to set: a paediatric cohort refuses adults, and the ends are included.
+    assert parse_age("18", (2.0, 18.0)) == 18.0
+    with pytest.raises(Exception, match="is above 18 years"):
+        parse_age("19", (2.0, 18.0))
+    with pytest.raises(Exception, match="is below 2 years, outside the dataset's age_range"):
+        parse_age("1.5", (2.0, 18.0))

@@ -245,11 +245,28 @@ def test_corrupt_or_swapped_weights_are_named(tmp_path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(MedrobustError, match="model.safetensors"):
         load_checkpoint(tmp_path / "model")
-    # Without the checksum the safetensors reader itself must be caught and reported.
+    # Without the checksum the tamper check would be off: a sidecar that lost it is refused, not trusted.
     sidecar = json.loads((tmp_path / "model.json").read_text())
     del sidecar["weights_sha256"]
     (tmp_path / "model.json").write_text(json.dumps(sidecar))
-    with pytest.raises(MedrobustError, match="model.safetensors"):
+    with pytest.raises(MedrobustError, match=r"model\.json records no weights_sha256"):
+        load_checkpoint(tmp_path / "model")
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_an_edited_sidecar_is_refused(tmp_path, version: int) -> None:
+    # An edited voxel size would resample the data to a grid the model never saw: a silent wrong result.
+    save_checkpoint(tiny_model("cnn3d"), tmp_path / "model")
+    sidecar = json.loads((tmp_path / "model.json").read_text())
+    assert sidecar["format_version"] == 2 and len(sidecar["sidecar_sha256"]) == 64
+    load_checkpoint(tmp_path / "model")  # as written: loads
+    sidecar["voxel_size"] = [1.0, 1.0, 1.0]
+    if version == 1:  # a sidecar written before sidecars hashed themselves: its grid checked against the model's
+        sidecar["format_version"] = 1
+        del sidecar["sidecar_sha256"]
+    (tmp_path / "model.json").write_text(json.dumps(sidecar))
+    message = "was changed after it was written" if version == 2 else r"voxel_size \[1.0, 1.0, 1.0\] is not the model's"
+    with pytest.raises(MedrobustError, match=message):
         load_checkpoint(tmp_path / "model")
 
 

@@ -3,6 +3,7 @@ resources, the empty and the missing store, and (where a browser is installed) s
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -643,3 +644,19 @@ def test_a_label_a_spreadsheet_would_evaluate_reaches_the_csv_neutralised(tmp_pa
 
     export([tmp_path / "run"], tmp_path / "paper")
     assert "'@SUM(A1:A9)" in (tmp_path / "paper" / "samples.csv").read_text()
+
+
+def test_two_configs_sharing_a_run_folder_give_rows_a_reader_can_tell_apart(tmp_path: Path) -> None:
+    # Two configs with one out folder, both labelling their model "cnn3d": one attacked 8 subjects with one
+    # checkpoint, the other 8 with a retrained one. The page must not show two rows named alike.
+    with ResultStore(tmp_path) as store:
+        run = store.start_run(CONFIG, ENVIRONMENT)
+        for number, checkpoint in enumerate(("1a2b3c4d5e6f7a8b", "9f8e7d6c5b4a3f2e")):
+            spec, metrics, samples = _cell("cnn3d", "pgd", "linf", 1e-3, number)
+            store.write_cell(f"c{number}", run, {**spec, "checkpoint_sha256": checkpoint}, metrics, samples, 1.0)
+        spec, metrics, samples = _cell("hybrid", "pgd", "linf", 1e-3, 5)
+        store.write_cell("c9", run, spec, metrics, samples, 1.0)
+    write_report(tmp_path)
+    with (tmp_path / "results.csv").open() as handle:
+        labels = sorted(row["model"] for row in csv.DictReader(handle))
+    assert labels == ["cnn3d (checkpoint 1a2b3c4)", "cnn3d (checkpoint 9f8e7d6)", "hybrid"]

@@ -128,6 +128,12 @@ BAD = [
     ('seed = 1', 'seed = 1\nssim = "yes"', "ssim must be"),
     ('epsilon = [1e-3, 2e-3]', 'epsilon = []', "budgets[0].epsilon is an empty list"),
     ('seed = 1', 'seed = 1\ndevice = "tpu"', ": device 'tpu' is not a device"),
+    ('subjects = 24', 'subjects = 24\nage_range = [90, 18]', "dataset.age_range must be [MIN, MAX] years"),
+    ('subjects = 24', 'subjects = 24\nage_range = [0, "old"]', "dataset.age_range must be [MIN, MAX] years"),
+    ('subjects = 24', 'subjects = 24\nfeatures = { format = "fsl", path = "." }', "dataset.features.format must be"),
+    ('subjects = 24', 'subjects = 24\nfeatures = { format = "table", path = "nowhere.csv" }', "does not exist"),
+    ('subjects = 24', 'subjects = 24\nfeatures = { format = "table", path = ".", sheet = 1 }',
+     "unknown key 'dataset.features.sheet'"),
 ]
 
 
