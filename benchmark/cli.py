@@ -197,9 +197,11 @@ def data_check(dataset, shape, voxel_size, cache_dir, features, strict, quiet) -
               help="Read the context features by name: freesurfer:SUBJECTS_DIR (each subject's stats/aseg.stats), "
                    "synthseg:VOLUMES.csv, or table:FILE.csv (a subject id column and named columns).")
 @click.option("--strict", is_flag=True, help="Stop at the first bad subject instead of skipping it.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch's CPU threads (default: what torch picks).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_cmd(data_path, models, out, trained, epochs, batch_size, lr, weight_decay, loss, patience, seed, split_seed,
-              shape, voxel_size, device, cache_dir, features, strict, quiet) -> None:
+              shape, voxel_size, device, cache_dir, features, strict, threads, quiet) -> None:
     """Train brain-age models; writes checkpoints and prints clean test MAE, Pearson r and n."""
     from pathlib import Path
 
@@ -210,7 +212,8 @@ def train_cmd(data_path, models, out, trained, epochs, batch_size, lr, weight_de
     request = TrainRequest(
         data=Path(data_path), models=list(models), out=Path(out), config=config, shape=shape, voxel_size=voxel_size,
         trained=[Path(path) for path in trained], split_seed=split_seed, device=device,
-        cache_dir=Path(cache_dir) if cache_dir else None, strict=strict, progress=not quiet, features=features)
+        cache_dir=Path(cache_dir) if cache_dir else None, strict=strict, progress=not quiet, features=features,
+        threads=threads)
     for result in train(request):
         m = result.test_metrics
         click.echo(f"{result.name:14s} test MAE {m['mae']:6.2f} y  r {m['r']:.3f}  n {m['n']}  "
@@ -244,8 +247,11 @@ def _device(ctx: click.Context, param: click.Parameter, value: str | None) -> st
               "the matching ones), replacing their stored results.")
 @click.option("--only", default=None, metavar="PATTERN", help="Run only the cells whose description matches the "
               "shell pattern, e.g. 'cnn3d pgd linf *' (as the run's lines name them).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch's CPU threads; overrides the config's `threads` (default: what torch picks; on a CPU "
+                   "another process also uses, fewer threads than cores avoid oversubscription).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run_cmd(config_path, report, retry_failed, device, precision, executor, ray_address, force, only,
+def run_cmd(config_path, report, retry_failed, device, precision, executor, ray_address, force, only, threads,
             quiet) -> None:
     """Run the benchmark grid of a TOML config; results go to <out>/results.sqlite.
 
@@ -264,7 +270,8 @@ def run_cmd(config_path, report, retry_failed, device, precision, executor, ray_
     check_executor(executor, ray_address)
 
     config = load_config(config_path)
-    overrides = {key: value for key, value in (("device", device), ("precision", precision)) if value is not None}
+    overrides = {key: value for key, value in (("device", device), ("precision", precision), ("threads", threads))
+                 if value is not None}
     if overrides:  # the run's record (its config) says what ran
         config = dataclasses.replace(config, **overrides, raw={**config.raw, **overrides})
     summary = run(config, progress=not quiet, retry_failed=retry_failed, executor=executor, ray_address=ray_address,

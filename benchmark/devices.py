@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from medrobust.errors import MedrobustError
@@ -26,6 +29,24 @@ def resolve_devices(name: str) -> list[torch.device]:
     if name in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     return [resolve_device(name)]
+
+
+@contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to ``threads`` for the block (None: left as torch picked it), then restored.
+    On a CPU another process also uses, fewer threads than cores avoid the oversubscription that slows every
+    convolution down (docs/speed.md measures it)."""
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise MedrobustError(f"--threads must be at least 1, got {threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def deterministic_cuda() -> None:

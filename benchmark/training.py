@@ -20,7 +20,7 @@ from medrobust.data.features import FeatureScaler
 from medrobust.data.index import AGE_RANGE
 from medrobust.data.preprocess import PreparedDataset, Preprocessing
 from medrobust.data.splits import load_or_create_splits
-from medrobust.devices import resolve_device
+from medrobust.devices import cpu_threads, resolve_device
 from medrobust.errors import FieldError, MedrobustError
 from medrobust.models import (
     BrainAgeModel,
@@ -196,6 +196,7 @@ class TrainRequest:
     progress: bool = True
     features: FeatureSource | None = None  # context features read by name instead of from the label maps
     age_range: tuple[float, float] = AGE_RANGE  # plausible ages: others are skipped
+    threads: int | None = None  # torch's CPU threads while training; None: what torch picks
 
 
 @dataclass
@@ -211,7 +212,13 @@ class TrainedModel:
 
 def train(request: TrainRequest) -> list[TrainedModel]:
     """Train the requested models on one dataset and write their checkpoints and test predictions. Models come
-    after those they are built from; a model built from trained models works on their grid."""
+    after those they are built from; a model built from trained models works on their grid. With
+    ``request.threads``, torch uses that many CPU threads meanwhile."""
+    with cpu_threads(request.threads):
+        return _train(request)
+
+
+def _train(request: TrainRequest) -> list[TrainedModel]:
     request.config.validate()
     load_entry_points()  # installed plugins' models are trainable by name
     unknown = [m for m in request.models if m not in list_models()]

@@ -103,6 +103,7 @@ class RunConfig:
     extractor: str = "soft"  # how "recomputed" measures the volumes on an attacked image (medrobust.attacks.extractors)
     ssim: bool = True  # measure each attacked image's 3D SSIM (on a CPU about a fifth of a forward+backward pass)
     batch_size: int = 8
+    threads: int | None = None  # torch's CPU threads for the run and its training; None: what torch picks
     brain_mask: bool = False
     training: TrainingConfig = field(default_factory=TrainingConfig)
     plugins: list[str] = field(default_factory=list)  # modules or .py files imported first (medrobust.plugins)
@@ -416,12 +417,14 @@ def parse_config(data: dict, source: str = "config", models: list[ModelSpec] | N
         seed=table.take("seed", "int", 0), device=table.take("device", "str", "auto"),
         precision=table.take("precision", "str", "fp32"), extractor=table.take("extractor", "str", "soft"),
         ssim=table.take("ssim", "bool", True),
-        batch_size=table.take("batch_size", "int", 8),
+        batch_size=table.take("batch_size", "int", 8), threads=table.take("threads", "int", None),
         brain_mask=table.take("brain_mask", "bool", False),
         training=training, plugins=plugins, raw=data)
     table.done()
     if config.batch_size < 1:
         table.fail(f"batch_size must be at least 1, got {config.batch_size}")
+    if config.threads is not None and config.threads < 1:
+        table.fail(f"threads must be at least 1, got {config.threads}")
     if config.precision not in PRECISIONS:
         table.fail(f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
     if config.extractor not in EXTRACTORS:

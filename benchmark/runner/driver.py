@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from medrobust.devices import deterministic_cuda, resolve_devices
+from medrobust.devices import cpu_threads, deterministic_cuda, resolve_devices
 from medrobust.environment import describe_environment
 from medrobust.errors import MedrobustError
 from medrobust.faults import fault_point
@@ -86,6 +86,13 @@ def run(config: RunConfig, progress: bool = True, echo=tqdm.write, retry_failed:
     devices = resolve_devices(config.device)
     if devices[0].type == "cuda":
         deterministic_cuda()
+    with cpu_threads(config.threads):
+        return _open_and_run(config, progress, echo, retry_failed, executor, ray_address, force, only, devices, began)
+
+
+def _open_and_run(config: RunConfig, progress: bool, echo, retry_failed: bool, executor: str,
+                  ray_address: str | None, force: bool, only: str | None, devices: list[torch.device],
+                  began: float) -> RunSummary:
     try:
         config.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # inside a regular file, on a read-only file system, an existing file's name

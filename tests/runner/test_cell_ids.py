@@ -140,3 +140,16 @@ def test_one_model_under_two_labels_is_one_clear_error(tmp_path: Path, monkeypat
                                   'checkpoint = "models/cnn3d"\ntrain_if_missing = false\n')
     with pytest.raises(MedrobustError, match="models 'cnn3d' and 'copy' are the same model .*keep one"):
         plan(load_config("twice.toml"))
+
+
+def test_threads_set_torch_for_the_run_are_recorded_and_restored(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    shutil.copytree(FIXTURE, tmp_path / "fixture")
+    monkeypatch.chdir(tmp_path / "fixture")
+    Path("threads.toml").write_text("threads = 1\n" + Path("config.toml").read_text())
+    before = torch.get_num_threads()
+    summary = run(load_config("threads.toml"), progress=False, echo=lambda line: None)
+    assert summary.done > 0 and torch.get_num_threads() == before  # a notebook's setting is given back
+    with ResultStore(summary.out) as store:
+        assert store.runs()[-1]["environment"]["cpu_threads"] == 1
