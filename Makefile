@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export MALLOC_MMAP_THRESHOLD_ := 1073741824
 export MALLOC_TRIM_THRESHOLD_ := 1073741824
 
-.PHONY: venv test demo lint speed speed-attacks speed-runner speed-gpu accuracy clean
+.PHONY: venv test demo lint speed speed-attacks speed-runner speed-gpu accuracy accuracy-zoo clean
 
 venv: $(VENV)/.installed
 
@@ -66,3 +66,8 @@ clean:
 # Clean-accuracy table of docs/accuracy.md: 1000-subject cohort, four models, three training seeds.
 accuracy: venv
 	$(PY) scripts/docs/accuracy_table.py --n 1000 --seeds 0 1 2 --out runs/accuracy --markdown docs/accuracy.md
+
+# The zoo's rows (sfcn, MONAI's densenet121), cut to fit a CPU: one seed, 10 epochs, one torch thread.
+accuracy-zoo: venv
+	$(PY) scripts/docs/accuracy_table.py --models sfcn densenet121 --seeds 0 --epochs 10 --threads 1 \
+		--section zoo --out runs/accuracy --markdown docs/accuracy.md
