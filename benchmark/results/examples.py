@@ -13,8 +13,8 @@ import numpy as np
 from torch import Tensor
 
 from medrobust.files import atomic_write
+from medrobust.results.store import EXAMPLES_FOLDER
 
-EXAMPLES_FOLDER = "examples"
 VIEWS = ("axial", "coronal", "sagittal")
 
 

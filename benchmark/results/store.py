@@ -32,6 +32,7 @@ from medrobust.faults import fault_point
 
 STORE_FILENAME = "results.sqlite"
 LOCK_SUFFIX = ".lock"  # the writer's lock file: results.sqlite.lock
+EXAMPLES_FOLDER = "examples"  # beside the store: each cell's example slices, <cell id>.npz (results/examples.py)
 # 2: samples gained l0, psnr and ssim; 3: a cell's id no longer covers the model's label (older stores are migrated
 # in place on opening: columns added, cells re-keyed).
 SCHEMA_VERSION = 3
@@ -309,7 +310,7 @@ class ResultStore:
                 if int(row[0]) < 3:
                     renamed = self._rekey_cells()
             db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        folder = self.path.parent / "examples"  # the page's example slices are kept per cell id
+        folder = self.path.parent / EXAMPLES_FOLDER  # the page's example slices follow their cell's id
         for old, new in renamed.items():
             if (folder / f"{old}.npz").is_file():
                 os.replace(folder / f"{old}.npz", folder / f"{new}.npz")
@@ -320,7 +321,7 @@ class ResultStore:
         model collapse onto one id, the first cell written stays and the other goes. Returns old -> new ids."""
         db = self._db
         db.execute("PRAGMA defer_foreign_keys = ON")
-        taken = {cell_id for (cell_id,) in db.execute("SELECT id FROM cells")}
+        taken = {known for (known,) in db.execute("SELECT id FROM cells")}
         renamed = {}
         for old, text in db.execute("SELECT id, spec FROM cells ORDER BY rowid").fetchall():
             if _unreadable(text) or cell_id(json.loads(text), _NOT_IDENTITY_V2) != old:
