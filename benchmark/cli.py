@@ -247,12 +247,14 @@ def _device(ctx: click.Context, param: click.Parameter, value: str | None) -> st
               "the matching ones), replacing their stored results.")
 @click.option("--only", default=None, metavar="PATTERN", help="Run only the cells whose description matches the "
               "shell pattern, e.g. 'cnn3d pgd linf *' (as the run's lines name them).")
+@click.option("--retrain", is_flag=True, help="Train a missing model even where the config's `models_from` "
+              "holds a checkpoint trained on this dataset with these settings (the demo's shipped ones).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch's CPU threads; overrides the config's `threads` (default: what torch picks; on a CPU "
                    "another process also uses, fewer threads than cores avoid oversubscription).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run_cmd(config_path, report, retry_failed, device, precision, executor, ray_address, force, only, threads,
-            quiet) -> None:
+def run_cmd(config_path, report, retry_failed, device, precision, executor, ray_address, force, only, retrain,
+            threads, quiet) -> None:
     """Run the benchmark grid of a TOML config; results go to <out>/results.sqlite.
 
     Cells already done are skipped, so the same command resumes an interrupted or killed run; cells that failed
@@ -275,7 +277,7 @@ def run_cmd(config_path, report, retry_failed, device, precision, executor, ray_
     if overrides:  # the run's record (its config) says what ran
         config = dataclasses.replace(config, **overrides, raw={**config.raw, **overrides})
     summary = run(config, progress=not quiet, retry_failed=retry_failed, executor=executor, ray_address=ray_address,
-                  force=force, only=only)
+                  force=force, only=only, retrain=retrain)
     earlier = f" (and {summary.failed_before} failed earlier, skipped)" if summary.failed_before else ""
     click.echo(f"{summary.done} cells run, {summary.skipped - summary.failed_before} already finished, "
                f"{len(summary.failed)} failed{earlier}, {summary.unreliable} possibly unreliable "

@@ -104,6 +104,9 @@ class RunConfig:
     ssim: bool = True  # measure each attacked image's 3D SSIM (on a CPU about a fifth of a forward+backward pass)
     batch_size: int = 8
     threads: int | None = None  # torch's CPU threads for the run and its training; None: what torch picks
+    # Checkpoints trained elsewhere (the demo's, shipped): a missing default checkpoint is taken from here when
+    # it was trained on this very dataset with these training settings, instead of being trained.
+    models_from: Path | None = None
     brain_mask: bool = False
     training: TrainingConfig = field(default_factory=TrainingConfig)
     plugins: list[str] = field(default_factory=list)  # modules or .py files imported first (medrobust.plugins)
@@ -418,6 +421,7 @@ def parse_config(data: dict, source: str = "config", models: list[ModelSpec] | N
         precision=table.take("precision", "str", "fp32"), extractor=table.take("extractor", "str", "soft"),
         ssim=table.take("ssim", "bool", True),
         batch_size=table.take("batch_size", "int", 8), threads=table.take("threads", "int", None),
+        models_from=Path(table.take("models_from", "str")) if "models_from" in table.data else None,
         brain_mask=table.take("brain_mask", "bool", False),
         training=training, plugins=plugins, raw=data)
     table.done()

@@ -72,7 +72,7 @@ def _skipping(summary: RunSummary, echo) -> RunSummary:
 
 def run(config: RunConfig, progress: bool = True, echo=tqdm.write, retry_failed: bool = False,
         executor: str = "local", ray_address: str | None = None, force: bool = False,
-        only: str | None = None) -> RunSummary:
+        only: str | None = None, retrain: bool = False) -> RunSummary:
     """Run every pending cell of `config` and record it in `<out>/results.sqlite`.
 
     Pending: not in the store yet; cells recorded as failed only with ``retry_failed``; every cell with ``force``
@@ -80,19 +80,21 @@ def run(config: RunConfig, progress: bool = True, echo=tqdm.write, retry_failed:
     whose description (``cnn3d pgd linf eps=0.001 range older fixed``) matches it. ``executor``: ``local``
     (in this process; one cell per GPU when several are visible) or ``ray`` (a Ray cluster at ``ray_address``, or a
     local one): either way only this process writes the store, one transaction per finished cell, so a killed run
-    loses at most the cells in flight and the same command resumes it."""
+    loses at most the cells in flight and the same command resumes it. ``retrain``: train a missing checkpoint
+    even where the config's ``models_from`` holds one trained on this dataset with these settings."""
     began = time.perf_counter()
     check_executor(executor, ray_address)  # before anything is generated or trained
     devices = resolve_devices(config.device)
     if devices[0].type == "cuda":
         deterministic_cuda()
     with cpu_threads(config.threads):
-        return _open_and_run(config, progress, echo, retry_failed, executor, ray_address, force, only, devices, began)
+        return _open_and_run(config, progress, echo, retry_failed, executor, ray_address, force, only, retrain,
+                             devices, began)
 
 
 def _open_and_run(config: RunConfig, progress: bool, echo, retry_failed: bool, executor: str,
-                  ray_address: str | None, force: bool, only: str | None, devices: list[torch.device],
-                  began: float) -> RunSummary:
+                  ray_address: str | None, force: bool, only: str | None, retrain: bool,
+                  devices: list[torch.device], began: float) -> RunSummary:
     try:
         config.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # inside a regular file, on a read-only file system, an existing file's name
@@ -100,16 +102,18 @@ def _open_and_run(config: RunConfig, progress: bool, echo, retry_failed: bool, e
                              f"({err.strerror or err}); choose another out") from None
     # The store's writer lock first: a second run on this folder is refused before it generates or trains anything.
     with ResultStore(config.out, writer=True) as store:
-        summary = _run(config, store, devices, progress, echo, retry_failed, executor, ray_address, force, only)
+        summary = _run(config, store, devices, progress, echo, retry_failed, executor, ray_address, force, only,
+                       retrain)
     summary.seconds = time.perf_counter() - began
     return summary
 
 
 def _run(config: RunConfig, store: ResultStore, devices: list[torch.device], progress: bool, echo,
-         retry_failed: bool, executor: str, ray_address: str | None, force: bool, only: str | None) -> RunSummary:
+         retry_failed: bool, executor: str, ray_address: str | None, force: bool, only: str | None,
+         retrain: bool) -> RunSummary:
 
     root = ensure_dataset(config, progress)
-    sources = ensure_models(config, str(devices[0]), progress, echo)
+    sources = ensure_models(config, str(devices[0]), progress, echo, retrain)
     key = plan_key(config, root, sources, devices[0])
     finished = None if force or only else _finished_already(config, store, key, retry_failed, echo)
     if finished is not None:  # nothing to run: no models or subjects loaded, no run recorded

@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
 
 from medrobust.data.cohort import synthesize
+from medrobust.data.index import load_dataset_index
 from medrobust.errors import MedrobustError
+from medrobust.files import atomic_write
 from medrobust.models import model_requires, training_order
 from medrobust.models.checkpoint import checkpoint_paths
 from medrobust.models.sources import ModelSource
@@ -47,8 +52,37 @@ def ensure_dataset(config: RunConfig, progress: bool = True) -> Path:
     return config.dataset.path
 
 
+def adopt_checkpoint(config: RunConfig, name: str, target: Path, echo) -> bool:
+    """Copy ``<models_from>/<name>-seed<seed>`` to ``target`` when it was trained on this run's dataset (the same
+    content fingerprint and split seed) with this run's training settings; True when it was. A checkpoint
+    trained on anything else is left where it is, and the model is trained as usual."""
+    shipped = config.models_from / target.name
+    if not checkpoint_exists(shipped):
+        return False
+    try:
+        recorded = json.loads(checkpoint_paths(shipped)[1].read_text()).get("extra", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    dataset = config.dataset
+    fingerprint = load_dataset_index(dataset.path, features=dataset.features, age_range=dataset.age_range).fingerprint()
+    settings = asdict(config.training)
+    training = {key: value for key, value in recorded.get("training", {}).items() if key in settings}
+    trained_on = recorded.get("dataset", {})
+    same = (trained_on.get("fingerprint") == fingerprint and trained_on.get("split_seed") == dataset.split_seed
+            and training == settings)
+    if not same:
+        echo(f"{shipped}: trained on another dataset or with other settings; training {name} here")
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for source, copy in zip(checkpoint_paths(shipped), checkpoint_paths(target), strict=True):
+        atomic_write(copy, lambda path, source=source: shutil.copyfile(source, path))
+    echo(f"{name}: the shipped checkpoint {shipped} was trained on this dataset with these settings; using it "
+         f"(--retrain trains it here)")
+    return True
+
+
 def ensure_models(config: RunConfig, device: str, progress: bool = True,
-                  echo=tqdm.write) -> dict[str, ModelSource]:
+                  echo=tqdm.write, retrain: bool = False) -> dict[str, ModelSource]:
     """The source of every model by label, training the missing registered ones on the run's dataset (a model of
     one's own is never trained here). A model built from trained models (its declared ``requires``) is built
     from their checkpoints: the config's model of that name, else the default checkpoint, trained first when it
@@ -60,6 +94,10 @@ def ensure_models(config: RunConfig, device: str, progress: bool = True,
         if not checkpoint_exists(checkpoints[spec.label]) and not spec.train_if_missing:
             raise MedrobustError(f"{config.source}: model {spec.label!r} has no checkpoint at "
                                  f"{checkpoints[spec.label]} and train_if_missing = false")
+    if config.models_from is not None and not retrain:
+        for spec in registered:
+            if spec.checkpoint is None and not checkpoint_exists(checkpoints[spec.label]):
+                adopt_checkpoint(config, spec.name, checkpoints[spec.label], echo)
     pending = list(dict.fromkeys(spec.name for spec in registered if not checkpoint_exists(checkpoints[spec.label])))
     if not pending:
         return sources
