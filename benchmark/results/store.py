@@ -41,6 +41,7 @@ SCHEMA_VERSION = 3
 # (``model``) is a display name: a model renamed in its config keeps its cells, which are relabelled (`relabel`).
 NOT_IDENTITY = ("model", "checkpoint", "dataset", "device", "cell_seed")
 _NOT_IDENTITY_V2 = ("checkpoint", "dataset", "device", "cell_seed")  # what schema 2's ids left out
+_OUR_TABLES = {"meta", "runs", "cells", "samples", "reliability"}
 
 # Per-subject columns of the samples table, in order: the one list the writer and the reader use. A sample
 # without one of the nullable columns (l0, psnr, ssim) stores NULL there.
@@ -231,7 +232,10 @@ class ResultStore:
             self._refuse_foreign()  # before anything is written into the file
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
+            # The tables and a new store's version stamp in one transaction: a process killed while creating the
+            # store leaves none or all of it (an older store keeps its stamp: INSERT OR IGNORE, then migrated).
+            self._db.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nINSERT OR IGNORE INTO meta VALUES "
+                                   f"('schema_version', '{SCHEMA_VERSION}');\nCOMMIT;")
             self._check_schema()
         except sqlite3.DatabaseError as err:
             self.close()
@@ -276,6 +280,8 @@ class ResultStore:
             try:
                 if self._schema_version() is not None:
                     return
+                if set(tables) <= _OUR_TABLES and self._db.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 0:
+                    return  # our tables, empty and unstamped: a store whose creation an older medrobust did not finish
             except (sqlite3.DatabaseError, ValueError):
                 pass
         shown = ", ".join(tables[:6]) + (" ..." if len(tables) > 6 else "")

@@ -369,3 +369,17 @@ def test_a_damaged_cell_record_is_a_failed_cell_with_its_reason_not_an_unreadabl
     with ResultStore(tmp_path, create=False) as store:
         (failure,) = store.failures()
     assert failure["id"] == "bad" and "unreadable" in failure["error"] and failure["spec"] == {"model": "m"}
+
+
+def test_a_store_whose_creation_was_cut_short_opens_as_a_new_one(tmp_path):
+    # A run killed between creating the tables and stamping their version (an older medrobust did these in two
+    # steps; they are one transaction now) left our tables, empty and unstamped: ours, not another program's.
+    ResultStore(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "results.sqlite", isolation_level=None)
+    db.execute("DELETE FROM meta")
+    db.close()
+    with ResultStore(tmp_path) as store:
+        store.write_cell("c1", store.start_run({}, {}), {"model": "cnn3d"}, {"n": 2}, _samples(2), 1.0)
+    db = sqlite3.connect(tmp_path / "results.sqlite")
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+    db.close()
