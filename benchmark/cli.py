@@ -116,6 +116,13 @@ def _feature_source(ctx: click.Context, param: click.Parameter, value: str | Non
         raise click.BadParameter(str(err).replace("dataset.features.", "")) from None
 
 
+# `--features` of the commands that read a dataset (data check, train).
+_FEATURES_OPTION = click.option(
+    "--features", "features", default=None, metavar="FORMAT:PATH", callback=_feature_source,
+    help="Read the context features by name: freesurfer:SUBJECTS_DIR (each subject's stats/aseg.stats), "
+         "synthseg:VOLUMES.csv, or table:FILE.csv (a subject id column and named columns).")
+
+
 @data.command("synth")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/cohort", show_default=True,
               help="Folder for the BIDS dataset (created; must be new or hold the same cohort).")
@@ -143,9 +150,7 @@ def data_synth(out, n, seed, shape, voxel_size, age_range, quiet) -> None:
 @click.option("--voxel-size", callback=_triple(float), default=None, help="Model voxel size in mm.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Preprocessed-tensor cache; default: <dataset>/.medrobust_cache.")
-@click.option("--features", "features", default=None, metavar="FORMAT:PATH", callback=_feature_source,
-              help="Read the context features by name: freesurfer:SUBJECTS_DIR (each subject's stats/aseg.stats), "
-                   "synthseg:VOLUMES.csv, or table:FILE.csv (a subject id column and named columns).")
+@_FEATURES_OPTION
 @click.option("--strict", is_flag=True, help="Fail at the first bad subject instead of listing it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def data_check(dataset, shape, voxel_size, cache_dir, features, strict, quiet) -> None:
@@ -193,9 +198,7 @@ def data_check(dataset, shape, voxel_size, cache_dir, features, strict, quiet) -
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Preprocessed-tensor cache; default: <dataset>/.medrobust_cache.")
-@click.option("--features", "features", default=None, metavar="FORMAT:PATH", callback=_feature_source,
-              help="Read the context features by name: freesurfer:SUBJECTS_DIR (each subject's stats/aseg.stats), "
-                   "synthseg:VOLUMES.csv, or table:FILE.csv (a subject id column and named columns).")
+@_FEATURES_OPTION
 @click.option("--strict", is_flag=True, help="Stop at the first bad subject instead of skipping it.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch's CPU threads (default: what torch picks).")
