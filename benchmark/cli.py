@@ -272,7 +272,7 @@ def run_cmd(config_path, report, retry_failed, device, precision, executor, ray_
     from medrobust.runner.config import load_config
     from medrobust.runner.executors import check_executor
 
-    check_executor(executor, ray_address)
+    check_executor(executor, ray_address, probe=False)  # the options at once; run() probes the address
 
     config = load_config(config_path)
     overrides = {key: value for key, value in (("device", device), ("precision", precision), ("threads", threads))

@@ -40,7 +40,7 @@ def cpu_threads(threads: int | None) -> Iterator[None]:
         yield
         return
     if threads < 1:
-        raise MedrobustError(f"--threads must be at least 1, got {threads}")
+        raise MedrobustError(f"threads must be at least 1, got {threads}")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

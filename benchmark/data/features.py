@@ -12,8 +12,9 @@ import pandas as pd
 import torch
 
 from medrobust.data.index import SubjectError, SubjectRecord
+from medrobust.data.tables import feature_value
 from medrobust.errors import MedrobustError
-from medrobust.vocabulary import COVARIATE_NAMES, MISSING_VALUES, VOLUME_PREFIX
+from medrobust.vocabulary import COVARIATE_NAMES, VOLUME_PREFIX
 
 _SEX_VALUES = {"F": 0.0, "M": 1.0}
 
@@ -38,14 +39,10 @@ def _read_precomputed(path: Path) -> dict[str, float]:
         raise SubjectError(f"{path}: precomputed features need exactly one data row, found {len(table)}")
     values = {}
     for name, text in table.iloc[0].items():
-        text = str(text).strip()
-        if text.lower() in MISSING_VALUES:
-            values[str(name).strip()] = float("nan")
-            continue
         try:
-            values[str(name).strip()] = float(text.replace(",", "."))
+            values[str(name).strip()] = feature_value(text)
         except ValueError:
-            raise SubjectError(f"{path}: feature {name!r} = {text!r} is not a number") from None
+            raise SubjectError(f"{path}: feature {name!r} = {str(text).strip()!r} is not a number") from None
     return values
 
 

@@ -69,17 +69,23 @@ class FeatureSource:
         return sorted(path for name in self.stats for path in Path(self.path).glob(f"*/stats/{name}"))
 
 
-def _number(text: str, what: str) -> float:
+def feature_value(text: object) -> float:
+    """A feature's value as a table writes it: NaN where it is missing (``n/a``...), a decimal comma accepted;
+    ValueError for anything that is not a finite number."""
     text = str(text).strip()
     if text.lower() in MISSING_VALUES:
         return float("nan")
-    try:
-        value = float(text.replace(",", "."))
-    except ValueError:
-        raise FeatureRowError(f"{what} = {text!r} is not a number") from None
+    value = float(text.replace(",", "."))
     if math.isinf(value):
-        raise FeatureRowError(f"{what} = {text!r} is not finite")
+        raise ValueError(f"{text!r} is not finite")
     return value
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        return feature_value(text)
+    except ValueError:
+        raise FeatureRowError(f"{what} = {str(text).strip()!r} is not a number") from None
 
 
 def read_freesurfer_stats(path: Path) -> dict[str, float]:

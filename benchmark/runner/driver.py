@@ -87,21 +87,13 @@ def run(config: RunConfig, progress: bool = True, echo=tqdm.write, retry_failed:
     devices = resolve_devices(config.device)
     if devices[0].type == "cuda":
         deterministic_cuda()
-    with cpu_threads(config.threads):
-        return _open_and_run(config, progress, echo, retry_failed, executor, ray_address, force, only, retrain,
-                             devices, began)
-
-
-def _open_and_run(config: RunConfig, progress: bool, echo, retry_failed: bool, executor: str,
-                  ray_address: str | None, force: bool, only: str | None, retrain: bool,
-                  devices: list[torch.device], began: float) -> RunSummary:
     try:
         config.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # inside a regular file, on a read-only file system, an existing file's name
         raise MedrobustError(f"{config.source}: out = {str(config.out)!r} cannot be made a run folder "
                              f"({err.strerror or err}); choose another out") from None
     # The store's writer lock first: a second run on this folder is refused before it generates or trains anything.
-    with ResultStore(config.out, writer=True) as store:
+    with cpu_threads(config.threads), ResultStore(config.out, writer=True) as store:
         summary = _run(config, store, devices, progress, echo, retry_failed, executor, ray_address, force, only,
                        retrain)
     summary.seconds = time.perf_counter() - began

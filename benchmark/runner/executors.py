@@ -138,9 +138,9 @@ class RayExecutor:
 RAY_CONNECT_TIMEOUT_S = 10.0
 
 
-def check_executor(name: str, ray_address: str | None = None) -> None:
-    """Refuse an unknown executor, a Ray address without the Ray executor, a malformed one and one where nobody
-    listens (within ``RAY_CONNECT_TIMEOUT_S``), before anything runs or is recorded."""
+def check_executor(name: str, ray_address: str | None = None, probe: bool = True) -> None:
+    """Refuse an unknown executor, a Ray address without the Ray executor, a malformed one and, with ``probe``, one
+    where nobody listens (within ``RAY_CONNECT_TIMEOUT_S``), before anything runs or is recorded."""
     if name not in EXECUTORS:
         raise MedrobustError(f"executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
     if ray_address is not None and name != "ray":
@@ -148,6 +148,8 @@ def check_executor(name: str, ray_address: str | None = None) -> None:
     if ray_address is None or ray_address == "auto":
         return
     host, port = ray_endpoint(ray_address)
+    if not probe:
+        return
     try:
         socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_S).close()
     except OSError as err:
@@ -167,7 +169,7 @@ def ray_endpoint(address: str) -> tuple[str, int]:
 
 def make_executor(name: str, loaded: LoadedInputs, devices: list[torch.device], ray_address: str | None = None):
     """The executor ``name`` for a run whose driver loaded ``loaded`` on ``devices[0]``."""
-    check_executor(name, ray_address)
+    check_executor(name, ray_address, probe=False)  # run() probed the address before anything started
     if name == "ray":
         return RayExecutor(devices, ray_address)
     others = [LoadedInputs(loaded.config, loaded.root, device) for device in devices[1:]]

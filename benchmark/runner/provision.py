@@ -52,9 +52,9 @@ def ensure_dataset(config: RunConfig, progress: bool = True) -> Path:
     return config.dataset.path
 
 
-def adopt_checkpoint(config: RunConfig, name: str, target: Path, echo) -> bool:
+def adopt_checkpoint(config: RunConfig, name: str, target: Path, fingerprint: str, echo) -> bool:
     """Copy ``<models_from>/<name>-seed<seed>`` to ``target`` when it was trained on this run's dataset (the same
-    content fingerprint and split seed) with this run's training settings; True when it was. A checkpoint
+    content ``fingerprint`` and split seed) with this run's training settings; True when it was. A checkpoint
     trained on anything else is left where it is, and the model is trained as usual."""
     shipped = config.models_from / target.name
     if not checkpoint_exists(shipped):
@@ -64,7 +64,6 @@ def adopt_checkpoint(config: RunConfig, name: str, target: Path, echo) -> bool:
     except (OSError, ValueError, AttributeError):
         return False
     dataset = config.dataset
-    fingerprint = load_dataset_index(dataset.path, features=dataset.features, age_range=dataset.age_range).fingerprint()
     settings = asdict(config.training)
     training = {key: value for key, value in recorded.get("training", {}).items() if key in settings}
     trained_on = recorded.get("dataset", {})
@@ -94,10 +93,14 @@ def ensure_models(config: RunConfig, device: str, progress: bool = True,
         if not checkpoint_exists(checkpoints[spec.label]) and not spec.train_if_missing:
             raise MedrobustError(f"{config.source}: model {spec.label!r} has no checkpoint at "
                                  f"{checkpoints[spec.label]} and train_if_missing = false")
-    if config.models_from is not None and not retrain:
-        for spec in registered:
-            if spec.checkpoint is None and not checkpoint_exists(checkpoints[spec.label]):
-                adopt_checkpoint(config, spec.name, checkpoints[spec.label], echo)
+    missing = [spec for spec in registered
+               if spec.checkpoint is None and not checkpoint_exists(checkpoints[spec.label])]
+    if config.models_from is not None and not retrain and missing:
+        dataset = config.dataset  # its fingerprint, once for every model
+        fingerprint = load_dataset_index(dataset.path, features=dataset.features,
+                                         age_range=dataset.age_range).fingerprint()
+        for spec in missing:
+            adopt_checkpoint(config, spec.name, checkpoints[spec.label], fingerprint, echo)
     pending = list(dict.fromkeys(spec.name for spec in registered if not checkpoint_exists(checkpoints[spec.label])))
     if not pending:
         return sources
