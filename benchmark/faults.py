@@ -34,6 +34,8 @@ def fault_point(point: str) -> None:
     if name != point:
         return
     count, _, action = rest.partition(":")
+    if action and action not in ACTIONS:  # a misspelt test setting must not silently become a kill
+        raise ValueError(f"MEDROBUST_FAULT: action {action!r} is not one of {', '.join(ACTIONS)}")
     _reached[point] += 1
     if _reached[point] != int(count or 1):
         return
