@@ -30,7 +30,8 @@ from medrobust.attacks.objectives import objective_score
 from medrobust.attacks.threats import movable_features
 from medrobust.errors import MedrobustError
 from medrobust.models import create_model
-from medrobust.vocabulary import NORMS, OBJECTIVES, ROLES, SCOPES, THREAT_MODELS
+from medrobust.models.segmenter import Segmenter, create_segmenter
+from medrobust.vocabulary import NORMS, OBJECTIVES, ROLES, SCOPES, THREAT_MODELS, VOLUME_PREFIX, is_volume
 
 # Five pools take 32 to 1 per side: the smallest grid the paper's trunk accepts; few filters keep it fast.
 GRID = (32, 32, 32)
@@ -165,6 +166,24 @@ def soft_extractor(images: Tensor, features: Tensor, labels: Tensor):
     from medrobust.attacks.extractors import SoftVolumes
 
     return SoftVolumes(labels, CONTEXT_FEATURE_LABELS, CONTEXT_FEATURE_NAMES, images, features)
+
+
+def tiny_segmenter() -> Segmenter:
+    """A small ``seg_unet`` (random weights, eval mode) on ``GRID`` that segments the three regions of
+    ``CONTEXT_FEATURE_NAMES``: a segmenter extractor's network for the checks."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        regions = [name.removeprefix(VOLUME_PREFIX) for name in CONTEXT_FEATURE_NAMES if is_volume(name)]
+        segmenter = create_segmenter("seg_unet", input_shape=GRID, voxel_size=(6.0, 6.0, 6.0), region_names=regions,
+                                     filters=(2, 4))
+    return segmenter.requires_grad_(False).eval()
+
+
+def segmenter_extractor(images: Tensor, features: Tensor):
+    """The segmenter extractor (``tiny_segmenter``'s soft volumes) of a ``context_batch``."""
+    from medrobust.attacks.extractors import SegmenterVolumes
+
+    return SegmenterVolumes(tiny_segmenter(), CONTEXT_FEATURE_NAMES, images, features)
 
 
 def attack_class(attack: str | type[Attack]) -> type[Attack]:
@@ -403,18 +422,20 @@ def check_perturbed_moves_only_the_volumes_within_their_budget(attack: str | typ
 
 
 def check_recomputed_reports_the_features_measured_on_the_images(attack: str | type[Attack]) -> None:
-    """Under ``recomputed`` (for an attack that declares it): the features returned are the extractor's on the
-    images returned, and the prediction reported is the model's on both."""
+    """Under ``recomputed`` (for an attack that declares it), with the soft volumes over the label maps and with a
+    segmenter: the features returned are the extractor's on the images returned, and the prediction reported is
+    the model's on both."""
     if "recomputed" not in attack_class(attack).threat_models:
         return
-    built = _context_attack(attack, "recomputed")
     images, features, labels = labelled_batch()
-    extractor = soft_extractor(images, features, labels)
-    result = built(images, features, extractor=extractor)
-    with torch.no_grad():
-        measured = extractor(result.images)
-    assert torch.allclose(result.features, measured, rtol=1e-5, atol=1e-5), "features not measured on the images"
-    assert_prediction_is_the_models(built.model, result)
+    for extractor in (soft_extractor(images, features, labels), segmenter_extractor(images, features)):
+        built = _context_attack(attack, "recomputed")
+        result = built(images, features, extractor=extractor)
+        with torch.no_grad():
+            measured = extractor(result.images)
+        assert torch.allclose(result.features, measured, rtol=1e-5, atol=1e-5), \
+            f"features not measured on the images ({type(extractor).__name__})"
+        assert_prediction_is_the_models(built.model, result)
 
 
 def check_declared_facts(attack: str | type[Attack]) -> None:

@@ -11,6 +11,11 @@ voxel counts less too. The recomputed volume of a region is its clean volume tim
 does not, so its gradient is zero everywhere (what a gradient-masking defence looks like to an attacker).
 `StraightThrough` (BPDA, Athalye et al. 2018) gives such an extractor's exact values with a differentiable
 surrogate's gradient; `make_extractor` builds any of them by name, for a config key.
+
+`SegmenterVolumes` is the pipeline itself: a trained segmentation network (``medrobust.models.segmenter``)
+segments the attacked image afresh, so the attacker can fool the segmentation too; its volumes are the sums of
+the network's softmax probabilities per region (or, ``hard``, its argmax counts), and the gradient flows image ->
+segmenter -> volumes -> model.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import torch
 from torch import Tensor
 
 from medrobust.errors import MedrobustError
-from medrobust.vocabulary import EXTRACTORS
+from medrobust.models.segmenter import Segmenter
+from medrobust.vocabulary import EXTRACTORS, SEGMENTER_EXTRACTORS, VOLUME_PREFIX
 
 # Regions whose content is fluid, dark on T1: for them the probability is inverted.
 FLUID_WORDS = ("ventric", "csf", "cerebrospinal")
@@ -80,14 +86,8 @@ class RegionVolumes:
         return counts.scatter_add(1, self.index, probability)
 
     def __call__(self, images: Tensor) -> Tensor:
-        measured = self.counts(images)[:, self.columns]
-        clean = self.clean_counts[:, self.columns]
-        ratio = torch.where(clean > 0, measured / clean.clamp_min(1e-12), torch.ones_like(measured))
-        # A missing value (NaN: a field strength not recorded, a volume not measured) stays missing; it is kept
-        # out of the product, whose gradient would otherwise be NaN x 0 = NaN for every voxel.
-        known = self.regional & torch.isfinite(self.clean_features)
-        scaled = torch.where(known, self.clean_features, 0) * ratio
-        return torch.where(known, scaled, self.clean_features)
+        return rescaled(self.clean_features, self.regional, self.counts(images)[:, self.columns],
+                        self.clean_counts[:, self.columns])
 
     def to(self, device: torch.device | str) -> RegionVolumes:
         """This extractor with its tensors on ``device`` (itself when they are there already)."""
@@ -167,15 +167,91 @@ class StraightThrough:
         return StraightThrough(*parts)
 
 
+def rescaled(clean_features: Tensor, regional: Tensor, measured: Tensor, clean_measured: Tensor) -> Tensor:
+    """The features [B, F] of an attacked image: each regional one (``regional`` [F]) its clean value times the
+    ratio of what is measured on the attacked image to what is measured on the clean one (both [B, F]), so the
+    clean image gives the clean features exactly; the others (and a region measured as empty) keep their value."""
+    ratio = torch.where(clean_measured > 0, measured / clean_measured.clamp_min(1e-12), torch.ones_like(measured))
+    # A missing value (NaN: a field strength not recorded, a volume not measured) stays missing; it is kept out of
+    # the product, whose gradient would otherwise be NaN x 0 = NaN for every voxel.
+    known = regional & torch.isfinite(clean_features)
+    scaled = torch.where(known, clean_features, 0) * ratio
+    return torch.where(known, scaled, clean_features)
+
+
+class SegmenterVolumes:
+    """Callable ``extractor(images) -> features [B, F]``: the regional volumes a trained ``segmenter`` measures on
+    ``images``, each feature ``vol_<region>`` its clean value times the ratio of the segmenter's volume of the
+    region's class (the region itself, or the group that holds it) on the attacked image to that on the clean one:
+    the regions of one class move together. A model trained on the segmenter's own volumes (``vol_<class>``, as
+    ``medrobust segment`` writes them) gets exactly the segmenter's volumes. Features that name no region of the
+    segmenter (sex, field strength) keep their clean values.
+
+    ``hard``: the segmenter's argmax counts instead of its softmax sums; piecewise constant in the image, so its
+    gradient is zero (kept in the autograd graph as such); ``StraightThrough`` gives it the soft volumes' gradient.
+    """
+
+    def __init__(self, segmenter: Segmenter, feature_names: Sequence[str], clean_images: Tensor,
+                 clean_features: Tensor, hard: bool = False) -> None:
+        self.segmenter, self.hard = segmenter, hard
+        classes = [segmenter.class_of(name.removeprefix(VOLUME_PREFIX)) if name.startswith(VOLUME_PREFIX) else None
+                   for name in feature_names]
+        columns = [-1 if index is None else index for index in classes]
+        if all(column < 0 for column in columns):
+            raise MedrobustError(f"the segmenter {segmenter.meta.name} measures none of the context features (its "
+                                 f"classes {', '.join(segmenter.class_names[:4])}..., the features "
+                                 f"{', '.join(list(feature_names)[:4])}...): give the segmenter trained on this "
+                                 f"dataset's regions")
+        device = clean_images.device
+        self.regional = torch.tensor([column >= 0 for column in columns], device=device)
+        self.columns = torch.tensor([max(column, 0) for column in columns], device=device)
+        self.clean_features = clean_features
+        with torch.no_grad():
+            self.clean_volumes = self.volumes(clean_images)
+
+    def volumes(self, images: Tensor) -> Tensor:
+        """The segmenter's volume of each feature's region [B, F] (a non-regional feature's column is a
+        placeholder)."""
+        if not self.hard:
+            return self.segmenter.soft_volumes(images)[:, self.columns]
+        with torch.no_grad():
+            counts = self.segmenter.hard_volumes(images)[:, self.columns]
+        return counts + 0 * images.flatten(1)[:, :1]  # zero gradient, in the graph (as HardVolumes)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return rescaled(self.clean_features, self.regional, self.volumes(images), self.clean_volumes)
+
+    def to(self, device: torch.device | str) -> SegmenterVolumes:
+        """This extractor with its tensors (and segmenter) on ``device``."""
+        moved = copy.copy(self)
+        for key, value in vars(self).items():
+            if isinstance(value, (Tensor, torch.nn.Module)):
+                setattr(moved, key, value.to(device))
+        return moved
+
+
 # soft: differentiable soft volumes. hard: hard-threshold volumes alone (zero gradient: an attack through it
 # sees only the model's own image pathway). hard-bpda: hard-threshold values with the soft volumes' gradient.
+# segmenter, segmenter-hard, segmenter-hard-bpda: the same three with a trained segmenter's volumes.
 
 
-def make_extractor(name: str, labels: Tensor, feature_labels: Sequence[int | None], feature_names: Sequence[str],
-                   images: Tensor, features: Tensor) -> Callable[[Tensor], Tensor]:
+def make_extractor(name: str, labels: Tensor | None, feature_labels: Sequence[int | None],
+                   feature_names: Sequence[str], images: Tensor, features: Tensor,
+                   segmenter: Segmenter | None = None) -> Callable[[Tensor], Tensor]:
     """The extractor called ``name`` (see ``EXTRACTORS``) for one batch: its label maps [B, 1, ...] on the
     images' grid and device, each feature's label id (None: not a region), the feature names, the clean images
-    and clean features."""
+    and clean features; ``segmenter`` (on the images' device) for the segmenter extractors, which need no label
+    map."""
+    if name in SEGMENTER_EXTRACTORS:
+        if segmenter is None:
+            raise MedrobustError(f"extractor {name!r} needs a trained segmenter (the run's `segmenter` checkpoint)")
+        if name == "segmenter-hard-bpda":
+            return StraightThrough(SegmenterVolumes(segmenter, feature_names, images, features, hard=True),
+                                   SegmenterVolumes(segmenter, feature_names, images, features))
+        return SegmenterVolumes(segmenter, feature_names, images, features, hard=name == "segmenter-hard")
+    if labels is None:
+        raise MedrobustError(f"extractor {name!r} measures the volumes over each subject's label map, and this "
+                             f"batch has none")
     if name == "soft":
         return SoftVolumes(labels, feature_labels, feature_names, images, features)
     if name == "hard":

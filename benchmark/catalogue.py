@@ -7,12 +7,16 @@ from medrobust.errors import MedrobustError
 
 
 def describe(kind: str) -> list[dict]:
-    """The registered ``models`` or ``attacks`` (plugins included) as JSON-native records: name, the first
-    paragraph of the docstring, the parameters with their defaults; a model's ``requires``, an attack's norms,
-    threat models, role and scope (``medrobust list``)."""
+    """The registered ``models``, ``segmenters`` or ``attacks`` (plugins included) as JSON-native records: name,
+    the first paragraph of the docstring, the parameters with their defaults; a model's ``requires``, an attack's
+    norms, threat models, role and scope (``medrobust list``)."""
     import inspect
 
-    if kind == "models":
+    if kind == "segmenters":
+        from medrobust.models.segmenter import list_segmenters, segmenter_entrypoint
+
+        entries = {name: segmenter_entrypoint(name) for name in list_segmenters()}
+    elif kind == "models":
         from medrobust.models import list_models, model_entrypoint, model_requires
 
         entries = {name: model_entrypoint(name) for name in list_models()}
@@ -21,7 +25,7 @@ def describe(kind: str) -> list[dict]:
 
         entries = {name: attack_entrypoint(name) for name in list_attacks()}
     else:
-        raise MedrobustError(f"kind must be models or attacks, got {kind!r}")
+        raise MedrobustError(f"kind must be models, segmenters or attacks, got {kind!r}")
     described = []
     for name, entry in entries.items():
         doc = inspect.getdoc(entry) or ""
@@ -30,6 +34,8 @@ def describe(kind: str) -> list[dict]:
             parameters = list(inspect.signature(entry).parameters.values())
             item["requires"] = list(model_requires(name))
             item["needs"] = getattr(entry, "package", "") or None  # an optional package (MONAI's networks)
+        elif kind == "segmenters":
+            parameters = list(inspect.signature(entry).parameters.values())
         else:
             parameters = list(entry.argument_parameters().values())
             item.update(norms=list(entry.norms), threat_models=list(entry.threat_models), role=entry.role,

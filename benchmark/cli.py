@@ -173,8 +173,8 @@ def data_check(dataset, shape, voxel_size, cache_dir, features, strict, quiet) -
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True),
               help="A BIDS folder or a CSV/TSV manifest.")
 @click.option("--model", "models", multiple=True, default=("cnn3d",), show_default=True,
-              help="Registered model name; repeat to train several (a model built from another reuses the one trained "
-                   "here).")
+              help="Registered model (or segmenter, e.g. seg_unet) name; repeat to train several (a model built from "
+                   "another reuses the one trained here).")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/models", show_default=True,
               help="Folder for checkpoints (<model>-seed<seed>.safetensors + .json) and test predictions.")
 @click.option("--trained", "--trunk", "trained", multiple=True, type=click.Path(dir_okay=False),
@@ -218,9 +218,8 @@ def train_cmd(data_path, models, out, trained, epochs, batch_size, lr, weight_de
         cache_dir=Path(cache_dir) if cache_dir else None, strict=strict, progress=not quiet, features=features,
         threads=threads)
     for result in train(request):
-        m = result.test_metrics
-        click.echo(f"{result.name:14s} test MAE {m['mae']:6.2f} y  r {m['r']:.3f}  n {m['n']}  "
-                   f"(best epoch {result.best_epoch}, {result.seconds:.0f} s)  {result.checkpoint}")
+        click.echo(f"{result.name:14s} {result.summary}  (best epoch {result.best_epoch}, {result.seconds:.0f} s)  "
+                   f"{result.checkpoint}")
 
 
 def _device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -306,11 +305,11 @@ def _newer(page, store) -> bool:
 
 
 @main.command("list")
-@click.argument("kind", type=click.Choice(["models", "attacks"]))
+@click.argument("kind", type=click.Choice(["models", "segmenters", "attacks"]))
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of one line per entry.")
 def list_cmd(kind, as_json) -> None:
-    """The registered models or attacks (plugins included): name, description, parameters with their defaults;
-    for attacks also norms, threat models, role and scope."""
+    """The registered models, segmenters or attacks (plugins included): name, description, parameters with their
+    defaults; for attacks also norms, threat models, role and scope."""
     import json
 
     from medrobust.catalogue import describe
@@ -322,10 +321,35 @@ def list_cmd(kind, as_json) -> None:
     for item in described:
         extra = (f" [{', '.join(item['norms'])}; {', '.join(item['threat_models'])}; {item['role']}, "
                  f"{item['scope']}]") if kind == "attacks" else (
-            f" [built from {', '.join(item['requires'])}]" if item["requires"] else "")
+            f" [built from {', '.join(item['requires'])}]" if item.get("requires") else "")
         arguments = ", ".join(f"{k}={v!r}" for k, v in item["parameters"].items())
         click.echo(f"{item['name']}{extra}: {item['description']}")
         click.echo(f"    {arguments}")
+
+
+@main.command("segment")
+@click.option("--segmenter", "segmenter_path", required=True, type=click.Path(dir_okay=False),
+              help="Checkpoint of a trained segmenter (`medrobust train --model seg_unet`).")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True),
+              help="A BIDS folder or a CSV/TSV manifest.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="The table to write: participant_id and one vol_<region> column per region, in mL.")
+@click.option("--device", callback=_device, default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Preprocessed-tensor cache; default: <dataset>/.medrobust_cache.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def segment_cmd(segmenter_path, data_path, out, device, cache_dir, quiet) -> None:
+    """Measure every subject's regional volumes with a trained segmenter and write them as a features table, which
+    `--features table:FILE` (or [dataset.features]) gives to models trained and attacked on the segmenter's volumes;
+    where the subjects have label maps, print the segmenter's mean Dice on them."""
+    from pathlib import Path
+
+    from medrobust.segmentation import write_volumes
+
+    written, dice = write_volumes(Path(segmenter_path), Path(data_path), Path(out), device,
+                                  Path(cache_dir) if cache_dir else None, progress=not quiet)
+    click.echo(f"{written} subjects' volumes in {out}" + (f"; mean Dice {dice:.3f} on their label maps"
+                                                        if dice is not None else ""))
 
 
 @main.command("check-model")

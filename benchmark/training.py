@@ -32,7 +32,18 @@ from medrobust.models import (
     save_checkpoint,
     training_order,
 )
+from medrobust.models.segmenter import Segmenter, create_segmenter, list_segmenters, segmenter_entrypoint
 from medrobust.plugins import load_entry_points
+from medrobust.segmentation import (
+    class_lookup,
+    confusion_counts,
+    dice_from_counts,
+    evaluate_segmenter,
+    labelled_regions,
+    segmentation_loss,
+    targets,
+    write_regions,
+)
 from medrobust.settings import TrainingConfig
 from medrobust.vocabulary import is_volume
 
@@ -104,9 +115,6 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
 
     parameters = [p for p in model.parameters_to_train() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    # A fixed cosine decay, not one driven by the (small, noisy) validation split: a plateau scheduler halved the
-    # rate on noise and left the paper's CNN stuck in some seeds.
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     train_inputs = TrainingBatches(model, train, device, config.batch_size)
     fit_scalings(model, train_inputs)
     val_inputs = TrainingBatches(model, val, device, config.batch_size)
@@ -115,12 +123,7 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
     loss_fn: Callable[[Tensor, Tensor], Tensor] = (
         torch.nn.functional.l1_loss if config.loss == "l1" else torch.nn.functional.mse_loss)
 
-    best = TrainingResult(best_epoch=0, best_val_mae=math.inf)
-    best_state = copy.deepcopy(model.state_dict())
-    bar = tqdm(range(1, config.epochs + 1), desc=f"training {model.meta.name}", unit="epoch", disable=not progress)
-    stale = 0
-    for epoch in bar:
-        model.train()
+    def epoch_loss(epoch: int) -> float:
         total = torch.zeros((), device=device)
         for rows in _batches(len(train_inputs), config.batch_size, generator):
             if len(rows) < model.min_training_batch:  # a remnant too small for the model (batch norm): next epoch
@@ -132,24 +135,93 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
             loss.backward()
             optimizer.step()
             total += loss.detach() * len(rows)
-        model.eval()
-        val_mae = float(mae(predict(val_inputs, config.batch_size), val_inputs.ages))
-        train_loss = float(total) / len(train_inputs)
-        best.history.append({"epoch": epoch, "train_loss": train_loss, "val_mae": val_mae,
-                             "lr": optimizer.param_groups[0]["lr"]})
+        return float(total) / len(train_inputs)
+
+    def validate() -> float:
+        return float(mae(predict(val_inputs, config.batch_size), val_inputs.ages))
+
+    best_epoch, best_value, history = fit(model, optimizer, config, epoch_loss, validate, "val_mae", progress)
+    return TrainingResult(best_epoch, best_value, history, time.perf_counter() - start)
+
+
+def fit(module: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainingConfig,
+        epoch_loss: Callable[[int], float], validate: Callable[[], float], metric: str,
+        progress: bool = True) -> tuple[int, float, list[dict]]:
+    """The epoch loop of every trainer: ``epoch_loss(epoch)`` trains ``module`` one epoch (in train mode) and
+    returns its mean loss, ``validate()`` scores it on the validation split (in eval mode) as ``metric``: a
+    ``val_mae`` is minimized, anything else (``val_dice``) maximized. The rate follows a fixed cosine decay over
+    ``config.epochs`` (not one driven by the small, noisy validation split: a plateau scheduler halved the rate on
+    noise and left the paper's CNN stuck in some seeds); training stops after ``config.patience`` epochs without
+    improvement and ends with the best epoch's weights. Returns (best epoch, its validation score, history)."""
+    minimize = metric == "val_mae"
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    best_epoch, best_value, history, stale = 0, math.inf if minimize else -math.inf, [], 0
+    best_state = copy.deepcopy(module.state_dict())
+    bar = tqdm(range(1, config.epochs + 1), desc=f"training {module.meta.name}", unit="epoch", disable=not progress)
+    for epoch in bar:
+        module.train()
+        train_loss = epoch_loss(epoch)
+        module.eval()
+        value = validate()
+        history.append({"epoch": epoch, "train_loss": train_loss, metric: value,
+                        "lr": optimizer.param_groups[0]["lr"]})
         scheduler.step()
-        if val_mae < best.best_val_mae - 1e-4:
-            best.best_epoch, best.best_val_mae, stale = epoch, val_mae, 0
-            best_state = copy.deepcopy(model.state_dict())
+        if (value < best_value - 1e-4) if minimize else (value > best_value + 1e-4):
+            best_epoch, best_value, stale = epoch, value, 0
+            best_state = copy.deepcopy(module.state_dict())
         else:
             stale += 1
-        bar.set_postfix(loss=f"{train_loss:.3f}", val_mae=f"{val_mae:.2f}", best=f"{best.best_val_mae:.2f}")
+        bar.set_postfix(loss=f"{train_loss:.3f}", **{metric: f"{value:.3f}", "best": f"{best_value:.3f}"})
         if stale >= config.patience:
             break
-    model.load_state_dict(best_state)
-    model.eval()
-    best.seconds = time.perf_counter() - start
-    return best
+    module.load_state_dict(best_state)
+    module.eval()
+    return best_epoch, best_value, history
+
+
+def train_segmenter(segmenter: Segmenter, train: PreparedDataset, val: PreparedDataset, config: TrainingConfig,
+                    device: torch.device, progress: bool = True) -> dict:
+    """Train ``segmenter`` in place on ``train``'s label maps (``medrobust.segmentation.segmentation_loss``),
+    ending with its best-validation weights; returns the best epoch, its validation mean Dice, the per-epoch
+    history and the seconds taken. Adam without weight decay (the age models' L2 penalty is tuned for their dense
+    heads); ``config``'s rate, epochs, batch size, patience and seed."""
+    config.validate()
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    segmenter.to(device)
+    lookup, val_lookup = class_lookup(segmenter, train), class_lookup(segmenter, val)
+    n_classes = 1 + len(segmenter.class_names)
+    optimizer = torch.optim.Adam(segmenter.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def epoch_loss(epoch: int) -> float:
+        total, seen = torch.zeros((), device=device), 0
+        # an epoch of a segmenter takes minutes on a CPU: its batches have a bar of their own
+        for rows in tqdm(_batches(len(train.subject_ids), config.batch_size, generator), desc=f"epoch {epoch}",
+                         unit="batch", leave=False, disable=not progress):
+            if len(rows) < segmenter.min_training_batch:  # a remnant too small for batch norm: next epoch
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            logits = segmenter(train.images[rows].to(device))
+            loss = segmentation_loss(logits, targets(train, rows, lookup).to(device))
+            loss.backward()
+            optimizer.step()
+            total += loss.detach() * len(rows)
+            seen += len(rows)
+        return float(total) / max(seen, 1)
+
+    def validate() -> float:
+        counts = torch.zeros(n_classes, 3, dtype=torch.long)
+        with torch.no_grad():
+            for rows in _batches(len(val.subject_ids), config.batch_size):
+                predicted = segmenter(val.images[rows].to(device)).argmax(1).cpu()
+                counts += confusion_counts(predicted, targets(val, rows, val_lookup), n_classes)
+        dice = dice_from_counts(counts)[1:]
+        return float(dice[torch.isfinite(dice)].mean())
+
+    best_epoch, best_dice, history = fit(segmenter, optimizer, config, epoch_loss, validate, "val_dice", progress)
+    return {"best_epoch": best_epoch, "best_val_dice": best_dice, "history": history,
+            "seconds": round(time.perf_counter() - start, 2)}
 
 
 def predict(inputs: TrainingBatches, batch_size: int) -> Tensor:
@@ -201,13 +273,21 @@ class TrainRequest:
 
 @dataclass
 class TrainedModel:
-    """A trained model's checkpoint and clean test metrics."""
+    """A trained model's (or segmenter's) checkpoint and clean test metrics."""
 
     name: str
     checkpoint: Path
     test_metrics: dict
     best_epoch: int
     seconds: float
+
+    @property
+    def summary(self) -> str:
+        """The test metrics in a few words: MAE, r and n of a brain-age model; mean Dice and n of a segmenter."""
+        m = self.test_metrics
+        if "dice_mean" in m:
+            return f"test Dice {m['dice_mean']:.3f} (mean of {len(m['regions'])} regions)  n {m['n']}"
+        return f"test MAE {m['mae']:6.2f} y  r {m['r']:.3f}  n {m['n']}"
 
 
 def train(request: TrainRequest) -> list[TrainedModel]:
@@ -221,10 +301,12 @@ def train(request: TrainRequest) -> list[TrainedModel]:
 def _train(request: TrainRequest) -> list[TrainedModel]:
     request.config.validate()
     load_entry_points()  # installed plugins' models are trainable by name
-    unknown = [m for m in request.models if m not in list_models()]
+    segmenters = [m for m in dict.fromkeys(request.models) if m in list_segmenters()]
+    unknown = [m for m in request.models if m not in list_models() and m not in segmenters]
     if unknown:
-        raise FieldError("model", f"{unknown[0]!r} is not a registered model; known: {', '.join(list_models())}")
-    names = training_order(request.models)
+        raise FieldError("model", f"{unknown[0]!r} is not a registered model; known: "
+                                  f"{', '.join(list_models() + list_segmenters())}")
+    names = training_order([m for m in request.models if m not in segmenters])
     given = {}  # the trained models given as checkpoints, by registered name
     for path in request.trained:
         model = load_checkpoint(path)[0]
@@ -260,19 +342,33 @@ def _train(request: TrainRequest) -> list[TrainedModel]:
                                  f"the subjects label maps (derivatives/.../*_dseg) or volume columns, or train "
                                  f"only image models")
     request.out.mkdir(parents=True, exist_ok=True)
+    # the dataset as it was given (a relative path stays relative, so shipped checkpoints name no machine's folder)
+    dataset = {"path": str(request.data), "fingerprint": index.fingerprint(),
+               "split_seed": request.split_seed, "n": {k: len(v.subject_ids) for k, v in parts.items()}}
+    results = []
+    for name in segmenters:
+        torch.manual_seed(request.config.seed)
+        segmenter = create_segmenter(name, **_architecture(segmenter_entrypoint(name), preprocessing,
+                                                           region_names=labelled_regions(data)))
+        outcome = train_segmenter(segmenter, parts["train"], parts["val"], request.config, device, request.progress)
+        metrics = evaluate_segmenter(segmenter, parts["test"], device, request.config.batch_size)
+        stem = request.out / f"{name}-seed{request.config.seed}"
+        extra = {"dataset": dataset, "training": {**asdict(request.config), "device": str(device), **outcome},
+                 "test_metrics": metrics}
+        checkpoint = save_checkpoint(segmenter.cpu(), stem, extra)
+        write_regions(stem.with_suffix(".regions.tsv"), metrics)
+        results.append(TrainedModel(name, checkpoint, metrics, outcome["best_epoch"], outcome["seconds"]))
     trained = {name: model for name, (model, _) in given.items()}
     sources = {name: source for name, (_, source) in given.items()}
-    results = []
     for name in names:
         torch.manual_seed(request.config.seed)
-        model = create_from_trained(name, trained, **_architecture(name, preprocessing, data.feature_names))
+        model = create_from_trained(name, trained, **_architecture(model_entrypoint(name), preprocessing,
+                                                                   feature_names=data.feature_names))
         outcome = train_model(model, parts["train"], parts["val"], request.config, device, request.progress)
         metrics, predicted = evaluate(model, parts["test"], device, request.config.batch_size)
         stem = request.out / f"{name}-seed{request.config.seed}"
         extra = {
-            "dataset": {"path": str(Path(request.data).resolve()), "fingerprint": index.fingerprint(),
-                        "split_seed": request.split_seed,
-                        "n": {k: len(v.subject_ids) for k, v in parts.items()}},
+            "dataset": dataset,
             "training": {**asdict(request.config), "device": str(device), "best_epoch": outcome.best_epoch,
                          "best_val_mae": outcome.best_val_mae, "seconds": round(outcome.seconds, 2),
                          "history": outcome.history},
@@ -287,11 +383,12 @@ def _train(request: TrainRequest) -> list[TrainedModel]:
     return results
 
 
-def _architecture(name: str, preprocessing: Preprocessing, feature_names: list[str]) -> dict:
-    """Constructor arguments of a registered model on the dataset's grid and features."""
-    accepted = inspect.signature(model_entrypoint(name)).parameters
+def _architecture(factory: Callable, preprocessing: Preprocessing, **named) -> dict:
+    """Constructor arguments of a registered model's (or segmenter's) ``factory`` on the dataset's grid, and those
+    of ``named`` (its feature or region names) that it takes."""
+    accepted = inspect.signature(factory).parameters
     kwargs = {"input_shape": preprocessing.shape, "voxel_size": preprocessing.voxel_size,
-              "normalization": preprocessing.normalization, "feature_names": feature_names}
+              "normalization": preprocessing.normalization, **named}
     return {k: v for k, v in kwargs.items() if k in accepted}
 
 

@@ -15,8 +15,13 @@ OBJECTIVES = ("older", "younger", "deviation", "target", "error")
 # setting). perturbed: the attacker also moves each regional volume within its own relative budget, jointly with
 # the image. recomputed: the features follow from the attacked image through a feature extractor.
 THREAT_MODELS = ("fixed", "perturbed", "recomputed")
-# How the threat model `recomputed` measures the regional volumes of an attacked image (medrobust.attacks.extractors).
-EXTRACTORS = ("soft", "hard", "hard-bpda")
+# How the threat model `recomputed` measures the regional volumes of an attacked image (medrobust.attacks.extractors):
+# over each subject's label map (soft, hard, hard-bpda), or by a trained segmenter that segments the attacked image
+# afresh (segmenter, segmenter-hard, segmenter-hard-bpda; the run's `segmenter` checkpoint).
+LABEL_MAP_EXTRACTORS = ("soft", "hard", "hard-bpda")
+SEGMENTER_EXTRACTORS = ("segmenter", "segmenter-hard", "segmenter-hard-bpda")
+EXTRACTORS = LABEL_MAP_EXTRACTORS + SEGMENTER_EXTRACTORS
+DEFAULT_EXTRACTOR = "soft"
 # fp32; or the model's passes under torch.autocast in bfloat16 or float16 (the attack's iterates stay fp32).
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Where a run's cells are computed (medrobust.runner.executors).

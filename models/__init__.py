@@ -5,7 +5,7 @@ Importing this package registers every built-in model:
 (built only where MONAI is installed).
 """
 
-from medrobust.models import cnn3d, features_mlp, hybrid, monai_nets, sfcn  # noqa: F401  (registers the built-ins)
+from medrobust.models import cnn3d, features_mlp, hybrid, monai_nets, segmenter, sfcn  # noqa: F401  (registers the built-ins)
 from medrobust.models._registry import (
     create_from_trained,
     create_model,

@@ -89,6 +89,21 @@ def as_feature_names(feature_names: Sequence[str] | None) -> list[str]:
     return names
 
 
+def check_grid_image(meta: ModelMeta, image: Tensor | None) -> Tensor:
+    """``image`` when it is a float [B, 1, *meta.input_shape] tensor; a clear error naming the model otherwise."""
+    grid = tuple(meta.input_shape)
+    if image is None:
+        raise MedrobustError(f"model '{meta.name}' needs an image [B, 1, X, Y, Z] on grid {grid}")
+    if not image.is_floating_point():
+        raise MedrobustError(f"model '{meta.name}' needs a float image, got {image.dtype}")
+    if image.dim() != 5 or image.shape[1] != 1 or tuple(image.shape[2:]) != grid:
+        raise MedrobustError(
+            f"model '{meta.name}' expects images on the grid {grid} as [B, 1, {grid[0]}, {grid[1]}, "
+            f"{grid[2]}], got {list(image.shape)}; resample the data to the model's grid"
+        )
+    return image
+
+
 def init_he(module: nn.Module) -> None:
     """Kaiming (He) init for every conv/linear layer, bias 0.
 
@@ -124,6 +139,8 @@ class BrainAgeModel(nn.Module):
     """
 
     meta: ModelMeta
+    # What a checkpoint of it holds (``medrobust.models.checkpoint.KINDS``): a brain-age model.
+    kind: ClassVar[str] = "model"
     # The smallest training batch the model can take (2 where batch norm meets a 1-voxel map); training skips a
     # smaller remnant batch of an epoch (the order is reshuffled every epoch).
     min_training_batch: ClassVar[int] = 1
@@ -167,17 +184,7 @@ class BrainAgeModel(nn.Module):
 
     def check_image(self, image: Tensor | None) -> Tensor:
         """Raise a clear error unless ``image`` is a float [B, 1, *input_shape] tensor."""
-        grid = tuple(self.meta.input_shape)
-        if image is None:
-            raise MedrobustError(f"model '{self.meta.name}' needs an image [B, 1, X, Y, Z] on grid {grid}")
-        if not image.is_floating_point():
-            raise MedrobustError(f"model '{self.meta.name}' needs a float image, got {image.dtype}")
-        if image.dim() != 5 or image.shape[1] != 1 or tuple(image.shape[2:]) != grid:
-            raise MedrobustError(
-                f"model '{self.meta.name}' expects images on the grid {grid} as [B, 1, {grid[0]}, {grid[1]}, "
-                f"{grid[2]}], got {list(image.shape)}; resample the data to the model's grid"
-            )
-        return image
+        return check_grid_image(self.meta, image)
 
     def standardize_features(self, features: Tensor | None) -> Tensor:
         """(raw - mean) / std per feature; missing values (NaN) become 0, i.e. the training mean."""

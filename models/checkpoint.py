@@ -21,12 +21,16 @@ from medrobust.errors import MedrobustError
 from medrobust.files import atomic_write, file_sha256
 from medrobust.models._registry import create_model, list_models
 from medrobust.models.base import BrainAgeModel
+from medrobust.models.segmenter import Segmenter, create_segmenter, list_segmenters
 
 FORMAT = "medrobust-checkpoint"
 # 2: the sidecar records the hash of its own content (``sidecar_sha256``); version 1 sidecars (no such hash) are
 # still read, their weights hash required and their grid checked against the architecture they rebuild.
 FORMAT_VERSION = 2
 _SUFFIXES = (".safetensors", ".json")
+# What a checkpoint holds (its sidecar's ``kind``; absent: a brain-age model): the registry that rebuilds it.
+KINDS = {"model": (list_models, create_model), "segmenter": (list_segmenters, create_segmenter)}
+_KIND_WORDS = {"model": "brain-age model", "segmenter": "segmenter"}
 
 
 def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -37,7 +41,7 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
-def save_checkpoint(model: BrainAgeModel, path: str | os.PathLike, extra: dict | None = None) -> Path:
+def save_checkpoint(model: BrainAgeModel | Segmenter, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write ``<path>.safetensors`` (state dict incl. buffers) and the ``<path>.json`` sidecar.
 
     ``extra`` (JSON-able: dataset fingerprint, clean metrics, training parameters) is stored as is.
@@ -49,6 +53,7 @@ def save_checkpoint(model: BrainAgeModel, path: str | os.PathLike, extra: dict |
     sidecar = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "kind": model.kind,
         "model": {"name": meta.name, "kwargs": meta.kwargs},
         "meta": dataclasses.asdict(meta),
         "input_shape": list(meta.input_shape),
@@ -60,7 +65,8 @@ def save_checkpoint(model: BrainAgeModel, path: str | os.PathLike, extra: dict |
             if meta.uses_features
             else None
         ),
-        "target_scaling": {"mean": state["age_mean"].item(), "std": state["age_std"].item()},
+        "target_scaling": ({"mean": state["age_mean"].item(), "std": state["age_std"].item()}
+                           if "age_mean" in state else None),
         "versions": {
             "medrobust": medrobust.__version__,
             "torch": torch.__version__,
@@ -111,9 +117,11 @@ def _check_meta(model: BrainAgeModel, sidecar: dict, sidecar_path: Path) -> None
 
 
 def load_checkpoint(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
+    path: str | os.PathLike, device: str | torch.device = "cpu", kind: str = "model"
 ) -> tuple[BrainAgeModel, dict]:
-    """Rebuild a model from its checkpoint (stem or either file): returns (model in eval mode, sidecar)."""
+    """Rebuild a model from its checkpoint (stem or either file): returns (model in eval mode, sidecar).
+    ``kind``: what the caller wants, a brain-age ``model`` or a ``segmenter``; a checkpoint of another kind is
+    refused."""
     weights_path, sidecar_path = checkpoint_paths(path)
     for file in (sidecar_path, weights_path):
         if not file.is_file():
@@ -128,10 +136,15 @@ def load_checkpoint(
             f"checkpoint sidecar {sidecar_path} is format {sidecar.get('format')!r} version "
             f"{sidecar.get('format_version')!r}; this medrobust reads {FORMAT!r} up to {FORMAT_VERSION}"
         )
-    if name not in list_models():
+    stored = sidecar.get("kind", "model")
+    if stored != kind:
+        said, wanted = _KIND_WORDS.get(stored, str(stored)), _KIND_WORDS[kind]
+        raise MedrobustError(f"checkpoint {weights_path} holds a {said}, not a {wanted}; give a {wanted}'s checkpoint")
+    names, create = KINDS[kind]
+    if name not in names():
         raise MedrobustError(
-            f"checkpoint sidecar {sidecar_path} names unknown model '{name}'; "
-            f"known: {', '.join(list_models())}"
+            f"checkpoint sidecar {sidecar_path} names unknown {kind} '{name}'; "
+            f"known: {', '.join(names())}"
         )
     _check_sidecar(sidecar, sidecar_path)
     if file_sha256(weights_path) != sidecar["weights_sha256"]:
@@ -146,7 +159,7 @@ def load_checkpoint(
     # Rebuilding runs the random init once; fork the RNG so loading never shifts the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         try:
-            model = create_model(name, **kwargs)
+            model = create(name, **kwargs)
         except (TypeError, MedrobustError) as err:
             raise MedrobustError(f"checkpoint sidecar {sidecar_path}: cannot rebuild {name}: {err}") from err
     try:

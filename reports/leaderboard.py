@@ -26,7 +26,7 @@ from medrobust.results.examples import VIEWS, read_examples
 from medrobust.results.metrics import OBJECTIVE_STRENGTH
 from medrobust.results.reliability import CHECKS, declared_roles
 from medrobust.results.store import STORE_FILENAME, ResultStore
-from medrobust.vocabulary import AGE_BIN_KEYS, AGE_BIN_LABELS, NORMS, THREAT_MODELS
+from medrobust.vocabulary import AGE_BIN_KEYS, AGE_BIN_LABELS, DEFAULT_EXTRACTOR, NORMS, THREAT_MODELS
 
 PAGE_FILENAME = "leaderboard.html"
 FIGURE_FILENAME = "deviation_vs_epsilon.png"
@@ -139,6 +139,9 @@ def leaderboard_table(cells: pd.DataFrame, source: str | Path = STORE_FILENAME) 
     absent = [key for key in REQUIRED_SPEC if key not in done]
     if absent:
         raise MedrobustError(f"{source}: its cells have no {absent[0]!r} field; was it written by `medrobust run`?")
+    if "extractor" in done:  # a `recomputed` cell says how its features were measured, unless by the default
+        named = done["extractor"].notna() & (done["extractor"] != DEFAULT_EXTRACTOR)
+        done.loc[named, "threat_model"] = done.loc[named, "threat_model"] + " (" + done.loc[named, "extractor"] + ")"
     done = done.sort_values([key for key in SORT_ORDER if key in done], kind="stable", ignore_index=True,
                             key=_sort_key)
     counts = [key for key in COUNT_FIELDS if key in done and done[key].notna().all()]

@@ -51,8 +51,10 @@ CHECKS = {
 }
 # Gradient attacks: the ones the black-box check holds to a black-box attack's result.
 GRADIENT_ROLES = ("one-step", "iterative")
-# What must match for two cells to be compared: the same model, data, objective and threat model.
-_SETTING = ("model", "checkpoint_sha256", "data_fingerprint", "subjects_sha256", "objective", "threat_model")
+# What must match for two cells to be compared: the same model, data, objective and threat model (with the same
+# extractor and segmenter under `recomputed`).
+_SETTING = ("model", "checkpoint_sha256", "data_fingerprint", "subjects_sha256", "objective", "threat_model",
+            "extractor", "segmenter_sha256")
 _BUDGET = ("norm", "unit", "epsilon")
 
 
@@ -156,6 +158,9 @@ def reliability_flags(cells: pd.DataFrame, roles: dict[str, tuple[str, str]] | N
     done["strength"] = [OBJECTIVE_STRENGTH[row["objective"]][1] * row[OBJECTIVE_STRENGTH[row["objective"]][0]]
                         for _, row in done.iterrows()]
     done["attack_config"] = done["params"].map(_attack_config)
+    for key in _SETTING:  # a store whose cells never set a key (no `recomputed` cell: no extractor) groups as one
+        if key not in done:
+            done[key] = None
 
     done["role"] = done["attack"].map(role)
     for _, group in done.groupby(list(_SETTING + _BUDGET), dropna=False):

@@ -31,6 +31,7 @@ class Cell:
     budget: Budget
     objective: str
     threat_model: str
+    extractor: str | None = None  # how `recomputed` measures the features (medrobust.attacks.extractors)
     spec: dict = field(default_factory=dict)
 
     @property
@@ -46,7 +47,8 @@ class Cell:
 
     def describe(self) -> str:
         return describe_spec({"model": self.model, "attack": self.attack.name, **self.budget.as_dict(),
-                              "objective": self.objective, "threat_model": self.threat_model})
+                              "objective": self.objective, "threat_model": self.threat_model,
+                              "extractor": self.extractor})
 
 
 def is_set_level(attack_name: str) -> bool:
@@ -70,12 +72,14 @@ def expand_cells(config: RunConfig, base_spec: dict[str, dict], uses_features: d
             for budget in budgets:
                 for objective in config.objectives:
                     for threat_model in threat_models:
-                        cell = Cell(spec.label, attack, budget, objective, threat_model)
-                        cell.spec = {**base_spec[spec.label], "attack": attack.name, **budget.as_dict(),
-                                     "objective": objective, "threat_model": threat_model}
-                        if threat_model == "recomputed":  # how the features are measured on the attacked image
-                            cell.spec["extractor"] = config.extractor
-                        cells.append(cell)
+                        # how the features are measured on the attacked image: one cell per extractor
+                        for extractor in config.extractors if threat_model == "recomputed" else [None]:
+                            cell = Cell(spec.label, attack, budget, objective, threat_model, extractor)
+                            cell.spec = {**base_spec[spec.label], "attack": attack.name, **budget.as_dict(),
+                                         "objective": objective, "threat_model": threat_model}
+                            if extractor is not None:
+                                cell.spec["extractor"] = extractor
+                            cells.append(cell)
     return cells
 
 

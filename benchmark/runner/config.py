@@ -26,7 +26,15 @@ from medrobust.models.checkpoint import checkpoint_paths
 from medrobust.models.sources import ModelSource
 from medrobust.plugins import import_plugins
 from medrobust.settings import CohortSpec, TrainingConfig
-from medrobust.vocabulary import EXTRACTORS, OBJECTIVES, PRECISIONS, SPLITS, THREAT_MODELS
+from medrobust.vocabulary import (
+    DEFAULT_EXTRACTOR,
+    EXTRACTORS,
+    OBJECTIVES,
+    PRECISIONS,
+    SEGMENTER_EXTRACTORS,
+    SPLITS,
+    THREAT_MODELS,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -100,7 +108,9 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"  # fp32, or bf16/fp16 autocast (checked against fp32 on each cell's first batch)
-    extractor: str = "soft"  # how "recomputed" measures the volumes on an attacked image (medrobust.attacks.extractors)
+    # How "recomputed" measures the volumes on an attacked image (medrobust.attacks.extractors): each one its cells.
+    extractors: list[str] = field(default_factory=lambda: [DEFAULT_EXTRACTOR])
+    segmenter: Path | None = None  # the segmenter checkpoint of the segmenter extractors
     ssim: bool = True  # measure each attacked image's 3D SSIM (on a CPU about a fifth of a forward+backward pass)
     batch_size: int = 8
     threads: int | None = None  # torch's CPU threads for the run and its training; None: what torch picks
@@ -418,7 +428,10 @@ def parse_config(data: dict, source: str = "config", models: list[ModelSpec] | N
         budgets=_budgets(budgets_raw, "budgets", table) if budgets_raw is not None else [],
         objectives=objectives, threat_models=threat_models, target_age=target_age,
         seed=table.take("seed", "int", 0), device=table.take("device", "str", "auto"),
-        precision=table.take("precision", "str", "fp32"), extractor=table.take("extractor", "str", "soft"),
+        precision=table.take("precision", "str", "fp32"),
+        extractors=[_choice(e, EXTRACTORS, "extractor", table)
+                    for e in table.take_list("extractor", "str", DEFAULT_EXTRACTOR)],
+        segmenter=Path(table.take("segmenter", "str")) if "segmenter" in table.data else None,
         ssim=table.take("ssim", "bool", True),
         batch_size=table.take("batch_size", "int", 8), threads=table.take("threads", "int", None),
         models_from=Path(table.take("models_from", "str")) if "models_from" in table.data else None,
@@ -431,8 +444,10 @@ def parse_config(data: dict, source: str = "config", models: list[ModelSpec] | N
         table.fail(f"threads must be at least 1, got {config.threads}")
     if config.precision not in PRECISIONS:
         table.fail(f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
-    if config.extractor not in EXTRACTORS:
-        table.fail(f"extractor must be one of {', '.join(EXTRACTORS)}, got {config.extractor!r}")
+    if config.segmenter is None and any(e in SEGMENTER_EXTRACTORS for e in config.extractors):
+        table.fail("extractor 'segmenter' measures the volumes with a trained segmenter: name its checkpoint with "
+                   "segmenter = \"path/to/seg_unet-seed0.safetensors\" (`medrobust train --model seg_unet` trains "
+                   "one)")
     if config.device != "auto":
         try:  # the name alone (whether CUDA is there is the run's question): the config's key, not --device
             torch.device(config.device)

@@ -20,12 +20,14 @@ from medrobust.attacks.result import GRADIENT_FAULTS
 from medrobust.data.preprocess import PreparedDataset
 from medrobust.faults import fault_point
 from medrobust.models import BrainAgeModel
+from medrobust.models.segmenter import Segmenter
 from medrobust.models.sources import ModelSource
 from medrobust.results.examples import ExampleCollector
 from medrobust.results.metrics import rows_metrics, sample_rows
 from medrobust.runner.cells import Cell, build_attack, is_set_level, subject_seeds
 from medrobust.runner.config import RunConfig
 from medrobust.runner.inputs import LoadedInputs, attack_inputs, batches, model_grid
+from medrobust.vocabulary import SEGMENTER_EXTRACTORS
 
 # The autocast dtype of each reduced precision (fp32: no autocast).
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,12 +70,13 @@ class _Timer:
 
 
 def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: RunConfig, device: torch.device,
-                     on_batch: Callable[[dict], None] | None = None, recompute: bool = False, seed: int = 0,
-                     parity: bool = True, examples: ExampleCollector | None = None) -> tuple[dict, list[dict]]:
+                     on_batch: Callable[[dict], None] | None = None, extractor: str | None = None,
+                     segmenter: Segmenter | None = None, seed: int = 0, parity: bool = True,
+                     examples: ExampleCollector | None = None) -> tuple[dict, list[dict]]:
     """Run ``call`` (an attack, or a fitted universal perturbation's ``apply``) over every subject of `data`;
-    returns (metrics, per-subject rows). With ``recompute`` (threat model ``recomputed``) each batch comes with
-    the config's feature extractor over its label maps. A callable that takes ``sample_seeds`` gets one seed per
-    subject.
+    returns (metrics, per-subject rows). With ``extractor`` (threat model ``recomputed``) each batch comes with
+    that feature extractor (by ``segmenter`` for the segmenter extractors). A callable that takes ``sample_seeds``
+    gets one seed per subject.
 
     Batches have ``config.batch_size`` subjects until the device runs out of memory: the batch is then halved and
     retried (down to one subject), and later batches keep the smaller size; ``batch_size_used`` records it. In
@@ -93,7 +96,7 @@ def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: 
         batch = slice(start, min(start + size, count))
         subjects = data.subject_ids[batch]
         try:
-            inputs = attack_inputs(data, batch, model, config, device, recompute)
+            inputs = attack_inputs(data, batch, model, config, device, extractor, segmenter)
             if seeded:
                 inputs["sample_seeds"] = subject_seeds(seed, subjects)
             with timer.measure(), autocast(device, config.precision):
@@ -149,29 +152,32 @@ FIT_METRICS = ("n", "clean_mae", "adversarial_mae", "mean_abs_deviation", "mean_
 
 def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: RunConfig, device: torch.device,
              on_batch: Callable[[dict], None] | None = None, fit_data: PreparedDataset | None = None,
-             seed: int | None = None, examples: ExampleCollector | None = None) -> tuple[dict, list[dict]]:
+             seed: int | None = None, examples: ExampleCollector | None = None,
+             segmenter: Segmenter | None = None) -> tuple[dict, list[dict]]:
     """Attack every subject of `data` in batches; returns (cell metrics, per-subject rows). A universal
     perturbation is fitted once on `fit_data` (its batches stay in host memory until used), then applied to
     `data` (the held-out subjects whose rows are stored); its effect on the fitting subjects is in `fit_*`.
     ``seed``: of the attack's random draws (default: the run's seed); ``examples`` collects the (held-out)
-    subjects' mid-slices for the page."""
+    subjects' mid-slices for the page; ``segmenter``: the segmenter of a segmenter extractor's cell."""
     seed = config.seed if seed is None else seed
     attack = build_attack(cell, model, config, seed)
-    recompute = cell.threat_model == "recomputed"
+    extractor = cell.spec.get("extractor") if cell.threat_model == "recomputed" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if fit_data is None or not is_set_level(cell.attack.name):
-        metrics, rows = _attack_subjects(attack, data, model, config, device, on_batch, recompute, seed,
-                                         examples=examples)
+        metrics, rows = _attack_subjects(attack, data, model, config, device, on_batch, extractor, segmenter,
+                                         seed, examples=examples)
     else:
         began = time.perf_counter()
         with autocast(device, config.precision):
-            attack.fit(batches(fit_data, model, config, None, recompute))
+            # a segmenter's clean volumes are measured on its device, so those fitting batches live there
+            attack.fit(batches(fit_data, model, config, device if segmenter is not None else None, extractor,
+                               segmenter))
         fit_seconds = time.perf_counter() - began
-        metrics, rows = _attack_subjects(attack.apply, data, model, config, device, on_batch, recompute, seed,
-                                         examples=examples)
-        on_fit, _ = _attack_subjects(attack.apply, fit_data, model, config, device, None, recompute, seed,
-                                     parity=False)
+        metrics, rows = _attack_subjects(attack.apply, data, model, config, device, on_batch, extractor,
+                                         segmenter, seed, examples=examples)
+        on_fit, _ = _attack_subjects(attack.apply, fit_data, model, config, device, None, extractor, segmenter,
+                                     seed, parity=False)
         for key, count in zip(("forward", "backward", "steps"), attack.fit_counters, strict=True):
             metrics[key] += count
         for key, count in attack.fit_gradient_faults.items():
@@ -232,8 +238,9 @@ def compute_cell(task: CellTask, loaded: LoadedInputs, on_batch: Callable[[dict]
         report = None if on_batch is None else (lambda state: on_batch({**state, "cell": cell.describe()}))
         collector = ExampleCollector()
         fault_point("attacking")
+        segmenter = loaded.segmenter()[0] if cell.spec.get("extractor") in SEGMENTER_EXTRACTORS else None
         metrics, rows = run_cell(cell, model, loaded.subjects(grid), task.config, loaded.device, report,
-                                 fit_data, cell.spec.get("cell_seed"), collector)
+                                 fit_data, cell.spec.get("cell_seed"), collector, segmenter)
         metrics["model_card"] = model_card(model, record)
         fault_point("attacked")
     except Exception as err:  # a broken cell is recorded with its reason

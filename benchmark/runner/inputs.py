@@ -15,6 +15,8 @@ from medrobust.data.splits import load_or_create_splits
 from medrobust.errors import MedrobustError
 from medrobust.models import BrainAgeModel
 from medrobust.models.adapter import AdaptedModel
+from medrobust.models.checkpoint import load_checkpoint
+from medrobust.models.segmenter import Segmenter
 from medrobust.models.sources import ModelSource
 from medrobust.runner.config import RunConfig
 
@@ -46,26 +48,31 @@ def model_grid(model: BrainAgeModel) -> tuple:
 
 
 def attack_inputs(data: PreparedDataset, rows: slice, model: BrainAgeModel, config: RunConfig,
-            device: torch.device | None, recompute: bool = False) -> dict:
+                  device: torch.device | None, extractor: str | None = None, segmenter: Segmenter | None = None
+                  ) -> dict:
     """An attack's keyword arguments for the subjects ``rows`` of `data`, on `device` (None: host memory); with
-    ``recompute`` (threat model ``recomputed``), the config's feature extractor over the batch's label maps."""
+    ``extractor`` (threat model ``recomputed``), that feature extractor for the batch: over its label maps, or by
+    ``segmenter`` (on the images' device) for the segmenter extractors."""
     def move(tensor):
         return tensor if device is None else tensor.to(device)
 
     images = move(data.images[rows])
     inputs = {"images": images, "features": move(data.features[rows]) if model.meta.uses_features else None,
               "ages": move(data.ages[rows]), "mask": move(data.masks[rows]) if config.brain_mask else None}
-    if recompute:
-        inputs["extractor"] = make_extractor(config.extractor, data.labels[rows].to(images.device),
-                                             data.feature_labels, data.feature_names, images, inputs["features"])
+    if extractor is not None:
+        labels = data.labels[rows].to(images.device) if data.labels is not None else None
+        inputs["extractor"] = make_extractor(extractor, labels, data.feature_labels, data.feature_names, images,
+                                             inputs["features"], segmenter=segmenter)
     return inputs
 
 
 def batches(data: PreparedDataset, model: BrainAgeModel, config: RunConfig, device: torch.device | None,
-             recompute: bool = False) -> list[tuple]:
-    """The batches of `data` as (images, features, ages, mask[, extractor]) tuples: what a universal attack fits on."""
+            extractor: str | None = None, segmenter: Segmenter | None = None) -> list[tuple]:
+    """The batches of `data` as (images, features, ages, mask[, extractor]) tuples: what a universal attack fits on
+    (its extractors, like its tensors, on `device`: a segmenter extractor measures its clean volumes there)."""
     size = config.batch_size
-    return [tuple(attack_inputs(data, slice(start, start + size), model, config, device, recompute).values())
+    return [tuple(attack_inputs(data, slice(start, start + size), model, config, device, extractor,
+                                segmenter).values())
             for start in range(0, len(data.subject_ids), size)]
 
 
@@ -80,6 +87,19 @@ class LoadedInputs:
         self._models: dict[ModelSource, tuple[BrainAgeModel, dict]] = {}
         self._prepared: dict[tuple, tuple] = {}  # grid -> (index, prepared dataset)
         self._subjects: dict[tuple, PreparedDataset] = {}  # (grid, fitting) -> subjects
+        self._segmenter: tuple[Segmenter, dict] | None = None
+
+    def segmenter(self) -> tuple[Segmenter, dict]:
+        """The config's segmenter (the segmenter extractors') on this process's device, its weights frozen (an
+        attack differentiates through it with respect to the image alone), and its sidecar."""
+        if self._segmenter is None:
+            if self.config.segmenter is None:
+                raise MedrobustError(f"{self.config.source}: a segmenter extractor needs `segmenter`, the checkpoint "
+                                     f"of a trained segmenter")
+            segmenter, record = load_checkpoint(self.config.segmenter, self.device, kind="segmenter")
+            segmenter.requires_grad_(False)
+            self._segmenter = segmenter, record
+        return self._segmenter
 
     def model(self, source: ModelSource) -> tuple[BrainAgeModel, dict]:
         """The model of a source on this process's device, and its record (a checkpoint's sidecar)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from medrobust.errors import MedrobustError
+from medrobust.models.checkpoint import checkpoint_paths
 from medrobust.models.checks import Finding, inspect_model
 from medrobust.models.sources import ModelSource
 from medrobust.plugins import registered_source_files
@@ -18,7 +19,7 @@ from medrobust.runner.cells import SEEDING, Cell, build_attack, expand_cells, is
 from medrobust.runner.config import RunConfig
 from medrobust.runner.inputs import LoadedInputs, model_grid
 from medrobust.runner.provision import checkpoint_exists, model_sources
-from medrobust.vocabulary import is_volume
+from medrobust.vocabulary import SEGMENTER_EXTRACTORS, VOLUME_PREFIX, is_volume
 
 # Subjects the checks of a loaded model run on, before any cell starts.
 CHECK_SUBJECTS = 4
@@ -37,6 +38,34 @@ def model_findings(config: RunConfig, model, subset, probe: bool = False) -> lis
     return findings
 
 
+def _check_extractors(config: RunConfig, root: Path, loaded: LoadedInputs, label: str, model, subset) -> None:
+    """Refuse, before any cell runs, a `recomputed` extractor that cannot measure this model's features: one over
+    label maps where there are none (or where the volumes come from files with no label-map region behind them), a
+    segmenter on another grid than the model's, or one that measures none of the regions the model takes."""
+    for extractor in config.extractors:
+        if extractor in SEGMENTER_EXTRACTORS:
+            segmenter = loaded.segmenter()[0]
+            if model_grid(segmenter) != model_grid(model):
+                raise MedrobustError(f"{config.source}: the segmenter {config.segmenter} works on the grid "
+                                     f"{model_grid(segmenter)[:3]} and model {label!r} on {model_grid(model)[:3]} "
+                                     f"(shape, voxel size, normalization): train the segmenter on the model's grid")
+            regions = set(segmenter.region_names)
+            if not any(is_volume(name) and name.removeprefix(VOLUME_PREFIX) in regions
+                       for name in model.used_feature_names):
+                raise MedrobustError(f"{config.source}: the segmenter {config.segmenter} measures none of the "
+                                     f"regional volumes model {label!r} takes; train it on this dataset's label maps")
+        elif subset.labels is None:
+            raise MedrobustError(f"{config.source}: extractor {extractor!r} of threat_model 'recomputed' recomputes "
+                                 f"the regional volumes from each subject's label map, and some subjects of {root} "
+                                 f"have none (dseg); use extractor 'segmenter' with a trained segmenter")
+        elif config.dataset.features and all(label is None for label in subset.feature_labels):
+            raise MedrobustError(f"{config.source}: extractor {extractor!r} of threat_model 'recomputed' recomputes "
+                                 f"the regional volumes from each subject's label map, and the volumes of "
+                                 f"dataset.features are read from {config.dataset.features.format} files, with no "
+                                 f"label map region behind them; use extractor 'segmenter' with a trained segmenter, "
+                                 f"drop 'recomputed', or take the volumes from the label maps")
+
+
 def plan_cells(config: RunConfig, root: Path, sources: dict[str, ModelSource], loaded: LoadedInputs,
                echo=None) -> list[Cell]:
     """Every cell of `config` with its full spec and id, checking that models and data fit together and that
@@ -48,15 +77,8 @@ def plan_cells(config: RunConfig, root: Path, sources: dict[str, ModelSource], l
         model, record = loaded.model(sources[spec.label])
         grid = model_grid(model)
         subset = loaded.subjects(grid)
-        if "recomputed" in config.threat_models and model.meta.uses_features and subset.labels is None:
-            raise MedrobustError(f"{config.source}: threat_model 'recomputed' recomputes the regional volumes from "
-                                 f"each subject's label map, and some subjects of {root} have none (dseg)")
-        if ("recomputed" in config.threat_models and model.meta.uses_features and config.dataset.features
-                and all(label is None for label in subset.feature_labels)):
-            raise MedrobustError(f"{config.source}: threat_model 'recomputed' recomputes the regional volumes from "
-                                 f"each subject's label map, and the volumes of dataset.features are read from "
-                                 f"{config.dataset.features.format} files, with no label map region behind them; "
-                                 f"drop 'recomputed' or take the volumes from the label maps")
+        if "recomputed" in config.threat_models and model.meta.uses_features:
+            _check_extractors(config, root, loaded, spec.label, model, subset)
         if model.meta.uses_features and list(model.meta.feature_names) != list(subset.feature_names):
             raise MedrobustError(f"model {spec.label!r} ({sources[spec.label].describe()}) takes other context "
                                  f"features than {root} provides ({list(model.meta.feature_names)} against "
@@ -93,6 +115,8 @@ def plan_cells(config: RunConfig, root: Path, sources: dict[str, ModelSource], l
                 "fit_subjects_sha256": hashlib.sha256(json.dumps(fit_ids).encode()).hexdigest()}
     cells = expand_cells(config, base_spec, uses_features)
     for cell in cells:
+        if cell.extractor in SEGMENTER_EXTRACTORS:  # the segmenter's weights decide the recomputed features
+            cell.spec["segmenter_sha256"] = loaded.segmenter()[1]["weights_sha256"]
         fit = cell.spec.pop("fit", None)
         if fit is not None and is_set_level(cell.attack.name):
             cell.spec.update(fit)
@@ -158,6 +182,8 @@ def plan_key(config: RunConfig, root: Path, sources: dict[str, ModelSource], dev
     files.extend(path for path in registered_source_files() if path not in files)
     if config.dataset.features is not None:  # features read from outside the dataset folder
         files.extend(config.dataset.features.files())
+    if config.segmenter is not None:
+        files.extend(checkpoint_paths(config.segmenter))
     for folder, subfolders, names in os.walk(root):
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         files.extend(Path(folder) / name for name in sorted(names))

@@ -12,8 +12,9 @@ from medrobust.attacks.checks import (
     image_blind_context_model,
     labelled_batch,
 )
-from medrobust.attacks.extractors import EXTRACTORS, HardVolumes, SoftVolumes, StraightThrough, make_extractor
+from medrobust.attacks.extractors import HardVolumes, SoftVolumes, StraightThrough, make_extractor
 from medrobust.errors import MedrobustError
+from medrobust.vocabulary import LABEL_MAP_EXTRACTORS
 
 FEATURE_LABELS = [None, None, 1, 3, 2]  # sex, field strength, then the volumes of labels 1, 3 ("ventricles"), 2
 BUDGET = Budget("linf", 1e-2, "range")
@@ -112,7 +113,7 @@ def test_an_attack_through_the_straight_through_extractor_moves_a_hybrid_the_har
         assert torch.allclose(result.adversarial_prediction, model(result.images, result.features), atol=1e-4)
 
 
-@pytest.mark.parametrize("name", EXTRACTORS)
+@pytest.mark.parametrize("name", LABEL_MAP_EXTRACTORS)
 def test_make_extractor_builds_each_extractor_by_name(name):
     images, features, labels = labelled_batch()
     extractor = make_extractor(name, labels, FEATURE_LABELS, CONTEXT_FEATURE_NAMES, images, features)
@@ -126,5 +127,5 @@ def test_make_extractor_builds_each_extractor_by_name(name):
 
 def test_make_extractor_refuses_an_unknown_name():
     images, features, labels = labelled_batch()
-    with pytest.raises(MedrobustError, match="extractor must be one of soft, hard, hard-bpda, got 'sharp'"):
+    with pytest.raises(MedrobustError, match="extractor must be one of soft, hard, hard-bpda, segmenter.*got 'sharp'"):
         make_extractor("sharp", labels, FEATURE_LABELS, CONTEXT_FEATURE_NAMES, images, features)

@@ -68,6 +68,13 @@ def test_shipped_configs_parse():
         assert config.models and config.attacks
 
 
+def test_extractor_is_one_or_a_list():
+    config = load_config(REPO / "configs" / "threat_models.toml")
+    assert config.extractors == ["soft", "segmenter"]
+    assert config.segmenter == Path("configs/demo-models/seg_unet-seed0.safetensors")
+    assert load_config(REPO / "configs" / "demo.toml").extractors == ["soft"]
+
+
 def test_demo_config_is_the_issue_grid():
     config = load_config(REPO / "configs" / "demo.toml")
     assert [m.name for m in config.models] == ["cnn3d", "hybrid", "hybrid_e2e"]
@@ -125,6 +132,9 @@ BAD = [
     ('subjects = 24', 'subjects = 2', "dataset.subjects must be at least 10"),
     ('seed = 1', 'seed = 1\nprecision = "fp8"', "precision must be one of fp32, bf16, fp16"),
     ('seed = 1', 'seed = 1\nextractor = "magic"', "extractor must be one of soft, hard, hard-bpda"),
+    ('seed = 1', 'seed = 1\nextractor = ["soft", "segmentr"]', "segmenter-hard-bpda; got 'segmentr'"),
+    ('seed = 1', 'seed = 1\nextractor = ["soft", "segmenter"]', "name its checkpoint with segmenter = "),
+    ('seed = 1', 'seed = 1\nextractor = []', "extractor must not be empty"),
     ('seed = 1', 'seed = 1\nssim = "yes"', "ssim must be"),
     ('epsilon = [1e-3, 2e-3]', 'epsilon = []', "budgets[0].epsilon is an empty list"),
     ('seed = 1', 'seed = 1\ndevice = "tpu"', ": device 'tpu' is not a device"),

@@ -13,7 +13,9 @@ import torch
 from ratios import N_FEATURES, RESULTS, Settings, floor_pass, forward_pass, measure
 
 from medrobust.attacks import Budget, attack_entrypoint, create_attack
+from medrobust.attacks.extractors import SegmenterVolumes
 from medrobust.models import create_model
+from medrobust.models.segmenter import create_segmenter
 
 L2 = Budget("l2", 1.0, "range")
 # label: (registry name, arguments, the argument that counts steps, nominal and short counts, fit on a set).
@@ -140,6 +142,47 @@ def test_plain_loop(benchmark, bench_settings: Settings, workload) -> None:
 
     row = measure(benchmark, bench_settings, "peers: plain loop pgd-linf", name, loop(10), loop(5),
                   floor_pass(model, images, features))
+    assert row["whole_ratio"] > 0
+
+
+# Under `recomputed` with a segmenter in the loop: the floor is one forward and backward pass through the segmenter
+# and the model (image -> segmenter -> volumes -> model), and an attack step must stay near it as elsewhere.
+SEGMENTER_CASES = ("pgd-linf", "bim-paper")
+
+
+@pytest.fixture(scope="module")
+def segmenter_workload(bench_settings: Settings):
+    """hybrid_e2e and a seg_unet of the built-in cohort's size (21 classes) at the grid (random weights, frozen),
+    a batch, and the segmenter extractor of that batch."""
+    settings = bench_settings
+    torch.manual_seed(0)
+    names = [f"vol_{i}" for i in range(N_FEATURES)]
+    model = create_model("hybrid_e2e", input_shape=settings.grid, voxel_size=(3.5, 3.5, 3.5), feature_names=names)
+    segmenter = create_segmenter("seg_unet", input_shape=settings.grid, voxel_size=(3.5, 3.5, 3.5),
+                                 region_names=[str(i) for i in range(21)])
+    for network in (model, segmenter):
+        network.to(settings.device).eval().requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(settings.batch, 1, *settings.grid, generator=generator).to(settings.device)
+    features = (torch.rand(settings.batch, N_FEATURES, generator=generator) * 10 + 1).to(settings.device)
+    return model, images, features, SegmenterVolumes(segmenter, names, images, features)
+
+
+@pytest.mark.parametrize("case", SEGMENTER_CASES)
+def test_recomputed_through_a_segmenter(benchmark, bench_settings: Settings, segmenter_workload, case: str) -> None:
+    model, images, features, extractor = segmenter_workload
+    attack_name, arguments, counter, nominal, short, _ = CASES[case]
+
+    def call(count: int):
+        attack = create_attack(attack_name, model, threat_model="recomputed", **arguments, **{counter: count})
+        return lambda: attack(images, features, extractor=extractor).backward
+
+    def floor() -> None:
+        leaf = images.detach().requires_grad_(True)
+        torch.autograd.grad(model(leaf, extractor(leaf)).sum(), leaf)
+
+    row = measure(benchmark, bench_settings, f"recomputed (segmenter): {case}", "hybrid_e2e", call(nominal),
+                  call(short), floor)
     assert row["whole_ratio"] > 0
 
 
