@@ -29,6 +29,7 @@ import pandas as pd
 
 from medrobust.errors import MedrobustError
 from medrobust.faults import fault_point
+from medrobust.vocabulary import DEFAULT_EXTRACTOR
 
 STORE_FILENAME = "results.sqlite"
 LOCK_SUFFIX = ".lock"  # the writer's lock file: results.sqlite.lock
@@ -127,12 +128,16 @@ def _now() -> str:
 
 
 def describe_spec(spec: dict) -> str:
-    """A cell in one line, from its spec: model, attack, norm, epsilon, unit, objective, threat model."""
+    """A cell in one line, from its spec: model, attack, norm, epsilon, unit, objective, threat model (with its
+    extractor, as the page names it: unless the default)."""
     epsilon = spec.get("epsilon")
+    extractor = spec.get("extractor")
+    threat_model = str(spec.get("threat_model", "?")) + (
+        f" ({extractor})" if extractor not in (None, DEFAULT_EXTRACTOR) else "")
     return " ".join(str(part) for part in (
         spec.get("model", "?"), spec.get("attack", "?"), spec.get("norm", "?"),
         f"eps={epsilon:g}" if isinstance(epsilon, (int, float)) else "eps=?", spec.get("unit", "?"),
-        spec.get("objective", "?"), spec.get("threat_model", "?")))
+        spec.get("objective", "?"), threat_model))
 
 
 class StoreBusyError(MedrobustError):

@@ -158,3 +158,28 @@ def test_an_attack_fools_the_segmenter_to_move_an_image_blind_model():
     assert (result.adversarial_prediction > result.clean_prediction + 1e-4).all()
     with torch.no_grad():
         assert torch.allclose(result.features, extractor(result.images), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "bim", "apgd"])
+def test_the_segmenter_runs_exactly_when_the_model_does(name):
+    # No extra pass through the segmenter: one forward (and backward) of it per forward (and backward) of the model
+    # in the attack, the clean volumes measured once when the extractor is built.
+    model = image_blind_context_model()
+    images, features = context_batch()
+    extractor = segmenter_extractor(images, features)
+    calls = {"model": [0, 0], "segmenter": [0, 0]}
+
+    def counter(key):
+        def hook(module, args, output):
+            calls[key][0] += 1
+            if output.requires_grad:
+                output.register_hook(lambda _: calls[key].__setitem__(1, calls[key][1] + 1))
+        return hook
+
+    model.register_forward_hook(counter("model"))
+    extractor.segmenter.register_forward_hook(counter("segmenter"))
+    steps = {} if name == "fgsm" else {"steps": 3}
+    attack = create_attack(name, model, budget=Budget("linf", 0.05, "range"), objective="older",
+                           threat_model="recomputed", **steps)
+    result = attack(images, features, extractor=extractor)
+    assert calls["segmenter"] == calls["model"] == [result.forward, result.backward], calls
