@@ -96,7 +96,9 @@ def dice_from_counts(counts: Tensor) -> Tensor:
     return torch.where(total > 0, 2 * counts[:, 0] / total.clamp_min(1), torch.full_like(total, math.nan))
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> list[Tensor]:
+def row_batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> list[Tensor]:
+    """The indices 0..n-1 in batches of ``batch_size``, shuffled by ``generator`` where given (every trainer's
+    batch order)."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     return list(order.split(batch_size))
 
@@ -107,7 +109,7 @@ def segment(segmenter: Segmenter, data: PreparedDataset, device: torch.device, b
     segmenter.eval().to(device)
     volumes, labels = [], []
     with torch.no_grad():
-        for rows in tqdm(_batches(len(data.subject_ids), batch_size), desc=f"segmenting with {segmenter.meta.name}",
+        for rows in tqdm(row_batches(len(data.subject_ids), batch_size), desc=f"segmenting with {segmenter.meta.name}",
                          unit="batch", disable=not progress):
             logits = segmenter(data.images[rows].to(device)).float()
             volumes.append((torch.softmax(logits, 1)[:, 1:].flatten(2).sum(2) * segmenter.voxel_ml).cpu())

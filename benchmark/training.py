@@ -40,6 +40,7 @@ from medrobust.segmentation import (
     dice_from_counts,
     evaluate_segmenter,
     labelled_regions,
+    row_batches,
     segmentation_loss,
     targets,
     write_regions,
@@ -58,11 +59,6 @@ class TrainingResult:
     seconds: float = 0.0
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator | None = None) -> list[Tensor]:
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    return list(order.split(batch_size))
-
-
 class TrainingBatches:
     """The model's inputs for a dataset. Tensors stay in host memory and go to the device a batch at a time
     (a cohort at the paper's grid does not fit on a GPU); the output of a model's frozen part
@@ -78,7 +74,7 @@ class TrainingBatches:
         if self.images is not None:
             with torch.no_grad():
                 parts = [model.cache_frozen(self.images[rows].to(device))
-                         for rows in _batches(len(data.ages), batch_size)]
+                         for rows in row_batches(len(data.ages), batch_size)]
             if parts and parts[0] is not None:
                 self.cache, self.images = torch.cat(parts), None
 
@@ -125,7 +121,7 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
 
     def epoch_loss(epoch: int) -> float:
         total = torch.zeros((), device=device)
-        for rows in _batches(len(train_inputs), config.batch_size, generator):
+        for rows in row_batches(len(train_inputs), config.batch_size, generator):
             if len(rows) < model.min_training_batch:  # a remnant too small for the model (batch norm): next epoch
                 continue
             optimizer.zero_grad(set_to_none=True)
@@ -197,7 +193,7 @@ def train_segmenter(segmenter: Segmenter, train: PreparedDataset, val: PreparedD
     def epoch_loss(epoch: int) -> float:
         total, seen = torch.zeros((), device=device), 0
         # an epoch of a segmenter takes minutes on a CPU: its batches have a bar of their own
-        for rows in tqdm(_batches(len(train.subject_ids), config.batch_size, generator), desc=f"epoch {epoch}",
+        for rows in tqdm(row_batches(len(train.subject_ids), config.batch_size, generator), desc=f"epoch {epoch}",
                          unit="batch", leave=False, disable=not progress):
             if len(rows) < segmenter.min_training_batch:  # a remnant too small for batch norm: next epoch
                 continue
@@ -213,7 +209,7 @@ def train_segmenter(segmenter: Segmenter, train: PreparedDataset, val: PreparedD
     def validate() -> float:
         counts = torch.zeros(n_classes, 3, dtype=torch.long)
         with torch.no_grad():
-            for rows in _batches(len(val.subject_ids), config.batch_size):
+            for rows in row_batches(len(val.subject_ids), config.batch_size):
                 predicted = segmenter(val.images[rows].to(device)).argmax(1).cpu()
                 counts += confusion_counts(predicted, targets(val, rows, val_lookup), n_classes)
         dice = dice_from_counts(counts)[1:]
@@ -227,7 +223,7 @@ def train_segmenter(segmenter: Segmenter, train: PreparedDataset, val: PreparedD
 def predict(inputs: TrainingBatches, batch_size: int) -> Tensor:
     """Predictions in years for every subject of `inputs`, in order, in host memory."""
     with torch.no_grad():
-        return torch.cat([inputs.batch(rows)[0].cpu() for rows in _batches(len(inputs), batch_size)])
+        return torch.cat([inputs.batch(rows)[0].cpu() for rows in row_batches(len(inputs), batch_size)])
 
 
 def mae(predicted: Tensor, true: Tensor) -> Tensor:
