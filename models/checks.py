@@ -89,7 +89,9 @@ def check_batch_independence(name: str) -> None:
     with torch.no_grad():
         together = model(image, features)
         alone = torch.cat([model(image[i:i + 1], features[i:i + 1]) for i in range(BATCH)])
-    assert torch.allclose(together, alone, rtol=0, atol=1e-4), f"{name}: predictions depend on the batch"
+    # float32 kernels sum in another order for another batch size: a few ulps of the age (1.5e-5 y at 190 y) move,
+    # and CPU kinds differ in how many; a sample that leaks into another moves it by far more
+    assert torch.allclose(together, alone, rtol=1e-5, atol=1e-3), f"{name}: predictions depend on the batch"
 
 
 def check_gradient_reaches_every_input_used(name: str) -> None:

@@ -132,8 +132,9 @@ def describe_spec(spec: dict) -> str:
     extractor, as the page names it: unless the default)."""
     epsilon = spec.get("epsilon")
     extractor = spec.get("extractor")
+    # a store's table gives NaN for a cell written before extractors had names
     threat_model = str(spec.get("threat_model", "?")) + (
-        f" ({extractor})" if extractor not in (None, DEFAULT_EXTRACTOR) else "")
+        f" ({extractor})" if isinstance(extractor, str) and extractor != DEFAULT_EXTRACTOR else "")
     return " ".join(str(part) for part in (
         spec.get("model", "?"), spec.get("attack", "?"), spec.get("norm", "?"),
         f"eps={epsilon:g}" if isinstance(epsilon, (int, float)) else "eps=?", spec.get("unit", "?"),

@@ -4,6 +4,7 @@ with ``--retrain``."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -49,28 +50,61 @@ def test_a_shipped_checkpoint_is_used_only_for_its_own_dataset_and_settings(tmp_
 
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
+DEMO_MODELS = ("cnn3d", "hybrid", "hybrid_e2e")
 
 
-def test_retraining_reproduces_the_shipped_demo_checkpoints(tmp_path: Path) -> None:
-    # configs/demo-models holds what `medrobust run configs/demo.toml` trained; trained again here on the cohort
-    # the demo generates, cnn3d and the two-stage hybrid built from it reach the clean test metrics their
-    # sidecars record (hybrid_e2e, another 100 s of training, is left to `medrobust run ... --retrain`).
+def test_the_shipped_demo_checkpoints_are_taken_for_the_cohort_generated_on_this_machine(tmp_path: Path) -> None:
+    # configs/demo-models holds what `medrobust run configs/demo.toml` trained. The cohort it generates is the same
+    # on every machine up to a few voxels' rounding (float kernels differ between CPU kinds), so its bytes' hash may
+    # differ from the one the sidecars record: the checkpoints are taken when they predict their recorded test
+    # subjects as they did, and then reach their recorded clean metrics here. Retraining reproduces them only on
+    # the same kind of CPU: 30 epochs amplify the last bits (elsewhere cnn3d retrained to 5.7 y against 4.1 y).
+    import dataclasses
     import json
 
-    from medrobust.data.cohort import synthesize
+    import torch
+
+    from medrobust.data import load_prepared
     from medrobust.data.index import load_dataset_index
-    from medrobust.runner.config import builtin_cohort, load_config
-    from medrobust.training import TrainRequest, train
+    from medrobust.data.splits import load_or_create_splits
+    from medrobust.models.checkpoint import load_checkpoint
+    from medrobust.runner.config import load_config
+    from medrobust.runner.provision import ensure_dataset, ensure_models
+    from medrobust.training import evaluate
 
     config = load_config(DEMO)
-    recorded = {name: json.loads((DEMO.parent / config.models_from.name / f"{name}-seed0.json").read_text())["extra"]
-                for name in ("cnn3d", "hybrid", "hybrid_e2e")}
-    cohort = synthesize(tmp_path / "cohort", builtin_cohort(config.dataset), progress=False)
-    fingerprint = load_dataset_index(cohort).fingerprint()
-    assert {extra["dataset"]["fingerprint"] for extra in recorded.values()} == {fingerprint}
-    results = train(TrainRequest(data=cohort, models=["cnn3d", "hybrid"], out=tmp_path / "models",
-                                 config=config.training, split_seed=config.dataset.split_seed, progress=False))
-    for result in results:
-        shipped = recorded[result.name]["test_metrics"]
-        assert result.test_metrics["n"] == shipped["n"]
-        assert abs(result.test_metrics["mae"] - shipped["mae"]) < 0.1, (result.name, result.test_metrics, shipped)
+    config = dataclasses.replace(config, dataset=dataclasses.replace(config.dataset, path=tmp_path / "cohort"),
+                                 models_dir=tmp_path / "models", models_from=DEMO.parent / config.models_from.name)
+    cohort = ensure_dataset(config, progress=False)
+    lines: list[str] = []
+    ensure_models(config, "cpu", progress=False, echo=lines.append)
+    assert len(lines) == len(DEMO_MODELS) and all("using it" in line for line in lines), lines
+    subjects = [record.subject_id for record in load_dataset_index(cohort).subjects]
+    test_ids = load_or_create_splits(cohort, subjects, config.dataset.split_seed)["test"]
+    for name in DEMO_MODELS:
+        model, sidecar = load_checkpoint(tmp_path / "models" / f"{name}-seed0")
+        shipped = json.loads((config.models_from / f"{name}-seed0.json").read_text())
+        assert sidecar == shipped
+        _, _, data = load_prepared(cohort, model.meta.input_shape, model.meta.voxel_size, progress=False)
+        metrics, _ = evaluate(model, data.subset(test_ids), torch.device("cpu"))
+        recorded_ids = [line.split("\t")[0] for line in
+                        (config.models_from / f"{name}-seed0.test.tsv").read_text().splitlines()[1:]]
+        assert recorded_ids == test_ids
+        recorded = shipped["extra"]["test_metrics"]
+        assert metrics["n"] == recorded["n"] == 100
+        assert abs(metrics["mae"] - recorded["mae"]) < 0.01, (name, metrics, recorded)
+
+    # A checkpoint whose recorded predictions this cohort does not give (here one subject's, moved by a year) is
+    # another cohort's: trained here instead of taken (adopt_checkpoint declines it).
+    from medrobust.runner.provision import adopt_checkpoint
+
+    other = tmp_path / "other-models"
+    shutil.copytree(config.models_from, other)
+    predictions = other / "cnn3d-seed0.test.tsv"
+    header, first, *rest = predictions.read_text().splitlines()
+    subject, age, predicted = first.split("\t")
+    predictions.write_text("\n".join([header, f"{subject}\t{age}\t{float(predicted) + 1:.3f}", *rest]) + "\n")
+    lines.clear()
+    taken = adopt_checkpoint(dataclasses.replace(config, models_from=other), "cnn3d",
+                             tmp_path / "taken" / "cnn3d-seed0", "another fingerprint", lines.append)
+    assert not taken and "trained on another dataset" in lines[0]
