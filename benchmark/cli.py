@@ -60,9 +60,14 @@ class _Group(click.Group):
             from medrobust.results.store import StoreBusyError
 
             if isinstance(error, FieldError):  # a setting the library names by its field: name it by its flag
-                error = MedrobustError(f"--{error.field.replace('_', '-')} {error.problem}")
+                flag = _FLAGS.get(error.field, error.field.replace("_", "-"))
+                error = MedrobustError(f"--{flag} {error.problem}")
             click.echo(f"error: {_one_line(error)}", err=True)
             sys.exit(EXIT_STORE_BUSY if isinstance(error, StoreBusyError) else EXIT_BAD_INPUT)
+
+
+# fields whose flag is not their name with dashes
+_FLAGS = {"adversarial_norm": "budget", "adversarial_epsilon": "budget"}
 
 
 @click.group(cls=_Group)
@@ -169,6 +174,15 @@ def data_check(dataset, shape, voxel_size, cache_dir, features, strict, quiet) -
         click.echo(f"skipped {skipped.subject_id}: {skipped.reason}")
 
 
+def _norm_epsilon(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, float]:
+    """A click callback reading NORM:EPSILON (linf:0.002)."""
+    norm, _, epsilon = value.partition(":")
+    try:
+        return norm, float(epsilon)
+    except ValueError:
+        raise click.BadParameter(f"expected NORM:EPSILON such as linf:0.002, got {value!r}") from None
+
+
 @main.command("train")
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True),
               help="A BIDS folder or a CSV/TSV manifest.")
@@ -202,16 +216,34 @@ def data_check(dataset, shape, voxel_size, cache_dir, features, strict, quiet) -
 @click.option("--strict", is_flag=True, help="Stop at the first bad subject instead of skipping it.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch's CPU threads (default: what torch picks).")
+@click.option("--adversarial", metavar="ATTACK", default=None,
+              help="Adversarial training: each batch's subjects replaced by this registered attack's adversarial "
+                   "examples of the regression error |f(x') - y| (e.g. pgd); the checkpoint's name and sidecar "
+                   "record the defence.")
+@click.option("--budget", "adversarial_budget", metavar="NORM:EPSILON", callback=_norm_epsilon,
+              default=f"{_TRAINING.adversarial_norm}:{_TRAINING.adversarial_epsilon:g}", show_default=True,
+              help="With --adversarial: the attack's budget, epsilon a fraction of each image's intensity range.")
+@click.option("--adversarial-steps", type=int, default=_TRAINING.adversarial_steps, show_default=True,
+              help="With --adversarial: the attack's steps (where it takes steps).")
+@click.option("--adversarial-ratio", type=float, default=_TRAINING.adversarial_ratio, show_default=True,
+              help="With --adversarial: the fraction of each batch replaced by adversarial examples.")
+@click.option("--adversarial-threat-model", type=click.Choice(["fixed", "perturbed"]),
+              default=_TRAINING.adversarial_threat_model, show_default=True,
+              help="With --adversarial: perturbed lets the attacker move the regional volumes too.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_cmd(data_path, models, out, trained, epochs, batch_size, lr, weight_decay, loss, patience, seed, split_seed,
-              shape, voxel_size, device, cache_dir, features, strict, threads, quiet) -> None:
+              shape, voxel_size, device, cache_dir, features, strict, threads, adversarial, adversarial_budget,
+              adversarial_steps, adversarial_ratio, adversarial_threat_model, quiet) -> None:
     """Train brain-age models; writes checkpoints and prints clean test MAE, Pearson r and n."""
     from pathlib import Path
 
     from medrobust.training import TrainRequest, train
 
+    norm, epsilon = adversarial_budget
     config = TrainingConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, loss=loss,
-                            patience=patience, seed=seed)
+                            patience=patience, seed=seed, adversarial=adversarial, adversarial_norm=norm,
+                            adversarial_epsilon=epsilon, adversarial_steps=adversarial_steps,
+                            adversarial_ratio=adversarial_ratio, adversarial_threat_model=adversarial_threat_model)
     request = TrainRequest(
         data=Path(data_path), models=list(models), out=Path(out), config=config, shape=shape, voxel_size=voxel_size,
         trained=[Path(path) for path in trained], split_seed=split_seed, device=device,

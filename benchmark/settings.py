@@ -11,7 +11,7 @@ from medrobust.errors import FieldError
 LOSSES = ("l1", "mse")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingConfig:
     """Optimization settings of one training run."""
 
@@ -23,6 +23,37 @@ class TrainingConfig:
     loss: str = "l1"
     patience: int = 10
     seed: int = 0
+    # Adversarial training (Madry et al., ICLR 2018) for regression: in every batch a fraction
+    # `adversarial_ratio` of the subjects is replaced by adversarial examples of the registered attack
+    # `adversarial` (None: standard training) that maximize |f(x') - y| (objective "error") within
+    # `adversarial_epsilon` of each image's intensity range in norm `adversarial_norm`, in `adversarial_steps`
+    # steps where the attack takes steps; under `adversarial_threat_model` "perturbed" the attacker moves the
+    # regional volumes too (each within 5 % of its value), so that a context model learns not to trust them blindly.
+    adversarial: str | None = None
+    adversarial_norm: str = "linf"
+    adversarial_epsilon: float = 1e-3
+    adversarial_steps: int = 3
+    adversarial_ratio: float = 1.0
+    adversarial_threat_model: str = "fixed"
+
+    def defence(self) -> dict | None:
+        """The defence these settings train (attack, norm, epsilon of range, steps, ratio, threat model), or None
+        for standard training."""
+        if self.adversarial is None:
+            return None
+        return {"attack": self.adversarial, "norm": self.adversarial_norm, "epsilon": self.adversarial_epsilon,
+                "unit": "range", "steps": self.adversarial_steps, "ratio": self.adversarial_ratio,
+                "threat_model": self.adversarial_threat_model}
+
+    def stem(self, name: str) -> str:
+        """The checkpoint stem of model ``name`` trained with these settings: ``<name>-seed<seed>``, with the defence
+        in it for adversarial training (``cnn3d-at-pgd-linf0.002-seed0``), so that a defended model and its
+        undefended twin live side by side."""
+        defence = self.defence()
+        tag = "" if defence is None else f"-at-{defence['attack']}-{defence['norm']}{defence['epsilon']:g}"
+        if defence is not None and defence["threat_model"] != "fixed":
+            tag += f"-{defence['threat_model']}"
+        return f"{name}{tag}-seed{self.seed}"
 
     def validate(self) -> None:
         """Raise FieldError naming the first bad field."""
@@ -38,6 +69,21 @@ class TrainingConfig:
             raise FieldError("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.patience < 1:
             raise FieldError("patience", f"must be at least 1, got {self.patience}")
+        if self.adversarial is not None:
+            if not self.adversarial:
+                raise FieldError("adversarial", "must name a registered attack (leave it out for standard training)")
+            if self.adversarial_norm not in ("linf", "l2"):
+                raise FieldError("adversarial_norm", f"must be linf or l2, got {self.adversarial_norm!r}")
+            if not (self.adversarial_epsilon > 0 and math.isfinite(self.adversarial_epsilon)):
+                raise FieldError("adversarial_epsilon", f"must be a positive fraction of the image's range, got "
+                                                        f"{self.adversarial_epsilon}")
+            if self.adversarial_steps < 1:
+                raise FieldError("adversarial_steps", f"must be at least 1, got {self.adversarial_steps}")
+            if not 0 < self.adversarial_ratio <= 1:
+                raise FieldError("adversarial_ratio", f"must be in (0, 1], got {self.adversarial_ratio}")
+            if self.adversarial_threat_model not in ("fixed", "perturbed"):
+                raise FieldError("adversarial_threat_model", f"must be fixed or perturbed, got "
+                                                             f"{self.adversarial_threat_model!r}")
 
 
 @dataclass(frozen=True)

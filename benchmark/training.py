@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from medrobust.attacks import attack_entrypoint, create_attack, list_attacks
+from medrobust.attacks.budget import Budget
 from medrobust.data import FeatureSource, load_prepared
 from medrobust.data.features import FeatureScaler
 from medrobust.data.index import AGE_RANGE
@@ -57,6 +59,7 @@ class TrainingResult:
     best_val_mae: float
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    attack_passes: dict | None = None  # adversarial training: the attack's forward and backward passes in all
 
 
 class TrainingBatches:
@@ -64,14 +67,15 @@ class TrainingBatches:
     (a cohort at the paper's grid does not fit on a GPU); the output of a model's frozen part
     (``BrainAgeModel.cache_frozen``, e.g. the two-stage hybrid's trunk) is computed once, not every epoch."""
 
-    def __init__(self, model: BrainAgeModel, data: PreparedDataset, device: torch.device, batch_size: int):
+    def __init__(self, model: BrainAgeModel, data: PreparedDataset, device: torch.device, batch_size: int,
+                 cache: bool = True):
         self.model = model
         self.device = device
         self.ages = data.ages
         self.features = data.features if model.meta.uses_features else None
         self.images = data.images if model.meta.uses_image else None
         self.cache = None
-        if self.images is not None:
+        if self.images is not None and cache:  # not under adversarial training: the attack needs the images
             with torch.no_grad():
                 parts = [model.cache_frozen(self.images[rows].to(device))
                          for rows in row_batches(len(data.ages), batch_size)]
@@ -88,6 +92,43 @@ class TrainingBatches:
         if self.cache is not None:
             return self.model.forward_cached(self.cache[rows.to(self.cache.device)], features), ages
         images = self.images[rows].to(self.device) if self.images is not None else None
+        return self.model(images, features), ages
+
+    def inputs(self, rows: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        """(images, features, true ages) of the subjects ``rows``, on the device (images None for a model that
+        does not see them); without the frozen part's cache."""
+        images = self.images[rows].to(self.device) if self.images is not None else None
+        features = self.features[rows].to(self.device) if self.features is not None else None
+        return images, features, self.ages[rows].to(self.device)
+
+
+class AdversarialBatches:
+    """Adversarial training's batches: the first ``ratio`` of each batch's subjects replaced by adversarial
+    examples of the training's attack against the model as it is now, maximizing |f(x') - y| (the regression
+    error) within the budget. Each image's random draws come from its own stream, seeded from its row and the
+    epoch, so that a start differs between epochs and not with the batching. Counts the attack's passes."""
+
+    def __init__(self, model: BrainAgeModel, inputs: TrainingBatches, config: TrainingConfig):
+        defence = config.defence()
+        self.inputs, self.ratio, self.model = inputs, defence["ratio"], model
+        entry = attack_entrypoint(defence["attack"])
+        kwargs = {"steps": defence["steps"]} if "steps" in entry.argument_names() else {}
+        self.attack = create_attack(defence["attack"], model, budget=Budget(defence["norm"], defence["epsilon"]),
+                                    objective="error", threat_model=defence["threat_model"], seed=config.seed,
+                                    **kwargs)
+        self.forward = self.backward = 0
+
+    def batch(self, rows: Tensor, epoch: int) -> tuple[Tensor, Tensor]:
+        """(predicted age, true age) in years of the subjects ``rows``, the first ``ratio`` of them attacked."""
+        images, features, ages = self.inputs.inputs(rows)
+        attacked = max(1, round(self.ratio * len(rows)))
+        result = self.attack(images[:attacked], features[:attacked] if features is not None else None,
+                             ages[:attacked], sample_seeds=(rows[:attacked] + epoch * len(self.inputs)).tolist())
+        self.forward += result.forward
+        self.backward += result.backward
+        images = torch.cat([result.images, images[attacked:]])
+        if features is not None:
+            features = torch.cat([result.features, features[attacked:]])
         return self.model(images, features), ages
 
 def fit_scalings(model: BrainAgeModel, train: TrainingBatches) -> None:
@@ -111,8 +152,14 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
 
     parameters = [p for p in model.parameters_to_train() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    train_inputs = TrainingBatches(model, train, device, config.batch_size)
-    fit_scalings(model, train_inputs)
+    defended = config.defence() is not None
+    if defended:  # the scalings from the cached frozen part, as in standard training; then the images themselves
+        fit_scalings(model, TrainingBatches(model, train, device, config.batch_size))
+        train_inputs = TrainingBatches(model, train, device, config.batch_size, cache=False)
+        adversarial = AdversarialBatches(model, train_inputs, config)
+    else:
+        train_inputs = TrainingBatches(model, train, device, config.batch_size)
+        fit_scalings(model, train_inputs)
     val_inputs = TrainingBatches(model, val, device, config.batch_size)
     generator = torch.Generator().manual_seed(config.seed)
     scale = float(model.age_std)
@@ -125,7 +172,7 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
             if len(rows) < model.min_training_batch:  # a remnant too small for the model (batch norm): next epoch
                 continue
             optimizer.zero_grad(set_to_none=True)
-            predicted, true = train_inputs.batch(rows)
+            predicted, true = adversarial.batch(rows, epoch) if defended else train_inputs.batch(rows)
             # Loss on the standardized age: the same scale whatever the cohort's age range.
             loss = loss_fn(predicted / scale, true / scale)
             loss.backward()
@@ -137,7 +184,10 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
         return float(mae(predict(val_inputs, config.batch_size), val_inputs.ages))
 
     best_epoch, best_value, history = fit(model, optimizer, config, epoch_loss, validate, "val_mae", progress)
-    return TrainingResult(best_epoch, best_value, history, time.perf_counter() - start)
+    result = TrainingResult(best_epoch, best_value, history, time.perf_counter() - start)
+    if defended:  # what the defence cost: the attack's passes over the whole training
+        result.attack_passes = {"forward": adversarial.forward, "backward": adversarial.backward}
+    return result
 
 
 def fit(module: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainingConfig,
@@ -303,6 +353,7 @@ def _train(request: TrainRequest) -> list[TrainedModel]:
         raise FieldError("model", f"{unknown[0]!r} is not a registered model; known: "
                                   f"{', '.join(list_models() + list_segmenters())}")
     names = training_order([m for m in request.models if m not in segmenters])
+    _check_defence(request.config, segmenters)
     given = {}  # the trained models given as checkpoints, by registered name
     for path in request.trained:
         model = load_checkpoint(path)[0]
@@ -348,7 +399,7 @@ def _train(request: TrainRequest) -> list[TrainedModel]:
                                                            region_names=labelled_regions(data)))
         outcome = train_segmenter(segmenter, parts["train"], parts["val"], request.config, device, request.progress)
         metrics = evaluate_segmenter(segmenter, parts["test"], device, request.config.batch_size)
-        stem = request.out / f"{name}-seed{request.config.seed}"
+        stem = request.out / request.config.stem(name)
         extra = {"dataset": dataset, "training": {**asdict(request.config), "device": str(device), **outcome},
                  "test_metrics": metrics}
         checkpoint = save_checkpoint(segmenter.cpu(), stem, extra)
@@ -362,7 +413,7 @@ def _train(request: TrainRequest) -> list[TrainedModel]:
                                                                    feature_names=data.feature_names))
         outcome = train_model(model, parts["train"], parts["val"], request.config, device, request.progress)
         metrics, predicted = evaluate(model, parts["test"], device, request.config.batch_size)
-        stem = request.out / f"{name}-seed{request.config.seed}"
+        stem = request.out / request.config.stem(name)
         extra = {
             "dataset": dataset,
             "training": {**asdict(request.config), "device": str(device), "best_epoch": outcome.best_epoch,
@@ -370,6 +421,8 @@ def _train(request: TrainRequest) -> list[TrainedModel]:
                          "history": outcome.history},
             "test_metrics": metrics,
         }
+        if outcome.attack_passes is not None:
+            extra["training"]["attack_passes"] = outcome.attack_passes
         if model_requires(name):
             extra["training"]["built_from"] = {r: sources[r] for r in model_requires(name)}
         checkpoint = save_checkpoint(model.cpu(), stem, extra)
@@ -377,6 +430,30 @@ def _train(request: TrainRequest) -> list[TrainedModel]:
         results.append(TrainedModel(name, checkpoint, metrics, outcome.best_epoch, outcome.seconds))
         trained[name], sources[name] = model, str(checkpoint)
     return results
+
+
+def _check_defence(config: TrainingConfig, segmenters: list[str]) -> None:
+    """Refuse, naming the field, an adversarial training the attack cannot do (unknown, set-level, another norm or
+    threat model) or one asked of a segmenter."""
+    defence = config.defence()
+    if defence is None:
+        return
+    if defence["attack"] not in list_attacks():
+        raise FieldError("adversarial", f"{defence['attack']!r} is not a registered attack; known: "
+                                        f"{', '.join(list_attacks())}")
+    entry = attack_entrypoint(defence["attack"])
+    if entry.scope != "batch":
+        raise FieldError("adversarial", f"{defence['attack']!r} fits one perturbation on a set of subjects; train "
+                                        f"against an attack of each batch (pgd, bim, fgsm)")
+    if defence["norm"] not in entry.norms:
+        raise FieldError("adversarial_norm", f"{defence['attack']!r} supports {', '.join(entry.norms)}, got "
+                                             f"{defence['norm']!r}")
+    if defence["threat_model"] not in entry.threat_models:
+        raise FieldError("adversarial_threat_model", f"{defence['attack']!r} supports "
+                                                     f"{', '.join(entry.threat_models)}, got "
+                                                     f"{defence['threat_model']!r}")
+    if segmenters:
+        raise FieldError("adversarial", f"trains brain-age models; train {', '.join(segmenters)} without it")
 
 
 def _architecture(factory: Callable, preprocessing: Preprocessing, **named) -> dict:

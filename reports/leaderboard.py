@@ -513,6 +513,11 @@ def model_cards(table: pd.DataFrame, headline: pd.DataFrame) -> pd.DataFrame:
                      f"loss {training.get('loss')}", f"seed {training.get('seed')}"]
             if training.get("best_val_mae") is not None:
                 parts.append(f"val MAE {training['best_val_mae']:.2f} y")
+            defence = training.get("defence")
+            if defence:
+                parts.append(f"adversarially trained against {defence['attack']} ({defence['norm']} "
+                             f"{defence['epsilon']:g} of range, {defence['steps']} steps, {defence['ratio']:g} of each "
+                             f"batch, context {defence['threat_model']})")
             trained = ", ".join(parts)
         results = headline[headline["model"] == model] if "model" in headline else headline.iloc[0:0]
         standard = headline.attrs.get("standard", "")

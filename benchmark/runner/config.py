@@ -56,6 +56,7 @@ class ModelSpec:
     checkpoint: Path | None = None
     train_if_missing: bool = True
     source: ModelSource | None = None
+    training: TrainingConfig | None = None  # its own training settings (a defence, say); None: the run's
 
 
 @dataclass(frozen=True)
@@ -300,7 +301,22 @@ CONTRACT_KEYS = {"input_shape": "list", "voxel_size": "list", "normalization": "
                  "bin_centres": "list", "space": "str"}
 
 
-def _models(table: _Table) -> list[ModelSpec]:
+def _training(table: _Table, base: TrainingConfig) -> TrainingConfig:
+    """Training settings from a ``[training]`` table (or a model's ``training``), the keys it leaves out as in
+    ``base``."""
+    values = {f.name: table.take(f.name, "number" if f.type == "float" else "str" if f.type.startswith("str")
+                                 else "int", getattr(base, f.name))
+              for f in fields(TrainingConfig)}
+    table.done()
+    training = TrainingConfig(**values)
+    try:
+        training.validate()
+    except FieldError as err:
+        table.fail(f"{table.where}.{err.field} {err.problem}")
+    return training
+
+
+def _models(table: _Table, training: TrainingConfig) -> list[ModelSpec]:
     items = table.take("models", "list")
     if not items:
         table.fail("models must list at least one model")
@@ -311,7 +327,7 @@ def _models(table: _Table) -> list[ModelSpec]:
         if len(given) != 1:
             entry.fail(f"models[{i}] must name exactly one source: name (a registered model), factory "
                        f"('package.module:callable') or torchscript (a file); got {', '.join(given) or 'none'}")
-        spec = _registered_model(entry) if given == ["name"] else _own_model(entry, given[0])
+        spec = _registered_model(entry, training) if given == ["name"] else _own_model(entry, given[0])
         entry.done()
         if spec.label in labels:
             entry.fail(f"{entry.name('label')} {spec.label!r} is used twice; give each model its own label")
@@ -320,12 +336,15 @@ def _models(table: _Table) -> list[ModelSpec]:
     return models
 
 
-def _registered_model(entry: _Table) -> ModelSpec:
+def _registered_model(entry: _Table, training: TrainingConfig) -> ModelSpec:
     name = _choice(entry.take("name", "str"), list_models(), entry.name("name"), entry)
     checkpoint = entry.take("checkpoint", "str", None)
+    own = entry.take("training", "table", None)  # this model's training settings over the run's [training]
     spec = ModelSpec(name=name, label=entry.take("label", "str", name),
                      checkpoint=Path(checkpoint) if checkpoint else None,
-                     train_if_missing=entry.take("train_if_missing", "bool", True))
+                     train_if_missing=entry.take("train_if_missing", "bool", True),
+                     training=_training(_Table(own, entry.name("training"), entry.source), training)
+                     if own is not None else None)
     if spec.checkpoint is not None and not all(path.is_file() for path in checkpoint_paths(spec.checkpoint)):
         weights, sidecar = checkpoint_paths(spec.checkpoint)
         if weights.is_file() or spec.checkpoint.suffix in (".pt", ".pth"):
@@ -411,20 +430,12 @@ def parse_config(data: dict, source: str = "config", models: list[ModelSpec] | N
     if "target" in objectives and target_age is None:
         table.fail("objective 'target' needs target_age (years)")
     budgets_raw = table.data.pop("budgets", None)
-    training_table = _Table(table.take("training", "table", {}), "training", source)
-    training_values = {f.name: training_table.take(f.name, "number" if f.type in ("float",) else
-                                                   "str" if f.type == "str" else "int", f.default)
-                       for f in fields(TrainingConfig)}
-    training_table.done()
-    training = TrainingConfig(**training_values)
-    try:
-        training.validate()
-    except FieldError as err:
-        table.fail(f"training.{err.field} {err.problem}")
+    training = _training(_Table(table.take("training", "table", {}), "training", source), TrainingConfig())
     out = Path(table.take("out", "str", f"runs/{Path(source).stem}"))
     config = RunConfig(
         source=Path(source), out=out, models_dir=Path(table.take("models_dir", "str", str(out / "models"))),
-        dataset=_dataset(table), models=_models(table) if models is None else list(models), attacks=_attacks(table),
+        dataset=_dataset(table), models=_models(table, training) if models is None else list(models),
+        attacks=_attacks(table),
         budgets=_budgets(budgets_raw, "budgets", table) if budgets_raw is not None else [],
         objectives=objectives, threat_models=threat_models, target_age=target_age,
         seed=table.take("seed", "int", 0), device=table.take("device", "str", "auto"),

@@ -11,7 +11,7 @@ import contextlib
 import inspect
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from medrobust.results.metrics import rows_metrics, sample_rows
 from medrobust.runner.cells import Cell, build_attack, is_set_level, subject_seeds
 from medrobust.runner.config import RunConfig
 from medrobust.runner.inputs import LoadedInputs, attack_inputs, batches, model_grid
+from medrobust.settings import TrainingConfig
 from medrobust.vocabulary import SEGMENTER_EXTRACTORS
 
 # The autocast dtype of each reduced precision (fp32: no autocast).
@@ -223,6 +224,8 @@ def model_card(model: BrainAgeModel, record: dict) -> dict:
             "normalization": meta.normalization, "features": len(meta.feature_names) if meta.uses_features else 0,
             "uses_image": bool(getattr(meta, "uses_image", True)),
             "training": {key: training.get(key) for key in ("epochs", "best_epoch", "seed", "loss", "best_val_mae")}
+            | {"defence": TrainingConfig(**{f.name: training[f.name] for f in fields(TrainingConfig)
+                                            if f.name in training}).defence()}
             if training else None,
             "test_metrics": extra.get("test_metrics")}
 

@@ -20,13 +20,19 @@ from medrobust.models import model_requires, training_order
 from medrobust.models.checkpoint import checkpoint_paths, load_checkpoint
 from medrobust.models.sources import ModelSource
 from medrobust.runner.config import ModelSpec, RunConfig, builtin_cohort
+from medrobust.settings import TrainingConfig
 from medrobust.training import TrainRequest, evaluate, train
 
 
 def model_checkpoint(config: RunConfig, spec: ModelSpec) -> Path:
     """Where a registered model's checkpoint is: the configured one, else <models_dir>/<name>-seed<training
     seed>."""
-    return spec.checkpoint or config.models_dir / f"{spec.name}-seed{config.training.seed}"
+    return spec.checkpoint or config.models_dir / training_of(config, spec).stem(spec.name)
+
+
+def training_of(config: RunConfig, spec: ModelSpec) -> TrainingConfig:
+    """The training settings of a registered model: its own where it has them (a defence), else the run's."""
+    return spec.training or config.training
 
 
 def model_source(config: RunConfig, spec: ModelSpec) -> ModelSource:
@@ -54,7 +60,8 @@ def ensure_dataset(config: RunConfig, progress: bool = True) -> Path:
     return config.dataset.path
 
 
-def adopt_checkpoint(config: RunConfig, name: str, target: Path, fingerprint: str, echo) -> bool:
+def adopt_checkpoint(config: RunConfig, name: str, target: Path, fingerprint: str, echo,
+                     training: TrainingConfig | None = None) -> bool:
     """Copy ``<models_from>/<name>-seed<seed>`` to ``target`` when it was trained on this run's dataset (the same
     content ``fingerprint`` and split seed) with this run's training settings; True when it was. A built-in cohort
     generated on another kind of CPU differs in a few voxels' rounding: there the checkpoint is taken when it
@@ -68,8 +75,10 @@ def adopt_checkpoint(config: RunConfig, name: str, target: Path, fingerprint: st
     except (OSError, ValueError, AttributeError):
         return False
     dataset = config.dataset
-    settings = asdict(config.training)
-    training = {key: value for key, value in recorded.get("training", {}).items() if key in settings}
+    settings = asdict(training or config.training)
+    # a sidecar written before a setting existed trained with its default
+    trained_with = {**asdict(TrainingConfig()), **recorded.get("training", {})}
+    training = {key: value for key, value in trained_with.items() if key in settings}
     trained_on = recorded.get("dataset", {})
     same = trained_on.get("split_seed") == dataset.split_seed and training == settings
     how = "was trained on this dataset"
@@ -137,14 +146,29 @@ def ensure_models(config: RunConfig, device: str, progress: bool = True,
         fingerprint = load_dataset_index(dataset.path, features=dataset.features,
                                          age_range=dataset.age_range).fingerprint()
         for spec in missing:
-            adopt_checkpoint(config, spec.name, checkpoints[spec.label], fingerprint, echo)
-    pending = list(dict.fromkeys(spec.name for spec in registered if not checkpoint_exists(checkpoints[spec.label])))
-    if not pending:
-        return sources
+            adopt_checkpoint(config, spec.name, checkpoints[spec.label], fingerprint, echo,
+                             training_of(config, spec))
+    # one training call per set of training settings (a defended model and its undefended twin: two)
+    groups: dict[TrainingConfig, list[ModelSpec]] = {}
+    for spec in registered:
+        if not checkpoint_exists(checkpoints[spec.label]):
+            groups.setdefault(training_of(config, spec), []).append(spec)
+    for training, specs in groups.items():
+        twins = [spec for spec in registered if training_of(config, spec) == training]
+        _train_missing(config, training, specs, twins, device, progress, echo)
+    return sources
+
+
+def _train_missing(config: RunConfig, training: TrainingConfig, specs: list[ModelSpec], twins: list[ModelSpec],
+                   device: str, progress: bool, echo) -> None:
+    """Train the models of ``specs`` (all with the settings ``training``) after the models they are built from: the
+    config's model of that name with the same settings (``twins``), else the default checkpoint, trained first
+    when it is missing too."""
+    pending = list(dict.fromkeys(spec.name for spec in specs))
     built_from: list[Path] = []
     for name in pending:  # grows while it is walked: a missing requirement is trained too
         for required in model_requires(name):
-            spec = next((s for s in registered if s.name == required), ModelSpec(required, required))
+            spec = next((s for s in twins if s.name == required), ModelSpec(required, required, training=training))
             path = model_checkpoint(config, spec)
             if required in pending or path in built_from:
                 continue
@@ -153,12 +177,13 @@ def ensure_models(config: RunConfig, device: str, progress: bool = True,
             else:
                 pending.append(required)
     names = training_order(pending)
-    echo(f"training {', '.join(names)} on {config.dataset.path} (checkpoints into {config.models_dir})")
-    request = TrainRequest(data=config.dataset.path, models=names, out=config.models_dir, config=config.training,
+    defence = training.defence()
+    how = "" if defence is None else f", adversarially ({defence['attack']} {defence['norm']} {defence['epsilon']:g})"
+    echo(f"training {', '.join(names)} on {config.dataset.path}{how} (checkpoints into {config.models_dir})")
+    request = TrainRequest(data=config.dataset.path, models=names, out=config.models_dir, config=training,
                            trained=built_from, split_seed=config.dataset.split_seed, device=device,
                            strict=config.dataset.strict, progress=progress, features=config.dataset.features,
                            age_range=config.dataset.age_range)
     for trained in train(request):
         echo(f"trained {trained.name}: clean test MAE {trained.test_metrics['mae']:.2f} y "
              f"({trained.seconds:.0f} s) -> {trained.checkpoint}")
-    return sources
