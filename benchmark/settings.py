@@ -35,6 +35,9 @@ class TrainingConfig:
     adversarial_steps: int = 3
     adversarial_ratio: float = 1.0
     adversarial_threat_model: str = "fixed"
+    # Gaussian noise augmentation: noise of this scale (the model's input units, as medrobust.models.smoothing's
+    # sigma) added to every training image, so that a median-smoothed model at that sigma certifies something.
+    noise_sigma: float = 0.0
 
     def defence(self) -> dict | None:
         """The defence these settings train (attack, norm, epsilon of range, steps, ratio, threat model), or None
@@ -47,12 +50,14 @@ class TrainingConfig:
 
     def stem(self, name: str) -> str:
         """The checkpoint stem of model ``name`` trained with these settings: ``<name>-seed<seed>``, with the defence
-        in it for adversarial training (``cnn3d-at-pgd-linf0.002-seed0``), so that a defended model and its
-        undefended twin live side by side."""
+        in it for adversarial training (``cnn3d-at-pgd-linf0.002-seed0``) and noise augmentation
+        (``cnn3d-noise0.25-seed0``), so that a defended model and its undefended twin live side by side."""
         defence = self.defence()
         tag = "" if defence is None else f"-at-{defence['attack']}-{defence['norm']}{defence['epsilon']:g}"
         if defence is not None and defence["threat_model"] != "fixed":
             tag += f"-{defence['threat_model']}"
+        if self.noise_sigma > 0:
+            tag += f"-noise{self.noise_sigma:g}"
         return f"{name}{tag}-seed{self.seed}"
 
     def validate(self) -> None:
@@ -69,6 +74,8 @@ class TrainingConfig:
             raise FieldError("loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.patience < 1:
             raise FieldError("patience", f"must be at least 1, got {self.patience}")
+        if not (self.noise_sigma >= 0 and math.isfinite(self.noise_sigma)):
+            raise FieldError("noise_sigma", f"must be a non-negative number, got {self.noise_sigma}")
         if self.adversarial is not None:
             if not self.adversarial:
                 raise FieldError("adversarial", "must name a registered attack (leave it out for standard training)")

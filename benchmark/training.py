@@ -102,25 +102,38 @@ class TrainingBatches:
         return images, features, self.ages[rows].to(self.device)
 
 
-class AdversarialBatches:
-    """Adversarial training's batches: the first ``ratio`` of each batch's subjects replaced by adversarial
-    examples of the training's attack against the model as it is now, maximizing |f(x') - y| (the regression
-    error) within the budget. Each image's random draws come from its own stream, seeded from its row and the
-    epoch, so that a start differs between epochs and not with the batching. Counts the attack's passes."""
+class AugmentedBatches:
+    """The batches of noise augmentation and adversarial training: Gaussian noise of ``noise_sigma`` added to every
+    image, then the first ``ratio`` of each batch's subjects replaced by adversarial examples of the training's
+    attack against the model as it is now, maximizing |f(x') - y| (the regression error) within the budget, in
+    ``steps`` steps of 2.5 / ``steps`` of the radius where the attack takes them. Each image's random draws come
+    from its own stream, seeded from its row and the epoch, so that a start differs between epochs and not with
+    the batching. Counts the attack's passes."""
 
     def __init__(self, model: BrainAgeModel, inputs: TrainingBatches, config: TrainingConfig):
+        self.inputs, self.model, self.sigma = inputs, model, config.noise_sigma
+        self.noise = torch.Generator().manual_seed(config.seed)
+        self.forward = self.backward = 0
         defence = config.defence()
-        self.inputs, self.ratio, self.model = inputs, defence["ratio"], model
+        self.attack = None
+        if defence is None:
+            return
+        self.ratio = defence["ratio"]
         entry = attack_entrypoint(defence["attack"])
-        kwargs = {"steps": defence["steps"]} if "steps" in entry.argument_names() else {}
+        # Madry et al.'s few-step recipe: steps of 2.5 epsilon / steps, so that the walk can cross the ball
+        kwargs = {"steps": defence["steps"], "step_size": 2.5 / defence["steps"]}
+        kwargs = {key: value for key, value in kwargs.items() if key in entry.argument_names()}
         self.attack = create_attack(defence["attack"], model, budget=Budget(defence["norm"], defence["epsilon"]),
                                     objective="error", threat_model=defence["threat_model"], seed=config.seed,
                                     **kwargs)
-        self.forward = self.backward = 0
 
     def batch(self, rows: Tensor, epoch: int) -> tuple[Tensor, Tensor]:
-        """(predicted age, true age) in years of the subjects ``rows``, the first ``ratio`` of them attacked."""
+        """(predicted age, true age) in years of the subjects ``rows``, noisy and the first ``ratio`` attacked."""
         images, features, ages = self.inputs.inputs(rows)
+        if self.sigma > 0:
+            images = images + self.sigma * torch.randn(images.shape, generator=self.noise).to(images.device)
+        if self.attack is None:
+            return self.model(images, features), ages
         attacked = max(1, round(self.ratio * len(rows)))
         result = self.attack(images[:attacked], features[:attacked] if features is not None else None,
                              ages[:attacked], sample_seeds=(rows[:attacked] + epoch * len(self.inputs)).tolist())
@@ -152,11 +165,11 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
 
     parameters = [p for p in model.parameters_to_train() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    defended = config.defence() is not None
+    defended = config.defence() is not None or config.noise_sigma > 0  # noisy or attacked batches
     if defended:  # the scalings from the cached frozen part, as in standard training; then the images themselves
         fit_scalings(model, TrainingBatches(model, train, device, config.batch_size))
         train_inputs = TrainingBatches(model, train, device, config.batch_size, cache=False)
-        adversarial = AdversarialBatches(model, train_inputs, config)
+        augmented = AugmentedBatches(model, train_inputs, config)
     else:
         train_inputs = TrainingBatches(model, train, device, config.batch_size)
         fit_scalings(model, train_inputs)
@@ -172,7 +185,7 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
             if len(rows) < model.min_training_batch:  # a remnant too small for the model (batch norm): next epoch
                 continue
             optimizer.zero_grad(set_to_none=True)
-            predicted, true = adversarial.batch(rows, epoch) if defended else train_inputs.batch(rows)
+            predicted, true = augmented.batch(rows, epoch) if defended else train_inputs.batch(rows)
             # Loss on the standardized age: the same scale whatever the cohort's age range.
             loss = loss_fn(predicted / scale, true / scale)
             loss.backward()
@@ -185,8 +198,8 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
 
     best_epoch, best_value, history = fit(model, optimizer, config, epoch_loss, validate, "val_mae", progress)
     result = TrainingResult(best_epoch, best_value, history, time.perf_counter() - start)
-    if defended:  # what the defence cost: the attack's passes over the whole training
-        result.attack_passes = {"forward": adversarial.forward, "backward": adversarial.backward}
+    if defended and augmented.attack is not None:  # what the defence cost: the attack's passes in all
+        result.attack_passes = {"forward": augmented.forward, "backward": augmented.backward}
     return result
 
 

@@ -22,6 +22,7 @@ from medrobust.files import file_sha256
 from medrobust.models.adapter import AdaptedModel, InputContract
 from medrobust.models.base import BrainAgeModel
 from medrobust.models.checkpoint import checkpoint_paths, load_checkpoint
+from medrobust.models.smoothing import SmoothedModel, Smoothing
 
 # Modules given in memory (``medrobust.evaluate``), by the key their ModelSource holds: they live in this process.
 _IN_MEMORY: dict[str, nn.Module] = {}
@@ -53,6 +54,7 @@ class ModelSource:
     name: str = ""
     where: str = "model"
     memory: str | None = None  # a module in this process's memory (``in_memory``)
+    smoothing: Smoothing | None = None  # its prediction median-smoothed (``SmoothedModel``), part of its identity
 
     @property
     def kind(self) -> str:
@@ -82,7 +84,15 @@ class ModelSource:
     def load(self, device: str | torch.device = "cpu") -> tuple[BrainAgeModel, dict]:
         """(model in eval mode on ``device``, record): the record of a checkpoint is its sidecar; of a factory or
         TorchScript model, its ``weights_sha256`` and its ``identity`` (the source, the declared contract and
-        the code's hash), which become part of its cells' ids."""
+        the code's hash), which become part of its cells' ids. With ``smoothing``, the model is median-smoothed
+        and its settings join the identity."""
+        model, record = self._load(device)
+        if self.smoothing is None:
+            return model, record
+        identity = {**record.get("identity", {}), "smoothing": self.smoothing.as_dict()}
+        return SmoothedModel(model, self.smoothing).eval(), {**record, "identity": identity}
+
+    def _load(self, device: str | torch.device) -> tuple[BrainAgeModel, dict]:
         if self.kind == "checkpoint":
             return load_checkpoint(self.checkpoint, device)
         if self.kind == "memory":

@@ -285,3 +285,25 @@ def rows_metrics(rows: Sequence[Mapping]) -> dict[str, float]:
     ``ssim`` where every row has them)."""
     images = {name: [row[name] for row in rows] for name in IMAGE_METRICS if rows and all(name in r for r in rows)}
     return cell_metrics(*([row[key] for row in rows] for key in ROW_KEYS), **images)
+
+
+# Per-subject values of a median-smoothed model's certificate (medrobust.models.smoothing), in the store's samples.
+CERTIFICATE_KEYS = ("certified_lower", "certified_upper", "smoothed_adversarial")
+
+
+def certificate_metrics(rows: Sequence[Mapping]) -> dict[str, float]:
+    """What a cell's certificates say (rows with the ``CERTIFICATE_KEYS``; NaN bounds where a certificate
+    abstained): ``certified_n`` and ``abstained`` subjects; ``certified_max_deviation``, the mean over certified
+    subjects of the certified worst case max(upper - clean, clean - lower); ``certified_within_<k>y``, the fraction
+    of all subjects certified to move by at most k years; ``certificate_beaten``, the certified subjects whose
+    attacked image's smoothed prediction (from fresh draws) lies outside their interval (a bug where it is not 0)."""
+    lower, upper, attacked, clean = (np.array([float(row[key]) for row in rows], dtype=float)
+                                     for key in (*CERTIFICATE_KEYS, "clean_prediction"))
+    certified = np.isfinite(lower) & np.isfinite(upper)
+    bound = np.where(certified, np.maximum(upper - clean, clean - lower), np.inf)
+    metrics = {"certified_n": int(certified.sum()), "abstained": int((~certified).sum()),
+               "certified_max_deviation": _mean(bound[certified]),
+               "certificate_beaten": int((certified & ((attacked < lower) | (attacked > upper))).sum())}
+    metrics.update({f"certified_within_{k}y": float((bound <= k).mean()) if len(rows) else math.nan
+                    for k in SUCCESS_THRESHOLDS})
+    return metrics

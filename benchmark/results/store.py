@@ -35,8 +35,9 @@ STORE_FILENAME = "results.sqlite"
 LOCK_SUFFIX = ".lock"  # the writer's lock file: results.sqlite.lock
 EXAMPLES_FOLDER = "examples"  # beside the store: each cell's example slices, <cell id>.npz (results/examples.py)
 # 2: samples gained l0, psnr and ssim; 3: a cell's id no longer covers the model's label (older stores are migrated
-# in place on opening: columns added, cells re-keyed).
-SCHEMA_VERSION = 3
+# in place on opening: columns added, cells re-keyed); 4: samples gained the certificate of a median-smoothed
+# model (certified_lower, certified_upper, smoothed_adversarial).
+SCHEMA_VERSION = 4
 
 # Spec keys that locate, describe or name a cell without changing its result: left out of its id. The label
 # (``model``) is a display name: a model renamed in its config keeps its cells, which are relabelled (`relabel`).
@@ -47,9 +48,11 @@ _OUR_TABLES = {"meta", "runs", "cells", "samples", "reliability"}
 # Per-subject columns of the samples table, in order: the one list the writer and the reader use. A sample
 # without one of the nullable columns (l0, psnr, ssim) stores NULL there.
 SAMPLE_COLUMNS = ("subject", "true_age", "clean_prediction", "adversarial_prediction", "deviation",
-                  "linf", "l2", "linf_rel", "l2_rel", "l0", "psnr", "ssim")
+                  "linf", "l2", "linf_rel", "l2_rel", "l0", "psnr", "ssim",
+                  "certified_lower", "certified_upper", "smoothed_adversarial")
 # Columns added to samples after version 1, with their SQL types: what the migration adds.
-_ADDED_SAMPLE_COLUMNS = {"l0": "INTEGER", "psnr": "REAL", "ssim": "REAL"}
+_ADDED_SAMPLE_COLUMNS = {"l0": "INTEGER", "psnr": "REAL", "ssim": "REAL", "certified_lower": "REAL",
+                         "certified_upper": "REAL", "smoothed_adversarial": "REAL"}
 
 # Cell-level values that differ between two runs of the same cell (where and when it ran, how long it took): left
 # out when two stores are compared. Metrics are free-form JSON; a metric that measures the run rather than the
@@ -90,6 +93,9 @@ CREATE TABLE IF NOT EXISTS samples (
     l0 INTEGER,
     psnr REAL,
     ssim REAL,
+    certified_lower REAL,
+    certified_upper REAL,
+    smoothed_adversarial REAL,
     PRIMARY KEY (cell_id, subject)
 );
 CREATE TABLE IF NOT EXISTS reliability (
@@ -428,8 +434,8 @@ class ResultStore:
     def write_cell(self, cell_id: str, run_id: str, spec: dict, metrics: dict, samples: Iterable[dict],
                    seconds: float, status: str = "done", error: str | None = None) -> None:
         """Write a cell and its per-subject rows in ONE transaction, replacing any earlier attempt at it. A sample
-        lacking a nullable column (l0, psnr, ssim) stores NULL there; one lacking a required column fails the
-        whole write (NOT NULL), as does a key that is no column of the store."""
+        lacking a nullable column (l0, psnr, ssim, the certificate's) stores NULL there; one lacking a required
+        column fails the whole write (NOT NULL), as does a key that is no column of the store."""
         rows = []
         for sample in samples:
             unknown = set(sample) - set(SAMPLE_COLUMNS)

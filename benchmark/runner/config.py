@@ -6,6 +6,7 @@ a finite number >= 0, got nan``. Relative paths are relative to the current dire
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -23,6 +24,7 @@ from medrobust.errors import FieldError, MedrobustError
 from medrobust.models import list_models
 from medrobust.models.adapter import contract_from
 from medrobust.models.checkpoint import checkpoint_paths
+from medrobust.models.smoothing import Smoothing
 from medrobust.models.sources import ModelSource
 from medrobust.plugins import import_plugins
 from medrobust.settings import CohortSpec, TrainingConfig
@@ -57,6 +59,7 @@ class ModelSpec:
     train_if_missing: bool = True
     source: ModelSource | None = None
     training: TrainingConfig | None = None  # its own training settings (a defence, say); None: the run's
+    smoothing: Smoothing | None = None  # median smoothing of its prediction (medrobust.models.smoothing)
 
 
 @dataclass(frozen=True)
@@ -328,6 +331,15 @@ def _models(table: _Table, training: TrainingConfig) -> list[ModelSpec]:
             entry.fail(f"models[{i}] must name exactly one source: name (a registered model), factory "
                        f"('package.module:callable') or torchscript (a file); got {', '.join(given) or 'none'}")
         spec = _registered_model(entry, training) if given == ["name"] else _own_model(entry, given[0])
+        smoothing = entry.take("smoothing", "table", None)
+        if smoothing is not None:
+            try:
+                spec = dataclasses.replace(spec, smoothing=Smoothing(**smoothing))
+            except TypeError:
+                entry.fail(f"{entry.name('smoothing')} takes {', '.join(Smoothing().as_dict())}; got "
+                           f"{', '.join(sorted(smoothing))}")
+            except MedrobustError as err:
+                entry.fail(f"{entry.name('smoothing')}: {err}")
         entry.done()
         if spec.label in labels:
             entry.fail(f"{entry.name('label')} {spec.label!r} is used twice; give each model its own label")

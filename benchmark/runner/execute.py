@@ -15,15 +15,18 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from medrobust.attacks.budget import Budget
 from medrobust.attacks.result import GRADIENT_FAULTS
 from medrobust.data.preprocess import PreparedDataset
 from medrobust.faults import fault_point
 from medrobust.models import BrainAgeModel
 from medrobust.models.segmenter import Segmenter
+from medrobust.models.smoothing import SmoothedModel, certify, smoothed_estimate
 from medrobust.models.sources import ModelSource
 from medrobust.results.examples import ExampleCollector
-from medrobust.results.metrics import rows_metrics, sample_rows
+from medrobust.results.metrics import certificate_metrics, rows_metrics, sample_rows
 from medrobust.runner.cells import Cell, build_attack, is_set_level, subject_seeds
 from medrobust.runner.config import RunConfig
 from medrobust.runner.inputs import LoadedInputs, attack_inputs, batches, model_grid
@@ -73,7 +76,8 @@ class _Timer:
 def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: RunConfig, device: torch.device,
                      on_batch: Callable[[dict], None] | None = None, extractor: str | None = None,
                      segmenter: Segmenter | None = None, seed: int = 0, parity: bool = True,
-                     examples: ExampleCollector | None = None) -> tuple[dict, list[dict]]:
+                     examples: ExampleCollector | None = None, budget: Budget | None = None
+                     ) -> tuple[dict, list[dict]]:
     """Run ``call`` (an attack, or a fitted universal perturbation's ``apply``) over every subject of `data`;
     returns (metrics, per-subject rows). With ``extractor`` (threat model ``recomputed``) each batch comes with
     that feature extractor (by ``segmenter`` for the segmenter extractors). A callable that takes ``sample_seeds``
@@ -83,7 +87,8 @@ def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: 
     retried (down to one subject), and later batches keep the smaller size; ``batch_size_used`` records it. In
     reduced precision (``config.precision``), the first batch is attacked in fp32 too and both mean |deviation|
     are kept (``parity_*``) for the reliability checks (with ``parity``). ``examples`` collects every subject's
-    mid-slices, clean and attacked, for the page's adversarial examples."""
+    mid-slices, clean and attacked, for the page's adversarial examples. With ``budget`` (an l2 budget of a
+    median-smoothed model under ``fixed``), each subject's row gets its certificate at that radius."""
     rows: list[dict] = []
     counters = {"forward": 0, "backward": 0, "steps": 0}
     gradient_faults: dict[str, int] = {}
@@ -116,6 +121,8 @@ def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: 
             continue
         batch_rows, moved = sample_rows(subjects, data.ages[batch], inputs["images"], inputs["features"],
                                         inputs["mask"], result, config.ssim)
+        if budget is not None:
+            _certify_rows(batch_rows, model, inputs, result, budget, subject_seeds(seed, subjects))
         rows.extend(batch_rows)
         if examples is not None:
             examples.add(batch_rows, inputs["images"], result.images)
@@ -140,7 +147,29 @@ def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: 
     metrics.update({f"diag:{key}": float(torch.cat(values).mean()) for key, values in diagnostics.items()})
     if feature_change:  # the largest relative change of any context feature, averaged over subjects
         metrics["mean_feature_change_rel"] = float(torch.cat(feature_change).mean())
+    if budget is not None:
+        metrics.update(certificate_metrics(rows))
     return metrics, rows
+
+
+def certified_budget(cell: Cell, model: nn.Module) -> Budget | None:
+    """The budget a cell's subjects are certified at: an l2 budget of a median-smoothed model whose context
+    features stay clean (the certificate covers image perturbations); None for every other cell."""
+    if isinstance(model, SmoothedModel) and cell.budget.norm == "l2" and cell.threat_model == "fixed":
+        return cell.budget
+    return None
+
+
+def _certify_rows(rows: list[dict], model: SmoothedModel, inputs: dict, result, budget: Budget,
+                  seeds: list[int]) -> None:
+    """Add each subject's certificate at the budget's radius (its own, in the model's input units) to its row, and
+    the smoothed prediction of its attacked image from fresh draws."""
+    images, features = inputs["images"], inputs["features"]
+    certificate = certify(model, images, features, budget.radius(images)[:, None], seeds)
+    attacked = smoothed_estimate(model, result.images.to(images.dtype), result.features, seeds)
+    for i, row in enumerate(rows):
+        row.update(certified_lower=float(certificate.lower[i, 0]), certified_upper=float(certificate.upper[i, 0]),
+                   smoothed_adversarial=float(attacked[i]))
 
 
 def _mean_abs_deviation(result) -> float:
@@ -167,7 +196,7 @@ def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: Ru
         torch.cuda.reset_peak_memory_stats(device)
     if fit_data is None or not is_set_level(cell.attack.name):
         metrics, rows = _attack_subjects(attack, data, model, config, device, on_batch, extractor, segmenter,
-                                         seed, examples=examples)
+                                         seed, examples=examples, budget=certified_budget(cell, model))
     else:
         began = time.perf_counter()
         with autocast(device, config.precision):
@@ -176,7 +205,7 @@ def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: Ru
                                segmenter))
         fit_seconds = time.perf_counter() - began
         metrics, rows = _attack_subjects(attack.apply, data, model, config, device, on_batch, extractor,
-                                         segmenter, seed, examples=examples)
+                                         segmenter, seed, examples=examples, budget=certified_budget(cell, model))
         on_fit, _ = _attack_subjects(attack.apply, fit_data, model, config, device, None, extractor, segmenter,
                                      seed, parity=False)
         for key, count in zip(("forward", "backward", "steps"), attack.fit_counters, strict=True):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import asdict
@@ -39,8 +40,8 @@ def model_source(config: RunConfig, spec: ModelSpec) -> ModelSource:
     """Where a model of the grid comes from: a model of one's own as configured, a registered one from its
     checkpoint."""
     if spec.source is not None:
-        return spec.source
-    return ModelSource(checkpoint=model_checkpoint(config, spec), name=spec.name)
+        return dataclasses.replace(spec.source, smoothing=spec.smoothing)
+    return ModelSource(checkpoint=model_checkpoint(config, spec), name=spec.name, smoothing=spec.smoothing)
 
 
 def model_sources(config: RunConfig) -> dict[str, ModelSource]:
