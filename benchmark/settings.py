@@ -50,12 +50,13 @@ class TrainingConfig:
 
     def stem(self, name: str) -> str:
         """The checkpoint stem of model ``name`` trained with these settings: ``<name>-seed<seed>``, with the defence
-        in it for adversarial training (``cnn3d-at-pgd-linf0.002-seed0``) and noise augmentation
+        in it for adversarial training (``cnn3d-at-pgd-linf0.002-3steps-seed0``) and noise augmentation
         (``cnn3d-noise0.25-seed0``), so that a defended model and its undefended twin live side by side."""
-        defence = self.defence()
-        tag = "" if defence is None else f"-at-{defence['attack']}-{defence['norm']}{defence['epsilon']:g}"
-        if defence is not None and defence["threat_model"] != "fixed":
-            tag += f"-{defence['threat_model']}"
+        defence, tag = self.defence(), ""
+        if defence is not None:  # every setting that makes another defence, so that no two share a checkpoint
+            tag = f"-at-{defence['attack']}-{defence['norm']}{defence['epsilon']:g}-{defence['steps']}steps"
+            tag += f"-ratio{defence['ratio']:g}" if defence["ratio"] != 1 else ""
+            tag += f"-{defence['threat_model']}" if defence["threat_model"] != "fixed" else ""
         if self.noise_sigma > 0:
             tag += f"-noise{self.noise_sigma:g}"
         return f"{name}{tag}-seed{self.seed}"

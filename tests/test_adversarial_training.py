@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from medrobust.attacks import create_attack
@@ -70,7 +71,8 @@ def test_adversarial_training_makes_the_model_more_robust_than_its_undefended_tw
 def test_the_defence_is_in_the_checkpoint_name_and_sidecar(twins) -> None:
     standard, defended = twins["standard"].checkpoint, twins["pgd"].checkpoint
     assert standard.name == "cnn3d-seed5.safetensors"
-    assert defended.name == f"cnn3d-at-pgd-linf{EPSILON:g}-seed5.safetensors" and defended.parent == standard.parent
+    assert defended.name == f"cnn3d-at-pgd-linf{EPSILON:g}-2steps-seed5.safetensors"
+    assert defended.parent == standard.parent
     recorded = json.loads(defended.with_suffix(".json").read_text())["extra"]["training"]
     assert (recorded["adversarial"], recorded["adversarial_epsilon"], recorded["adversarial_steps"]) == (
         "pgd", EPSILON, 2)
@@ -140,7 +142,7 @@ name = "fgsm"
     summary = run(config, progress=False, echo=lines.append)
     assert summary.done == 2 and not summary.failed
     assert sorted(path.name for path in (tmp_path / "models").glob("*.safetensors")) == [
-        "cnn3d-at-pgd-linf0.004-seed0.safetensors", "cnn3d-seed0.safetensors"]
+        "cnn3d-at-pgd-linf0.004-1steps-seed0.safetensors", "cnn3d-seed0.safetensors"]
     assert any("adversarially (pgd linf 0.004)" in line for line in lines)
     with ResultStore(config.out) as store:
         cells = store.cells()
@@ -155,3 +157,31 @@ name = "fgsm"
     config_path.write_text(bad)
     with pytest.raises(MedrobustError, match=r"models\[1\]\.training\.adversarial_steps must be at least 1"):
         load_config(config_path)
+
+
+def test_every_setting_of_a_defence_names_its_own_checkpoint() -> None:
+    # A checkpoint found under a defence's stem is taken as trained with it: two defences never share one.
+    defences = [TrainingConfig(), TrainingConfig(adversarial="pgd"), TrainingConfig(adversarial="bim"),
+                TrainingConfig(adversarial="pgd", adversarial_epsilon=2e-3),
+                TrainingConfig(adversarial="pgd", adversarial_norm="l2"),
+                TrainingConfig(adversarial="pgd", adversarial_steps=5),
+                TrainingConfig(adversarial="pgd", adversarial_ratio=0.5),
+                TrainingConfig(adversarial="pgd", adversarial_threat_model="perturbed"),
+                TrainingConfig(noise_sigma=0.25), TrainingConfig(adversarial="pgd", noise_sigma=0.25)]
+    stems = [config.stem("cnn3d") for config in defences]
+    assert len(set(stems)) == len(stems) and stems[0] == "cnn3d-seed0"
+    assert stems[6] == "cnn3d-at-pgd-linf0.001-3steps-ratio0.5-seed0" and stems[8] == "cnn3d-noise0.25-seed0"
+
+
+def test_noise_augmented_training_is_its_own_deterministic_checkpoint(cohort, tmp_path) -> None:
+    def trained(out: Path, sigma: float) -> dict:
+        config = TrainingConfig(epochs=1, batch_size=4, seed=5, noise_sigma=sigma)
+        (result,) = train(TrainRequest(data=cohort, models=["cnn3d"], out=out, config=config, device="cpu",
+                                       progress=False))
+        return result.checkpoint, load_checkpoint(result.checkpoint)[0].state_dict()
+
+    (first, weights), (_, again), (plain, clean) = (trained(tmp_path / "a", 0.5), trained(tmp_path / "b", 0.5),
+                                                    trained(tmp_path / "c", 0.0))
+    assert first.name == "cnn3d-noise0.5-seed5.safetensors" and plain.name == "cnn3d-seed5.safetensors"
+    assert all(torch.equal(weights[key], again[key]) for key in weights)
+    assert not all(torch.equal(weights[key], clean[key]) for key in weights)

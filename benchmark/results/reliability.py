@@ -14,7 +14,9 @@ fired, what it saw and what it suggests (``CHECKS``):
 - ``unbounded``: at a budget of the whole intensity range a working gradient attack moves a healthy model's
   prediction far (the ensemble's probe); one that cannot is masked or broken;
 - ``precision``: a cell run in reduced precision (bf16, fp16) whose first batch, attacked again in fp32, moved the
-  model by a clearly different amount (low precision can round gradients away).
+  model by a clearly different amount (low precision can round gradients away);
+- ``certificate``: a median-smoothed model's subject whose attacked image's smoothed prediction left its certified
+  interval (the certificate is wrong, or too few draws estimated the smoothed prediction).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ CHECKS = {
                 "gradient attacks are blind, use black-box attacks",
     "unbounded": "masked gradients or a broken attack (or an output bounded to a narrow range)",
     "precision": "reduced precision may round gradients away (mask them): compare with fp32",
+    "certificate": "a bug in the certificate, or a smoothed prediction estimated from too few draws (certify_n)",
 }
 # Gradient attacks: the ones the black-box check holds to a black-box attack's result.
 GRADIENT_ROLES = ("one-step", "iterative")
@@ -117,7 +120,8 @@ def _metric(cell: pd.Series, key: str) -> float:
 
 
 def _gradient_flags(done: pd.DataFrame, flag) -> None:
-    """``gradient`` and ``unbounded``: what the attacks recorded of the gradients they saw."""
+    """``gradient`` and ``unbounded``: what the attacks recorded of the gradients they saw; ``certificate``: what
+    the smoothed models' certificates recorded."""
     for _, cell in done.iterrows():
         count = _metric(cell, "n")
         for key, what in (("zero_gradient_subjects", "a zero"), ("nonfinite_gradient_subjects", "a NaN or inf")):
@@ -125,6 +129,10 @@ def _gradient_flags(done: pd.DataFrame, flag) -> None:
             if faulty > 0:
                 flag(cell["id"], "gradient", f"{int(faulty)} of {int(count) if count == count else '?'} subjects had "
                                              f"{what} input gradient")
+        beaten = _metric(cell, "certificate_beaten")
+        if beaten > 0:
+            flag(cell["id"], "certificate", f"{int(beaten)} of {int(_metric(cell, 'certified_n'))} certified subjects' "
+                                            f"attacked smoothed prediction left the certified interval")
         shift = _metric(cell, "diag:unbounded_shift")
         if shift == shift and shift < UNBOUNDED_YEARS:
             # The probe is the attack's own (the ensemble's): its diagnostic, whatever attack reports it.

@@ -229,3 +229,10 @@ def test_an_ensemble_weaker_than_another_attack_and_recorded_gradient_faults_are
     assert checks_fired(flags["e1"]) == {"ensemble"} and "add it to the ensemble's members" in flags["e1"][0]
     assert checks_fired(flags["s1"]) == {"gradient"} and "2 of 5 subjects had a zero input gradient" in flags["s1"][0]
     assert "p1" not in flags
+
+
+def test_a_beaten_certificate_is_flagged_and_a_kept_one_is_not():
+    kept = cell("s1", "pgd", 0.5, 1.0, certified_n=20, certificate_beaten=0)
+    beaten = cell("s2", "pgd", 1.0, 2.0, certified_n=20, certificate_beaten=2)
+    flags = reliability_flags(pd.DataFrame([kept, beaten]))
+    assert list(flags) == ["s2"] and flags["s2"][0].startswith("certificate: 2 of 20 certified subjects")
