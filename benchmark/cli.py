@@ -230,13 +230,16 @@ def _norm_epsilon(ctx: click.Context, param: click.Parameter, value: str) -> tup
 @click.option("--adversarial-threat-model", type=click.Choice(["fixed", "perturbed"]),
               default=_TRAINING.adversarial_threat_model, show_default=True,
               help="With --adversarial: perturbed lets the attacker move the regional volumes too.")
+@click.option("--adversarial-warmup", type=int, default=_TRAINING.adversarial_warmup, show_default=True,
+              help="With --adversarial: epochs over which epsilon ramps up from 0 (the best epoch is chosen after).")
 @click.option("--noise-sigma", type=float, default=_TRAINING.noise_sigma, show_default=True,
               help="Gaussian noise of this scale (the model's input units) added to every training image: the base "
                    "of a median-smoothed model (a config's `smoothing`) at that sigma.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_cmd(data_path, models, out, trained, epochs, batch_size, lr, weight_decay, loss, patience, seed, split_seed,
               shape, voxel_size, device, cache_dir, features, strict, threads, adversarial, adversarial_budget,
-              adversarial_steps, adversarial_ratio, adversarial_threat_model, noise_sigma, quiet) -> None:
+              adversarial_steps, adversarial_ratio, adversarial_threat_model, adversarial_warmup, noise_sigma,
+              quiet) -> None:
     """Train brain-age models; writes checkpoints and prints clean test MAE, Pearson r and n."""
     from pathlib import Path
 
@@ -247,7 +250,7 @@ def train_cmd(data_path, models, out, trained, epochs, batch_size, lr, weight_de
                             patience=patience, seed=seed, adversarial=adversarial, adversarial_norm=norm,
                             adversarial_epsilon=epsilon, adversarial_steps=adversarial_steps,
                             adversarial_ratio=adversarial_ratio, adversarial_threat_model=adversarial_threat_model,
-                            noise_sigma=noise_sigma)
+                            adversarial_warmup=adversarial_warmup, noise_sigma=noise_sigma)
     request = TrainRequest(
         data=Path(data_path), models=list(models), out=Path(out), config=config, shape=shape, voxel_size=voxel_size,
         trained=[Path(path) for path in trained], split_seed=split_seed, device=device,

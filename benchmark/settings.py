@@ -35,6 +35,10 @@ class TrainingConfig:
     adversarial_steps: int = 3
     adversarial_ratio: float = 1.0
     adversarial_threat_model: str = "fixed"
+    # Epochs over which the attack's epsilon ramps up linearly from 0 (the first epoch clean) to its full value; the
+    # best epoch is chosen among those at full strength only (the paper's CNN does not learn under the full budget
+    # from its first epoch).
+    adversarial_warmup: int = 0
     # Gaussian noise augmentation: noise of this scale (the model's input units, as medrobust.models.smoothing's
     # sigma) added to every training image, so that a median-smoothed model at that sigma certifies something.
     noise_sigma: float = 0.0
@@ -46,7 +50,7 @@ class TrainingConfig:
             return None
         return {"attack": self.adversarial, "norm": self.adversarial_norm, "epsilon": self.adversarial_epsilon,
                 "unit": "range", "steps": self.adversarial_steps, "ratio": self.adversarial_ratio,
-                "threat_model": self.adversarial_threat_model}
+                "threat_model": self.adversarial_threat_model, "warmup": self.adversarial_warmup}
 
     def stem(self, name: str) -> str:
         """The checkpoint stem of model ``name`` trained with these settings: ``<name>-seed<seed>``, with the defence
@@ -57,6 +61,7 @@ class TrainingConfig:
             tag = f"-at-{defence['attack']}-{defence['norm']}{defence['epsilon']:g}-{defence['steps']}steps"
             tag += f"-ratio{defence['ratio']:g}" if defence["ratio"] != 1 else ""
             tag += f"-{defence['threat_model']}" if defence["threat_model"] != "fixed" else ""
+            tag += f"-warmup{defence['warmup']}" if defence["warmup"] else ""
         if self.noise_sigma > 0:
             tag += f"-noise{self.noise_sigma:g}"
         return f"{name}{tag}-seed{self.seed}"
@@ -89,6 +94,9 @@ class TrainingConfig:
                 raise FieldError("adversarial_steps", f"must be at least 1, got {self.adversarial_steps}")
             if not 0 < self.adversarial_ratio <= 1:
                 raise FieldError("adversarial_ratio", f"must be in (0, 1], got {self.adversarial_ratio}")
+            if not 0 <= self.adversarial_warmup < self.epochs:
+                raise FieldError("adversarial_warmup", f"must be at least 0 and fewer than the {self.epochs} epochs, "
+                                                       f"got {self.adversarial_warmup}")
             if self.adversarial_threat_model not in ("fixed", "perturbed"):
                 raise FieldError("adversarial_threat_model", f"must be fixed or perturbed, got "
                                                              f"{self.adversarial_threat_model!r}")

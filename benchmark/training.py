@@ -118,24 +118,36 @@ class AugmentedBatches:
         self.attack = None
         if defence is None:
             return
-        self.ratio = defence["ratio"]
+        self.ratio, self.warmup = defence["ratio"], defence["warmup"]
         entry = attack_entrypoint(defence["attack"])
         # Madry et al.'s few-step recipe: steps of 2.5 epsilon / steps, so that the walk can cross the ball
         kwargs = {"steps": defence["steps"], "step_size": 2.5 / defence["steps"]}
         kwargs = {key: value for key, value in kwargs.items() if key in entry.argument_names()}
-        self.attack = create_attack(defence["attack"], model, budget=Budget(defence["norm"], defence["epsilon"]),
-                                    objective="error", threat_model=defence["threat_model"], seed=config.seed,
-                                    **kwargs)
+        self.attack = lambda epsilon: create_attack(
+            defence["attack"], model, budget=Budget(defence["norm"], epsilon), objective="error",
+            threat_model=defence["threat_model"], seed=config.seed, **kwargs)
+        self.epsilon = defence["epsilon"]
+        self._attacks: dict[int, object] = {}
+
+    def attack_of(self, epoch: int):
+        """The attack of an epoch (1-based), its epsilon ramped up over the warm-up; None while it is 0."""
+        scale = min(1.0, (epoch - 1) / self.warmup) if self.warmup else 1.0
+        if scale == 0:
+            return None
+        if epoch not in self._attacks:
+            self._attacks = {epoch: self.attack(scale * self.epsilon)}
+        return self._attacks[epoch]
 
     def batch(self, rows: Tensor, epoch: int) -> tuple[Tensor, Tensor]:
         """(predicted age, true age) in years of the subjects ``rows``, noisy and the first ``ratio`` attacked."""
         images, features, ages = self.inputs.inputs(rows)
         if self.sigma > 0:
             images = images + self.sigma * torch.randn(images.shape, generator=self.noise).to(images.device)
-        if self.attack is None:
+        attack = self.attack_of(epoch) if self.attack is not None else None
+        if attack is None:
             return self.model(images, features), ages
         attacked = max(1, round(self.ratio * len(rows)))
-        result = self.attack(images[:attacked], features[:attacked] if features is not None else None,
+        result = attack(images[:attacked], features[:attacked] if features is not None else None,
                              ages[:attacked], sample_seeds=(rows[:attacked] + epoch * len(self.inputs)).tolist())
         self.forward += result.forward
         self.backward += result.backward
@@ -196,7 +208,8 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
     def validate() -> float:
         return float(mae(predict(val_inputs, config.batch_size), val_inputs.ages))
 
-    best_epoch, best_value, history = fit(model, optimizer, config, epoch_loss, validate, "val_mae", progress)
+    best_epoch, best_value, history = fit(model, optimizer, config, epoch_loss, validate, "val_mae", progress,
+                                          select_from=config.adversarial_warmup + 1 if config.defence() else 1)
     result = TrainingResult(best_epoch, best_value, history, time.perf_counter() - start)
     if defended and augmented.attack is not None:  # what the defence cost: the attack's passes in all
         result.attack_passes = {"forward": augmented.forward, "backward": augmented.backward}
@@ -205,13 +218,14 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
 
 def fit(module: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainingConfig,
         epoch_loss: Callable[[int], float], validate: Callable[[], float], metric: str,
-        progress: bool = True) -> tuple[int, float, list[dict]]:
+        progress: bool = True, select_from: int = 1) -> tuple[int, float, list[dict]]:
     """The epoch loop of every trainer: ``epoch_loss(epoch)`` trains ``module`` one epoch (in train mode) and
     returns its mean loss, ``validate()`` scores it on the validation split (in eval mode) as ``metric``: a
     ``val_mae`` is minimized, anything else (``val_dice``) maximized. The rate follows a fixed cosine decay over
     ``config.epochs`` (not one driven by the small, noisy validation split: a plateau scheduler halved the rate on
     noise and left the paper's CNN stuck in some seeds); training stops after ``config.patience`` epochs without
-    improvement and ends with the best epoch's weights. Returns (best epoch, its validation score, history)."""
+    improvement and ends with the best epoch's weights, chosen from epoch ``select_from`` on (an adversarial
+    training's warm-up is never chosen). Returns (best epoch, its validation score, history)."""
     minimize = metric == "val_mae"
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     best_epoch, best_value, history, stale = 0, math.inf if minimize else -math.inf, [], 0
@@ -225,6 +239,8 @@ def fit(module: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Train
         history.append({"epoch": epoch, "train_loss": train_loss, metric: value,
                         "lr": optimizer.param_groups[0]["lr"]})
         scheduler.step()
+        if epoch < select_from:
+            continue
         if (value < best_value - 1e-4) if minimize else (value > best_value + 1e-4):
             best_epoch, best_value, stale = epoch, value, 0
             best_state = copy.deepcopy(module.state_dict())

@@ -89,6 +89,7 @@ def test_the_defence_is_in_the_checkpoint_name_and_sidecar(twins) -> None:
     ({"adversarial": "pgd", "adversarial_threat_model": "recomputed"}, "adversarial_threat_model"),
     ({"adversarial": "square", "adversarial_threat_model": "perturbed"}, "adversarial_threat_model"),
     ({"adversarial": "bim", "adversarial_norm": "l2"}, "adversarial_norm"),
+    ({"adversarial": "pgd", "adversarial_warmup": 1}, "adversarial_warmup"),  # as many as the one epoch
 ])
 def test_a_defence_the_attack_cannot_train_is_refused_naming_the_field(cohort, tmp_path, settings, field) -> None:
     with pytest.raises(FieldError) as caught:
@@ -167,10 +168,12 @@ def test_every_setting_of_a_defence_names_its_own_checkpoint() -> None:
                 TrainingConfig(adversarial="pgd", adversarial_steps=5),
                 TrainingConfig(adversarial="pgd", adversarial_ratio=0.5),
                 TrainingConfig(adversarial="pgd", adversarial_threat_model="perturbed"),
+                TrainingConfig(adversarial="pgd", adversarial_warmup=5),
                 TrainingConfig(noise_sigma=0.25), TrainingConfig(adversarial="pgd", noise_sigma=0.25)]
     stems = [config.stem("cnn3d") for config in defences]
     assert len(set(stems)) == len(stems) and stems[0] == "cnn3d-seed0"
-    assert stems[6] == "cnn3d-at-pgd-linf0.001-3steps-ratio0.5-seed0" and stems[8] == "cnn3d-noise0.25-seed0"
+    assert stems[6] == "cnn3d-at-pgd-linf0.001-3steps-ratio0.5-seed0" and stems[9] == "cnn3d-noise0.25-seed0"
+    assert stems[8] == "cnn3d-at-pgd-linf0.001-3steps-warmup5-seed0"
 
 
 def test_noise_augmented_training_is_its_own_deterministic_checkpoint(cohort, tmp_path) -> None:
@@ -185,3 +188,16 @@ def test_noise_augmented_training_is_its_own_deterministic_checkpoint(cohort, tm
     assert first.name == "cnn3d-noise0.5-seed5.safetensors" and plain.name == "cnn3d-seed5.safetensors"
     assert all(torch.equal(weights[key], again[key]) for key in weights)
     assert not all(torch.equal(weights[key], clean[key]) for key in weights)
+
+
+def test_the_warmup_ramps_epsilon_up_and_is_never_the_chosen_epoch(cohort, tmp_path) -> None:
+    config = TrainingConfig(epochs=4, batch_size=4, seed=5, adversarial="pgd", adversarial_warmup=2,
+                            adversarial_steps=1)
+    (result,) = train(TrainRequest(data=cohort, models=["cnn3d"], out=tmp_path, config=config, device="cpu",
+                                   progress=False))
+    assert result.best_epoch >= 3
+    assert result.checkpoint.name == "cnn3d-at-pgd-linf0.001-1steps-warmup2-seed5.safetensors"
+    # epoch 1 is clean (no attack pass), epoch 2 at half epsilon, 3 and 4 at full: 3 attacked epochs of 7 batches,
+    # each one step (one backward) per attacked batch
+    recorded = json.loads(result.checkpoint.with_suffix(".json").read_text())["extra"]["training"]
+    assert recorded["attack_passes"]["backward"] == 3 * 7
