@@ -239,12 +239,11 @@ def fit(module: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Train
         history.append({"epoch": epoch, "train_loss": train_loss, metric: value,
                         "lr": optimizer.param_groups[0]["lr"]})
         scheduler.step()
-        if epoch < select_from:
-            continue
-        if (value < best_value - 1e-4) if minimize else (value > best_value + 1e-4):
+        improved = (value < best_value - 1e-4) if minimize else (value > best_value + 1e-4)
+        if epoch >= select_from and improved:
             best_epoch, best_value, stale = epoch, value, 0
             best_state = copy.deepcopy(module.state_dict())
-        else:
+        elif epoch >= select_from:
             stale += 1
         bar.set_postfix(loss=f"{train_loss:.3f}", **{metric: f"{value:.3f}", "best": f"{best_value:.3f}"})
         if stale >= config.patience:
