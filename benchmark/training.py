@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from medrobust.attacks import attack_entrypoint, create_attack, list_attacks
+from medrobust.attacks import Attack, attack_entrypoint, create_attack, list_attacks
 from medrobust.attacks.budget import Budget
 from medrobust.data import FeatureSource, load_prepared
 from medrobust.data.features import FeatureScaler
@@ -127,16 +127,16 @@ class AugmentedBatches:
             defence["attack"], model, budget=Budget(defence["norm"], epsilon), objective="error",
             threat_model=defence["threat_model"], seed=config.seed, **kwargs)
         self.epsilon = defence["epsilon"]
-        self._attacks: dict[int, object] = {}
+        self._epoch_attack: tuple[int, Attack] | None = None
 
-    def attack_of(self, epoch: int):
+    def attack_of(self, epoch: int) -> Attack | None:
         """The attack of an epoch (1-based), its epsilon ramped up over the warm-up; None while it is 0."""
         scale = min(1.0, (epoch - 1) / self.warmup) if self.warmup else 1.0
         if scale == 0:
             return None
-        if epoch not in self._attacks:
-            self._attacks = {epoch: self.attack(scale * self.epsilon)}
-        return self._attacks[epoch]
+        if self._epoch_attack is None or self._epoch_attack[0] != epoch:
+            self._epoch_attack = (epoch, self.attack(scale * self.epsilon))
+        return self._epoch_attack[1]
 
     def batch(self, rows: Tensor, epoch: int) -> tuple[Tensor, Tensor]:
         """(predicted age, true age) in years of the subjects ``rows``, noisy and the first ``ratio`` attacked."""
@@ -147,14 +147,15 @@ class AugmentedBatches:
         if attack is None:
             return self.model(images, features), ages
         attacked = max(1, round(self.ratio * len(rows)))
-        result = attack(images[:attacked], features[:attacked] if features is not None else None,
-                             ages[:attacked], sample_seeds=(rows[:attacked] + epoch * len(self.inputs)).tolist())
+        result = attack(images[:attacked], features[:attacked] if features is not None else None, ages[:attacked],
+                        sample_seeds=(rows[:attacked] + epoch * len(self.inputs)).tolist())
         self.forward += result.forward
         self.backward += result.backward
         images = torch.cat([result.images, images[attacked:]])
         if features is not None:
             features = torch.cat([result.features, features[attacked:]])
         return self.model(images, features), ages
+
 
 def fit_scalings(model: BrainAgeModel, train: TrainingBatches) -> None:
     """Set the model's target, feature and trunk scalings from the training split only."""
@@ -462,8 +463,11 @@ def _train(request: TrainRequest) -> list[TrainedModel]:
 
 def _check_defence(config: TrainingConfig, segmenters: list[str]) -> None:
     """Refuse, naming the field, an adversarial training the attack cannot do (unknown, set-level, another norm or
-    threat model) or one asked of a segmenter."""
+    threat model), and a defence or noise asked of a segmenter."""
     defence = config.defence()
+    if segmenters and (defence is not None or config.noise_sigma > 0):
+        raise FieldError("adversarial" if defence else "noise_sigma",
+                         f"trains brain-age models; train {', '.join(segmenters)} without it")
     if defence is None:
         return
     if defence["attack"] not in list_attacks():
@@ -480,8 +484,6 @@ def _check_defence(config: TrainingConfig, segmenters: list[str]) -> None:
         raise FieldError("adversarial_threat_model", f"{defence['attack']!r} supports "
                                                      f"{', '.join(entry.threat_models)}, got "
                                                      f"{defence['threat_model']!r}")
-    if segmenters:
-        raise FieldError("adversarial", f"trains brain-age models; train {', '.join(segmenters)} without it")
 
 
 def _architecture(factory: Callable, preprocessing: Preprocessing, **named) -> dict:

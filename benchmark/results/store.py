@@ -280,7 +280,10 @@ class ResultStore:
         return False
 
     def _schema_version(self) -> int | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.OperationalError:  # no meta table yet: a store another process is creating this instant
+            return None
         return int(row[0]) if row is not None else None
 
     def _refuse_foreign(self) -> None:
