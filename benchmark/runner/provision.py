@@ -27,7 +27,7 @@ from medrobust.training import TrainRequest, evaluate, train
 
 def model_checkpoint(config: RunConfig, spec: ModelSpec) -> Path:
     """Where a registered model's checkpoint is: the configured one, else <models_dir>/<name>-seed<training
-    seed>."""
+    seed>, the defence of its training settings in the name (``TrainingConfig.stem``)."""
     return spec.checkpoint or config.models_dir / training_of(config, spec).stem(spec.name)
 
 
@@ -63,11 +63,11 @@ def ensure_dataset(config: RunConfig, progress: bool = True) -> Path:
 
 def adopt_checkpoint(config: RunConfig, name: str, target: Path, fingerprint: str, echo,
                      training: TrainingConfig | None = None) -> bool:
-    """Copy ``<models_from>/<name>-seed<seed>`` to ``target`` when it was trained on this run's dataset (the same
-    content ``fingerprint`` and split seed) with this run's training settings; True when it was. A built-in cohort
-    generated on another kind of CPU differs in a few voxels' rounding: there the checkpoint is taken when it
-    still predicts its recorded test subjects as it did. A checkpoint trained on anything else is left where it
-    is, and the model is trained as usual."""
+    """Copy ``<models_from>/<target's name>`` to ``target`` when it was trained on this run's dataset (the same
+    content ``fingerprint`` and split seed) with ``training`` (default: the run's settings); True when it was.
+    A built-in cohort generated on another kind of CPU differs in a few voxels' rounding: there the checkpoint
+    is taken when it still predicts its recorded test subjects as it did. A checkpoint trained on anything else
+    is left where it is, and the model is trained as usual."""
     shipped = config.models_from / target.name
     if not checkpoint_exists(shipped):
         return False
@@ -79,9 +79,9 @@ def adopt_checkpoint(config: RunConfig, name: str, target: Path, fingerprint: st
     settings = asdict(training or config.training)
     # a sidecar written before a setting existed trained with its default
     trained_with = {**asdict(TrainingConfig()), **recorded.get("training", {})}
-    training = {key: value for key, value in trained_with.items() if key in settings}
+    trained_with = {key: value for key, value in trained_with.items() if key in settings}
     trained_on = recorded.get("dataset", {})
-    same = trained_on.get("split_seed") == dataset.split_seed and training == settings
+    same = trained_on.get("split_seed") == dataset.split_seed and trained_with == settings
     how = "was trained on this dataset"
     if same and trained_on.get("fingerprint") != fingerprint:
         same = dataset.builtin and _predicts_as_recorded(shipped, config)
