@@ -14,7 +14,7 @@ import sys
 import click
 
 from medrobust.errors import FieldError, MedrobustError
-from medrobust.settings import LOSSES, CohortSpec, TrainingConfig
+from medrobust.settings import ADVERSARIAL_THREAT_MODELS, LOSSES, CohortSpec, TrainingConfig
 from medrobust.vocabulary import EXECUTORS, PRECISIONS
 
 EXIT_FAILED_CELLS, EXIT_BAD_INPUT, EXIT_STORE_BUSY, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -227,7 +227,7 @@ def _norm_epsilon(ctx: click.Context, param: click.Parameter, value: str) -> tup
               help="With --adversarial: the attack's steps (where it takes steps).")
 @click.option("--adversarial-ratio", type=float, default=_TRAINING.adversarial_ratio, show_default=True,
               help="With --adversarial: the fraction of each batch replaced by adversarial examples.")
-@click.option("--adversarial-threat-model", type=click.Choice(["fixed", "perturbed"]),
+@click.option("--adversarial-threat-model", type=click.Choice(ADVERSARIAL_THREAT_MODELS),
               default=_TRAINING.adversarial_threat_model, show_default=True,
               help="With --adversarial: perturbed lets the attacker move the regional volumes too.")
 @click.option("--adversarial-warmup", type=int, default=_TRAINING.adversarial_warmup, show_default=True,

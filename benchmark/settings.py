@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from medrobust.errors import FieldError
 
 LOSSES = ("l1", "mse")
+# What adversarial training attacks: budgets in fractions of each image's range (l0 counts voxels), and the image
+# alone or the image and the regional volumes (`recomputed` needs an extractor training has not).
+ADVERSARIAL_NORMS = ("linf", "l2")
+ADVERSARIAL_THREAT_MODELS = ("fixed", "perturbed")
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,9 @@ class TrainingConfig:
         if self.adversarial is not None:
             if not self.adversarial:
                 raise FieldError("adversarial", "must name a registered attack (leave it out for standard training)")
-            if self.adversarial_norm not in ("linf", "l2"):
-                raise FieldError("adversarial_norm", f"must be linf or l2, got {self.adversarial_norm!r}")
+            if self.adversarial_norm not in ADVERSARIAL_NORMS:
+                raise FieldError("adversarial_norm", f"must be {' or '.join(ADVERSARIAL_NORMS)}, got "
+                                                     f"{self.adversarial_norm!r}")
             if not (self.adversarial_epsilon > 0 and math.isfinite(self.adversarial_epsilon)):
                 raise FieldError("adversarial_epsilon", f"must be a positive fraction of the image's range, got "
                                                         f"{self.adversarial_epsilon}")
@@ -97,8 +102,8 @@ class TrainingConfig:
             if not 0 <= self.adversarial_warmup < self.epochs:
                 raise FieldError("adversarial_warmup", f"must be at least 0 and fewer than the {self.epochs} epochs, "
                                                        f"got {self.adversarial_warmup}")
-            if self.adversarial_threat_model not in ("fixed", "perturbed"):
-                raise FieldError("adversarial_threat_model", f"must be fixed or perturbed, got "
+            if self.adversarial_threat_model not in ADVERSARIAL_THREAT_MODELS:
+                raise FieldError("adversarial_threat_model", f"must be {' or '.join(ADVERSARIAL_THREAT_MODELS)}, got "
                                                              f"{self.adversarial_threat_model!r}")
 
 

@@ -34,6 +34,7 @@ from medrobust.models import (
     save_checkpoint,
     training_order,
 )
+from medrobust.models.checkpoint import beside
 from medrobust.models.segmenter import Segmenter, create_segmenter, list_segmenters, segmenter_entrypoint
 from medrobust.plugins import load_entry_points
 from medrobust.segmentation import (
@@ -87,16 +88,14 @@ class TrainingBatches:
 
     def batch(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """(predicted age, true age) in years of the subjects `rows` (host indices), on the device."""
-        features = self.features[rows].to(self.device) if self.features is not None else None
-        ages = self.ages[rows].to(self.device)
+        images, features, ages = self.inputs(rows)
         if self.cache is not None:
             return self.model.forward_cached(self.cache[rows.to(self.cache.device)], features), ages
-        images = self.images[rows].to(self.device) if self.images is not None else None
         return self.model(images, features), ages
 
     def inputs(self, rows: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor]:
         """(images, features, true ages) of the subjects ``rows``, on the device (images None for a model that
-        does not see them); without the frozen part's cache."""
+        does not see them, or whose frozen part is cached)."""
         images = self.images[rows].to(self.device) if self.images is not None else None
         features = self.features[rows].to(self.device) if self.features is not None else None
         return images, features, self.ages[rows].to(self.device)
@@ -114,28 +113,28 @@ class AugmentedBatches:
         self.inputs, self.model, self.sigma = inputs, model, config.noise_sigma
         self.noise = torch.Generator().manual_seed(config.seed)
         self.forward = self.backward = 0
-        defence = config.defence()
-        self.attack = None
-        if defence is None:
-            return
-        self.ratio, self.warmup = defence["ratio"], defence["warmup"]
-        entry = attack_entrypoint(defence["attack"])
-        # Madry et al.'s few-step recipe: steps of 2.5 epsilon / steps, so that the walk can cross the ball
-        kwargs = {"steps": defence["steps"], "step_size": 2.5 / defence["steps"]}
-        kwargs = {key: value for key, value in kwargs.items() if key in entry.argument_names()}
-        self.attack = lambda epsilon: create_attack(
-            defence["attack"], model, budget=Budget(defence["norm"], epsilon), objective="error",
-            threat_model=defence["threat_model"], seed=config.seed, **kwargs)
-        self.epsilon = defence["epsilon"]
-        self._epoch_attack: tuple[int, Attack] | None = None
+        self.defence = config.defence()
+        self._epoch_attack: tuple[int, Attack | None] | None = None
+        if self.defence is not None:
+            entry = attack_entrypoint(self.defence["attack"])
+            # Madry et al.'s few-step recipe: steps of 2.5 epsilon / steps, so that the walk can cross the ball
+            arguments = {"steps": self.defence["steps"], "step_size": 2.5 / self.defence["steps"]}
+            self._arguments = {key: value for key, value in arguments.items() if key in entry.argument_names()}
+            self._seed = config.seed
 
     def attack_of(self, epoch: int) -> Attack | None:
-        """The attack of an epoch (1-based), its epsilon ramped up over the warm-up; None while it is 0."""
-        scale = min(1.0, (epoch - 1) / self.warmup) if self.warmup else 1.0
-        if scale == 0:
+        """The attack of an epoch (1-based), its epsilon ramped up over the warm-up; None without a defence and
+        while the epsilon is 0."""
+        if self.defence is None:
             return None
         if self._epoch_attack is None or self._epoch_attack[0] != epoch:
-            self._epoch_attack = (epoch, self.attack(scale * self.epsilon))
+            warmup = self.defence["warmup"]
+            scale = min(1.0, (epoch - 1) / warmup) if warmup else 1.0
+            defence = self.defence
+            attack = None if scale == 0 else create_attack(
+                defence["attack"], self.model, budget=Budget(defence["norm"], scale * defence["epsilon"]),
+                objective="error", threat_model=defence["threat_model"], seed=self._seed, **self._arguments)
+            self._epoch_attack = (epoch, attack)
         return self._epoch_attack[1]
 
     def batch(self, rows: Tensor, epoch: int) -> tuple[Tensor, Tensor]:
@@ -143,10 +142,10 @@ class AugmentedBatches:
         images, features, ages = self.inputs.inputs(rows)
         if self.sigma > 0:
             images = images + self.sigma * torch.randn(images.shape, generator=self.noise).to(images.device)
-        attack = self.attack_of(epoch) if self.attack is not None else None
+        attack = self.attack_of(epoch)
         if attack is None:
             return self.model(images, features), ages
-        attacked = max(1, round(self.ratio * len(rows)))
+        attacked = max(1, round(self.defence["ratio"] * len(rows)))
         result = attack(images[:attacked], features[:attacked] if features is not None else None, ages[:attacked],
                         sample_seeds=(rows[:attacked] + epoch * len(self.inputs)).tolist())
         self.forward += result.forward
@@ -178,8 +177,9 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
 
     parameters = [p for p in model.parameters_to_train() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    defended = config.defence() is not None or config.noise_sigma > 0  # noisy or attacked batches
-    if defended:  # the scalings from the cached frozen part, as in standard training; then the images themselves
+    augmented = None
+    if config.defence() is not None or config.noise_sigma > 0:  # noisy or attacked batches need the images
+        # the scalings from the cached frozen part, as in standard training; then the images themselves
         fit_scalings(model, TrainingBatches(model, train, device, config.batch_size))
         train_inputs = TrainingBatches(model, train, device, config.batch_size, cache=False)
         augmented = AugmentedBatches(model, train_inputs, config)
@@ -198,7 +198,7 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
             if len(rows) < model.min_training_batch:  # a remnant too small for the model (batch norm): next epoch
                 continue
             optimizer.zero_grad(set_to_none=True)
-            predicted, true = augmented.batch(rows, epoch) if defended else train_inputs.batch(rows)
+            predicted, true = augmented.batch(rows, epoch) if augmented is not None else train_inputs.batch(rows)
             # Loss on the standardized age: the same scale whatever the cohort's age range.
             loss = loss_fn(predicted / scale, true / scale)
             loss.backward()
@@ -212,7 +212,7 @@ def train_model(model: BrainAgeModel, train: PreparedDataset, val: PreparedDatas
     best_epoch, best_value, history = fit(model, optimizer, config, epoch_loss, validate, "val_mae", progress,
                                           select_from=config.adversarial_warmup + 1 if config.defence() else 1)
     result = TrainingResult(best_epoch, best_value, history, time.perf_counter() - start)
-    if defended and augmented.attack is not None:  # what the defence cost: the attack's passes in all
+    if augmented is not None and augmented.defence is not None:  # what the defence cost: the attack's passes
         result.attack_passes = {"forward": augmented.forward, "backward": augmented.backward}
     return result
 
@@ -424,7 +424,7 @@ def _train(request: TrainRequest) -> list[TrainedModel]:
     results = []
     for name in segmenters:
         torch.manual_seed(request.config.seed)
-        segmenter = create_segmenter(name, **_architecture(segmenter_entrypoint(name), preprocessing,
+        segmenter = create_segmenter(name, **architecture(segmenter_entrypoint(name), preprocessing,
                                                            region_names=labelled_regions(data)))
         outcome = train_segmenter(segmenter, parts["train"], parts["val"], request.config, device, request.progress)
         metrics = evaluate_segmenter(segmenter, parts["test"], device, request.config.batch_size)
@@ -432,13 +432,13 @@ def _train(request: TrainRequest) -> list[TrainedModel]:
         extra = {"dataset": dataset, "training": {**asdict(request.config), "device": str(device), **outcome},
                  "test_metrics": metrics}
         checkpoint = save_checkpoint(segmenter.cpu(), stem, extra)
-        write_regions(stem.with_suffix(".regions.tsv"), metrics)
+        write_regions(beside(stem, ".regions.tsv"), metrics)
         results.append(TrainedModel(name, checkpoint, metrics, outcome["best_epoch"], outcome["seconds"]))
     trained = {name: model for name, (model, _) in given.items()}
     sources = {name: source for name, (_, source) in given.items()}
     for name in names:
         torch.manual_seed(request.config.seed)
-        model = create_from_trained(name, trained, **_architecture(model_entrypoint(name), preprocessing,
+        model = create_from_trained(name, trained, **architecture(model_entrypoint(name), preprocessing,
                                                                    feature_names=data.feature_names))
         outcome = train_model(model, parts["train"], parts["val"], request.config, device, request.progress)
         metrics, predicted = evaluate(model, parts["test"], device, request.config.batch_size)
@@ -455,7 +455,7 @@ def _train(request: TrainRequest) -> list[TrainedModel]:
         if model_requires(name):
             extra["training"]["built_from"] = {r: sources[r] for r in model_requires(name)}
         checkpoint = save_checkpoint(model.cpu(), stem, extra)
-        _write_predictions(stem.with_suffix(".test.tsv"), parts["test"], predicted)
+        write_predictions(beside(stem, ".test.tsv"), parts["test"], predicted)
         results.append(TrainedModel(name, checkpoint, metrics, outcome.best_epoch, outcome.seconds))
         trained[name], sources[name] = model, str(checkpoint)
     return results
@@ -486,7 +486,7 @@ def _check_defence(config: TrainingConfig, segmenters: list[str]) -> None:
                                                      f"{defence['threat_model']!r}")
 
 
-def _architecture(factory: Callable, preprocessing: Preprocessing, **named) -> dict:
+def architecture(factory: Callable, preprocessing: Preprocessing, **named) -> dict:
     """Constructor arguments of a registered model's (or segmenter's) ``factory`` on the dataset's grid, and those
     of ``named`` (its feature or region names) that it takes."""
     accepted = inspect.signature(factory).parameters
@@ -495,7 +495,15 @@ def _architecture(factory: Callable, preprocessing: Preprocessing, **named) -> d
     return {k: v for k, v in kwargs.items() if k in accepted}
 
 
-def _write_predictions(path: Path, data: PreparedDataset, predicted: Tensor) -> None:
+def write_predictions(path: Path, data: PreparedDataset, predicted: Tensor) -> None:
+    """A model's test predictions beside its checkpoint (``<stem>.test.tsv``): subject, true and predicted age."""
     rows = [f"{s}\t{a:.3f}\t{p:.3f}" for s, a, p in zip(data.subject_ids, data.ages.tolist(), predicted.tolist(),
                                                          strict=True)]
     path.write_text("participant_id\tage\tpredicted_age\n" + "\n".join(rows) + "\n")
+
+
+def read_predictions(path: Path) -> tuple[list[str], Tensor, Tensor]:
+    """What ``write_predictions`` wrote: (subject ids, true ages [N], predicted ages [N])."""
+    rows = [line.split("\t") for line in path.read_text().splitlines()[1:] if line]
+    return ([row[0] for row in rows], torch.tensor([float(row[1]) for row in rows]),
+            torch.tensor([float(row[2]) for row in rows]))

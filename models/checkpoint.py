@@ -37,8 +37,14 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     """(weights, sidecar) for a checkpoint given by its stem or by either of its two files."""
     path = Path(path)
     stem = path.with_suffix("") if path.suffix in _SUFFIXES else path
-    # with_name, not with_suffix: a stem such as "cnn3d.seed0" must keep its dot.
-    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+    return beside(stem, ".safetensors"), beside(stem, ".json")
+
+
+def beside(stem: str | os.PathLike, suffix: str) -> Path:
+    """The file ``<stem><suffix>`` next to a checkpoint (its weights, sidecar, test predictions, regions): with_name,
+    not with_suffix, so that a stem with a dot ("cnn3d.seed0", "cnn3d-at-pgd-linf0.002-3steps-seed0") keeps it."""
+    stem = Path(stem)
+    return stem.with_name(stem.name + suffix)
 
 
 def save_checkpoint(model: BrainAgeModel | Segmenter, path: str | os.PathLike, extra: dict | None = None) -> Path:

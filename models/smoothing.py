@@ -94,11 +94,9 @@ class SmoothedModel(nn.Module):
 
 @dataclass
 class Certificate:
-    """Per subject: ``median`` [B], the smoothed prediction estimated from the certificate's draws, and
-    ``lower``/``upper`` [B, R], the certified bounds of the smoothed prediction of any image within each l2 radius
-    (NaN where the certificate abstains)."""
+    """Per subject, ``lower``/``upper`` [B, R]: the certified bounds of the smoothed prediction of any image within
+    each l2 radius (NaN where the certificate abstains)."""
 
-    median: Tensor
     lower: Tensor
     upper: Tensor
 
@@ -157,7 +155,7 @@ def certify(model: SmoothedModel, images: Tensor, features: Tensor | None, radii
                                             (radii[i] / settings.sigma).numpy())
         lower[i] = padded[i, torch.as_tensor(k_lower)]  # rank 0 and n + 1 are the NaN pads: abstain
         upper[i] = padded[i, torch.as_tensor(k_upper)]
-    return Certificate(median=ordered.median(dim=1).values, lower=lower, upper=upper)
+    return Certificate(lower=lower, upper=upper)
 
 
 def smoothed_estimate(model: SmoothedModel, images: Tensor, features: Tensor | None,

@@ -73,6 +73,9 @@ def test_the_defence_is_in_the_checkpoint_name_and_sidecar(twins) -> None:
     assert standard.name == "cnn3d-seed5.safetensors"
     assert defended.name == f"cnn3d-at-pgd-linf{EPSILON:g}-2steps-seed5.safetensors"
     assert defended.parent == standard.parent
+    # its test predictions beside it under the whole stem, whose dots stay (not "cnn3d-at-pgd-linf0.test.tsv")
+    assert sorted(path.name for path in defended.parent.glob("*.test.tsv")) == [
+        f"cnn3d-at-pgd-linf{EPSILON:g}-2steps-seed5.test.tsv", "cnn3d-seed5.test.tsv"]
     recorded = json.loads(defended.with_suffix(".json").read_text())["extra"]["training"]
     assert (recorded["adversarial"], recorded["adversarial_epsilon"], recorded["adversarial_steps"]) == (
         "pgd", EPSILON, 2)

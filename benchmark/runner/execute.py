@@ -76,7 +76,7 @@ class _Timer:
 def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: RunConfig, device: torch.device,
                      on_batch: Callable[[dict], None] | None = None, extractor: str | None = None,
                      segmenter: Segmenter | None = None, seed: int = 0, parity: bool = True,
-                     examples: ExampleCollector | None = None, budget: Budget | None = None
+                     examples: ExampleCollector | None = None, certify_at: Budget | None = None
                      ) -> tuple[dict, list[dict]]:
     """Run ``call`` (an attack, or a fitted universal perturbation's ``apply``) over every subject of `data`;
     returns (metrics, per-subject rows). With ``extractor`` (threat model ``recomputed``) each batch comes with
@@ -87,7 +87,7 @@ def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: 
     retried (down to one subject), and later batches keep the smaller size; ``batch_size_used`` records it. In
     reduced precision (``config.precision``), the first batch is attacked in fp32 too and both mean |deviation|
     are kept (``parity_*``) for the reliability checks (with ``parity``). ``examples`` collects every subject's
-    mid-slices, clean and attacked, for the page's adversarial examples. With ``budget`` (an l2 budget of a
+    mid-slices, clean and attacked, for the page's adversarial examples. With ``certify_at`` (an l2 budget of a
     median-smoothed model under ``fixed``), each subject's row gets its certificate at that radius."""
     rows: list[dict] = []
     counters = {"forward": 0, "backward": 0, "steps": 0}
@@ -121,8 +121,8 @@ def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: 
             continue
         batch_rows, moved = sample_rows(subjects, data.ages[batch], inputs["images"], inputs["features"],
                                         inputs["mask"], result, config.ssim)
-        if budget is not None:
-            _certify_rows(batch_rows, model, inputs, result, budget, subject_seeds(seed, subjects))
+        if certify_at is not None:
+            _certify_rows(batch_rows, model, inputs, result, certify_at, subject_seeds(seed, subjects))
         rows.extend(batch_rows)
         if examples is not None:
             examples.add(batch_rows, inputs["images"], result.images)
@@ -147,7 +147,7 @@ def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: 
     metrics.update({f"diag:{key}": float(torch.cat(values).mean()) for key, values in diagnostics.items()})
     if feature_change:  # the largest relative change of any context feature, averaged over subjects
         metrics["mean_feature_change_rel"] = float(torch.cat(feature_change).mean())
-    if budget is not None:
+    if certify_at is not None:
         metrics.update(certificate_metrics(rows))
     return metrics, rows
 
@@ -196,7 +196,7 @@ def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: Ru
         torch.cuda.reset_peak_memory_stats(device)
     if fit_data is None or not is_set_level(cell.attack.name):
         metrics, rows = _attack_subjects(attack, data, model, config, device, on_batch, extractor, segmenter,
-                                         seed, examples=examples, budget=certified_budget(cell, model))
+                                         seed, examples=examples, certify_at=certified_budget(cell, model))
     else:
         began = time.perf_counter()
         with autocast(device, config.precision):
@@ -205,7 +205,7 @@ def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: Ru
                                segmenter))
         fit_seconds = time.perf_counter() - began
         metrics, rows = _attack_subjects(attack.apply, data, model, config, device, on_batch, extractor,
-                                         segmenter, seed, examples=examples, budget=certified_budget(cell, model))
+                                         segmenter, seed, examples=examples, certify_at=certified_budget(cell, model))
         on_fit, _ = _attack_subjects(attack.apply, fit_data, model, config, device, None, extractor, segmenter,
                                      seed, parity=False)
         for key, count in zip(("forward", "backward", "steps"), attack.fit_counters, strict=True):

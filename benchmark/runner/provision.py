@@ -18,11 +18,11 @@ from medrobust.data.index import load_dataset_index
 from medrobust.errors import MedrobustError
 from medrobust.files import atomic_write
 from medrobust.models import model_requires, training_order
-from medrobust.models.checkpoint import checkpoint_paths, load_checkpoint
+from medrobust.models.checkpoint import beside, checkpoint_paths, load_checkpoint
 from medrobust.models.sources import ModelSource
 from medrobust.runner.config import ModelSpec, RunConfig, builtin_cohort
 from medrobust.settings import TrainingConfig
-from medrobust.training import TrainRequest, evaluate, train
+from medrobust.training import TrainRequest, evaluate, read_predictions, train
 
 
 def model_checkpoint(config: RunConfig, spec: ModelSpec) -> Path:
@@ -108,11 +108,10 @@ def _predicts_as_recorded(shipped: Path, config: RunConfig) -> bool:
     """Whether the shipped model predicts every test subject it recorded (``<stem>.test.tsv``: the same subjects,
     ages) within ``PREDICTION_TOLERANCE`` years on this run's dataset: the built-in cohort it was trained on,
     generated here."""
-    recorded_path = shipped.with_suffix(".test.tsv")
+    recorded_path = beside(shipped, ".test.tsv")
     if not recorded_path.is_file():
         return False
-    rows = [line.split("\t") for line in recorded_path.read_text().splitlines()[1:] if line]
-    ids = [row[0] for row in rows]
+    ids, ages, recorded = read_predictions(recorded_path)
     model, _ = load_checkpoint(shipped)
     meta = model.meta
     _, _, data = load_prepared(config.dataset.path, meta.input_shape, meta.voxel_size, progress=False,
@@ -122,8 +121,6 @@ def _predicts_as_recorded(shipped: Path, config: RunConfig) -> bool:
         return False
     test = data.subset(ids)
     _, predicted = evaluate(model, test, torch.device("cpu"))
-    ages = torch.tensor([float(row[1]) for row in rows])
-    recorded = torch.tensor([float(row[2]) for row in rows])
     return bool((test.ages - ages).abs().max() < 5e-3 and (predicted - recorded).abs().max() < PREDICTION_TOLERANCE)
 
 

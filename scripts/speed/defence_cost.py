@@ -21,7 +21,7 @@ from medrobust.data import load_prepared
 from medrobust.data.splits import load_or_create_splits
 from medrobust.models import create_model, model_entrypoint
 from medrobust.settings import TrainingConfig
-from medrobust.training import _architecture, train_model
+from medrobust.training import architecture, train_model
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, config in settings.items():
             torch.manual_seed(0)
-            model = create_model(args.model, **_architecture(model_entrypoint(args.model), preprocessing,
+            model = create_model(args.model, **architecture(model_entrypoint(args.model), preprocessing,
                                                              feature_names=data.feature_names))
             began = time.perf_counter()
             train_model(model, train, val, config, torch.device("cpu"), progress=False)
