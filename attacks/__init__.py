@@ -15,7 +15,7 @@ from medrobust.attacks.apgd import APGD
 
 # Cross-checks through other libraries (ART, torchattacks)
 from medrobust.attacks.backends import ARTFGSM, ARTPGD, TorchattacksPGD
-from medrobust.attacks.base import Attack, AttackResult
+from medrobust.attacks.base import Attack, AttackResult, CleanPasses
 from medrobust.attacks.bim import BIM
 from medrobust.attacks.budget import NORMS, UNITS, Budget, perturbation_norms
 from medrobust.attacks.cw import CW
@@ -56,6 +56,7 @@ __all__ = [
     "Attack",
     "AttackResult",
     "Budget",
+    "CleanPasses",
     "GreedyL0",
     "Noise",
     "TorchattacksPGD",

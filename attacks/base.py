@@ -21,11 +21,12 @@ from medrobust.attacks.arguments import check_flag, check_non_negative
 from medrobust.attacks.budget import NORMS, Budget, as_budget
 from medrobust.attacks.objectives import check_objective
 from medrobust.attacks.result import AttackResult
-from medrobust.attacks.state import AttackState
+from medrobust.attacks.state import AttackState, CleanPasses
 from medrobust.attacks.threats import THREAT_MODELS
 from medrobust.errors import MedrobustError
 
-__all__ = ["CLIPS", "Attack", "AttackResult", "AttackState", "check_images", "check_mask", "evaluating"]
+__all__ = ["CLIPS", "Attack", "AttackResult", "AttackState", "CleanPasses", "check_images", "check_mask",
+           "evaluating"]
 
 # image: stay inside each clean image's own [min, max]; none: no intensity bounds.
 CLIPS = ("image", "none")
@@ -158,6 +159,7 @@ class Attack:
         mask: Tensor | None = None,
         extractor: Callable[[Tensor], Tensor] | None = None,
         sample_seeds: Sequence[int] | Tensor | None = None,
+        shared: CleanPasses | None = None,
     ) -> AttackResult:
         """Attack a batch: ``images`` float [B, ...] (2D or 3D, any intensity range, any device), ``features``
         [B, F] or None passed to the model unchanged, ``ages`` [B] true ages (objective ``error``), ``mask``
@@ -166,7 +168,11 @@ class Attack:
         giving the clean features on the clean images (e.g. ``medrobust.attacks.extractors.SoftVolumes``);
         ``sample_seeds``: one integer >= 0 per image (e.g. derived from each subject's id): each image's random
         draws come from its own stream, seeded from (``seed``, its sample seed), so that they do not depend on
-        how a set of images is cut into batches (None: the images' positions in the batch)."""
+        how a set of images is cut into batches (None: the images' positions in the batch); ``shared``: a
+        ``CleanPasses`` that calls on this same batch at other budgets share, so that the passes at the clean
+        images are made once (the result is the same with or without it)."""
+        if shared is not None:
+            shared.bind(self, images, features, ages, mask, extractor)
         images = check_images(images)
         mask = check_mask(mask, images)
         if ages is not None:
@@ -178,7 +184,7 @@ class Attack:
         state = None
         try:
             with evaluating(self.model):
-                state = AttackState(self, images, features, ages, mask, extractor, sample_seeds)
+                state = AttackState(self, images, features, ages, mask, extractor, sample_seeds, shared)
                 return state.finish(self.perturb(state))
         finally:
             if state is not None:

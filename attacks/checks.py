@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from medrobust.attacks import optima
 from medrobust.attacks._registry import attack_entrypoint
-from medrobust.attacks.base import Attack, AttackResult
+from medrobust.attacks.base import Attack, AttackResult, CleanPasses
 from medrobust.attacks.budget import perturbation_norms
 from medrobust.attacks.objectives import objective_score
 from medrobust.attacks.threats import movable_features
@@ -350,10 +350,34 @@ def check_repeatable(call: ContractCall) -> None:
         "a repeated call counts other passes"
 
 
+def check_shares_clean_passes(call: ContractCall) -> None:
+    """A call that shares its passes at the clean images (``shared``, a ``CleanPasses``) with a call on the same
+    batch at another budget gives, bit for bit, what it gives alone, and takes at least one pass from the other
+    (the clean prediction, or the gradient pass at the clean images). An attack whose call takes no ``shared``
+    (a universal perturbation's) is not held to it."""
+    attack = call.attack
+    if "shared" not in inspect.signature(attack.__call__).parameters:
+        return
+    wider = type(attack)(call.model, **{**attack.params(), "budget": {**attack.budget.as_dict(),
+                                                                        "epsilon": 2 * attack.budget.epsilon}})
+    inputs = (call.images, call.features, call.ages, call.mask)
+    shared = CleanPasses()
+    wider(*inputs, shared=shared)
+    result, alone = attack(*inputs, shared=shared), call.result
+    for key in ("images", "features", "clean_prediction", "adversarial_prediction", "zero_gradient",
+                "nonfinite_gradient"):
+        mine, theirs = getattr(result, key), getattr(alone, key)
+        assert (mine is None and theirs is None) or torch.equal(mine, theirs), \
+            f"a call sharing clean passes with one at another budget differs from its call alone in {key}"
+    assert (result.forward, result.backward, result.steps) == (alone.forward, alone.backward, alone.steps), \
+        "a call sharing clean passes with one at another budget counts other passes than its call alone"
+    assert shared.taken >= 1, "a call at another budget on the same batch took no pass from the first"
+
+
 CALL_CHECKS: tuple[Callable[[ContractCall], None], ...] = (
     check_result_type, check_inputs_untouched, check_model_left_as_it_was, check_budget_holds, check_range_holds,
     check_mask_holds, check_moves, check_features_reported, check_predictions_are_the_models, check_never_worse,
-    check_counters, check_repeatable,
+    check_counters, check_repeatable, check_shares_clean_passes,
 )
 
 

@@ -1,5 +1,6 @@
 """The per-call state of an attack (``AttackState``): the clean batch and its budget ball, the threat model's
-features, one random stream per sample, the pass counters, the clean prediction and the best iterate."""
+features, one random stream per sample, the pass counters, the clean prediction and the best iterate; and what
+calls on one batch at several budgets share (``CleanPasses``)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,40 @@ class Pass:
     score: Tensor
 
 
+class CleanPasses:
+    """The model passes at the clean images that calls on one batch share: the clean prediction, and the gradient
+    pass at the clean images of an attack that starts there (FGSM's only pass, the first step of PGD without a
+    random start). Neither depends on the budget or on the attack, only on the model, the objective, the threat
+    model and the inputs; so calls at several budgets (``Attack.__call__(..., shared=...)``, the runner's cells
+    that differ only in their budget) make each once. The first call that makes one keeps a copy; a later call
+    takes it instead of repeating the pass, its result bit for bit the same. The calls' pass counts stay the
+    attacks' own; ``taken`` counts the passes taken from here instead.
+
+    One ``CleanPasses`` serves one batch: a call with another model, objective, threat model or other input
+    tensors, or one that takes its clean prediction otherwise (``Attack.starts_clean``), is refused (the tensors
+    are compared by identity)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self.prediction: tuple[Tensor, Tensor | None] | None = None  # (clean prediction, features after it)
+        # (the pass, the features after it, its gradient faults zero_gradient and nonfinite_gradient)
+        self.gradient: tuple[Pass, Tensor | None, Tensor | None, Tensor | None] | None = None
+        self.taken = 0
+
+    def bind(self, attack: Attack, images: Tensor, features: Tensor | None, ages: object, mask: Tensor | None,
+             extractor: Callable | None) -> None:
+        """Check that a call shares this batch (the first call binds it): the caller's own objects."""
+        objects = (attack.model, images, features, ages, mask, extractor)
+        # starts_clean: whether the clean prediction comes from the gradient pass or a forward pass of its own
+        values = (attack.objective, attack.target_age, attack.threat_model, attack.starts_clean)
+        if self._key is None:
+            self._key = objects, values
+            return
+        if values != self._key[1] or any(a is not b for a, b in zip(objects, self._key[0], strict=True)):
+            raise MedrobustError("shared clean passes serve calls on one batch with one model, objective and "
+                                 "threat model; this call differs")
+
+
 class AttackState:
     """One call's clean batch, bounds, counters and best iterate: what ``Attack.perturb`` works with.
 
@@ -49,8 +84,9 @@ class AttackState:
 
     def __init__(self, attack: Attack, images: Tensor, features: Tensor | None, ages: Tensor | None,
                  mask: Tensor | None, extractor: Callable[[Tensor], Tensor] | None = None,
-                 sample_seeds: Sequence[int] | Tensor | None = None) -> None:
+                 sample_seeds: Sequence[int] | Tensor | None = None, shared: CleanPasses | None = None) -> None:
         check_recomputed(attack.threat_model, extractor, features)
+        self.shared = shared  # bound to the call's inputs by Attack.__call__
         self.extractor = extractor if attack.threat_model == "recomputed" else None
         self.attack = attack
         self.images = images
@@ -92,7 +128,7 @@ class AttackState:
             # instead of a forward pass of its own.
             self._clean_hook = attack.model.register_forward_hook(self._take_clean)
         else:
-            self._set_clean(self.predict(images))
+            self._set_clean(self._predict_clean())
 
     @property
     def clean_prediction(self) -> Tensor:
@@ -100,8 +136,21 @@ class AttackState:
         clean images (``Attack.starts_clean``), else (or when asked for before that pass) a forward pass of its own."""
         if self._clean_prediction is None:
             self.release()
-            self._set_clean(self.predict(self.images))
+            self._set_clean(self._predict_clean())
         return self._clean_prediction
+
+    def _predict_clean(self) -> Tensor:
+        """``predict(images)``, or the clean prediction another call on this batch made (``shared``)."""
+        shared = self.shared
+        if shared is not None and shared.prediction is not None:
+            self.forward += 1
+            shared.taken += 1
+            prediction, self.features = shared.prediction
+            return prediction
+        prediction = self.predict(self.images)
+        if shared is not None:
+            shared.prediction = prediction, self.features
+        return prediction
 
     def _set_clean(self, prediction: Tensor) -> None:
         self._clean_prediction = prediction
@@ -153,6 +202,11 @@ class AttackState:
         if features is not None and self.feature_radius is None:
             raise MedrobustError(f"features can be given to evaluate only under threat_model 'perturbed', not "
                                  f"{self.attack.threat_model!r}")
+        # The call's first pass, at the clean images and features, unweighted: the same for every budget.
+        clean_pass = (self.shared is not None and self.steps == 0 and adversarial is self.images and weights is None
+                      and (features is None or features is self.clean_features))
+        if clean_pass and self.shared.gradient is not None:
+            return self._replay(*self.shared.gradient)
         # The gradient w.r.t. the adversarial image equals that w.r.t. the perturbation; parameters are frozen,
         # so autograd computes nothing else.
         leaf = adversarial.detach().requires_grad_(True)
@@ -183,7 +237,27 @@ class AttackState:
         self.steps += 1
         prediction, score = prediction.detach(), score.detach()
         self.record(adversarial, prediction, score)
-        return Pass(grad, feature_grad, prediction, score)
+        evaluation = Pass(grad, feature_grad, prediction, score)
+        if clean_pass:  # a copy: the attack may step in place on its gradient
+            self.shared.gradient = (_copy(evaluation), self.features, self.zero_gradient, self.nonfinite_gradient)
+        return evaluation
+
+    def _replay(self, evaluation: Pass, features: Tensor | None, zero_gradient: Tensor | None,
+                nonfinite_gradient: Tensor | None) -> Pass:
+        """``evaluate`` at the clean images from the pass another call on this batch made (``shared``): the same
+        clean prediction, features, gradient faults, counts and best iterate as making it."""
+        if self._clean_hook is not None:
+            self._take_clean(self.attack.model, (), evaluation.prediction)
+        self.zero_gradient, self.nonfinite_gradient = zero_gradient, nonfinite_gradient
+        self.features = features
+        self.forward += 1
+        self.backward += 1
+        self.steps += 1
+        self.shared.taken += 1
+        evaluation = _copy(evaluation)
+        evaluation.score = self.score(evaluation.prediction)
+        self.record(self.images, evaluation.prediction, evaluation.score)
+        return evaluation
 
     def _checked(self, grad: Tensor) -> Tensor:
         """``grad`` with its non-finite values set to 0 (a NaN would poison every later iterate: one kernel
@@ -296,6 +370,12 @@ class AttackState:
             nonfinite_gradient=self.nonfinite_gradient,
             diagnostics=dict(self.diagnostics),
         )
+
+
+def _copy(evaluation: Pass) -> Pass:
+    """A pass whose gradients are copies (an attack may step in place on them); predictions are never changed."""
+    return Pass(evaluation.grad.clone(), None if evaluation.feature_grad is None else evaluation.feature_grad.clone(),
+                evaluation.prediction, evaluation.score)
 
 
 def sample_generators(seed: int, sample_seeds: Sequence[int] | Tensor | None, images: Tensor) -> list[torch.Generator]:

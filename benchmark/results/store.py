@@ -58,7 +58,7 @@ _ADDED_SAMPLE_COLUMNS = {"l0": "INTEGER", "psnr": "REAL", "ssim": "REAL", "certi
 # out when two stores are compared. Metrics are free-form JSON; a metric that measures the run rather than the
 # model under attack (time, memory, the batch size a device could hold) belongs in RUN_DEPENDENT_METRICS.
 RUN_DEPENDENT_CELL_FIELDS = ("run_id", "seconds", "finished_at")
-RUN_DEPENDENT_METRICS = ("attack_seconds", "timing", "peak_memory_bytes", "batch_size_used")
+RUN_DEPENDENT_METRICS = ("attack_seconds", "timing", "peak_memory_bytes", "batch_size_used", "shared_clean_passes")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

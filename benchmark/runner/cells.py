@@ -8,6 +8,7 @@ already in the store and renaming a model only relabels its cells. Its seed come
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 
 from medrobust.attacks import Attack, Budget, attack_entrypoint, create_attack
@@ -81,6 +82,36 @@ def expand_cells(config: RunConfig, base_spec: dict[str, dict], uses_features: d
                                 cell.spec["extractor"] = extractor
                             cells.append(cell)
     return cells
+
+
+def sharing_groups(cells: list[Cell], share: bool = True) -> list[list[Cell]]:
+    """``cells`` cut into the groups that are computed together, in the order of their first cells: with ``share``,
+    cells of one model that differ only in their budget (norm and epsilon), whose calls on a batch then share the
+    passes at the clean images (``medrobust.attacks.CleanPasses``: the clean prediction, the gradient pass of an
+    attack that starts at the clean images), each cell's result the same as alone; every other cell alone (a
+    universal perturbation's too: it is fitted per budget)."""
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        key = cell.id if not share or is_set_level(cell.attack.name) else _all_but_the_budget(cell)
+        groups.setdefault(key, []).append(cell)
+    return list(groups.values())
+
+
+def _all_but_the_budget(cell: Cell) -> str:
+    """What decides a cell's result but its budget (and the seed drawn from it)."""
+    budget = tuple(cell.budget.as_dict())
+    spec = {key: value for key, value in cell.spec.items() if key not in (*budget, "cell_seed")}
+    spec["params"] = {key: value for key, value in spec.get("params", {}).items() if key not in ("budget", "seed")}
+    return json.dumps(spec, sort_keys=True, default=str)
+
+
+def describe_group(cells: list[Cell]) -> str:
+    """A group's cells as one line: ``cnn3d fgsm older fixed at 6 budgets (linf, l2)``."""
+    first = cells[0]
+    norms = ", ".join(dict.fromkeys(cell.budget.norm for cell in cells))
+    extractor = f" ({first.extractor})" if first.extractor else ""
+    return (f"{first.model} {first.attack.name} {first.objective} {first.threat_model}{extractor} at {len(cells)} "
+            f"budgets ({norms})")
 
 
 def subject_seeds(seed: int, subjects: list[str]) -> list[int]:

@@ -116,6 +116,8 @@ class RunConfig:
     extractors: list[str] = field(default_factory=lambda: [DEFAULT_EXTRACTOR])
     segmenter: Path | None = None  # the segmenter checkpoint of the segmenter extractors
     ssim: bool = True  # measure each attacked image's 3D SSIM (on a CPU about a fifth of a forward+backward pass)
+    # Cells that differ only in their budget are computed together, sharing the passes at the clean images.
+    share_clean_passes: bool = True
     batch_size: int = 8
     threads: int | None = None  # torch's CPU threads for the run and its training; None: what torch picks
     # Checkpoints trained elsewhere (the demo's, shipped): a missing default checkpoint is taken from here when
@@ -456,6 +458,7 @@ def parse_config(data: dict, source: str = "config", models: list[ModelSpec] | N
                     for e in table.take_list("extractor", "str", DEFAULT_EXTRACTOR)],
         segmenter=Path(table.take("segmenter", "str")) if "segmenter" in table.data else None,
         ssim=table.take("ssim", "bool", True),
+        share_clean_passes=table.take("share_clean_passes", "bool", True),
         batch_size=table.take("batch_size", "int", 8), threads=table.take("threads", "int", None),
         models_from=Path(table.take("models_from", "str")) if "models_from" in table.data else None,
         brain_mask=table.take("brain_mask", "bool", False),

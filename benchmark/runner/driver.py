@@ -20,6 +20,7 @@ from medrobust.faults import fault_point
 from medrobust.results.examples import write_examples
 from medrobust.results.reliability import reliability_flags
 from medrobust.results.store import ResultStore
+from medrobust.runner.cells import sharing_groups
 from medrobust.runner.config import RunConfig
 from medrobust.runner.execute import CellTask
 from medrobust.runner.executors import check_executor, make_executor
@@ -129,7 +130,8 @@ def _run(config: RunConfig, store: ResultStore, devices: list[torch.device], pro
         out=config.out, store=store.path, cells=len(cells), skipped=len(cells) - len(pending), done=0,
         failed_before=0 if retry_failed or force else sum(1 for c in cells if statuses.get(c.id) == "failed")),
         echo)
-    tasks = [CellTask(cell, config, root, sources[cell.model]) for cell in pending]
+    tasks = [CellTask(group, config, root, sources[group[0].model])
+             for group in sharing_groups(pending, config.share_clean_passes)]
     names = {cell.id: cell.describe() for cell in cells}
     specs = {cell.id: cell.spec for cell in pending}
     bar = tqdm(total=len(tasks), unit="cell", disable=not progress or not tasks)
@@ -142,6 +144,7 @@ def _run(config: RunConfig, store: ResultStore, devices: list[torch.device], pro
     with make_executor(executor, loaded, devices, ray_address) as pool:
         run_id = store.start_run(config.raw, describe_environment(devices[0]))
         for outcome in pool.map(tasks, on_batch if progress else None):
+            fault_point("attacked")
             store.write_cell(outcome.cell_id, run_id, specs[outcome.cell_id], outcome.metrics, outcome.rows,
                              outcome.seconds, outcome.status, outcome.error)
             fault_point("written")

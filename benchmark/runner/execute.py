@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medrobust.attacks.base import CleanPasses
 from medrobust.attacks.budget import Budget
 from medrobust.attacks.result import GRADIENT_FAULTS
 from medrobust.data.preprocess import PreparedDataset
@@ -27,7 +28,7 @@ from medrobust.models.smoothing import SmoothedModel, certify, smoothed_estimate
 from medrobust.models.sources import ModelSource
 from medrobust.results.examples import ExampleCollector
 from medrobust.results.metrics import certificate_metrics, rows_metrics, sample_rows
-from medrobust.runner.cells import Cell, build_attack, is_set_level, subject_seeds
+from medrobust.runner.cells import Cell, build_attack, describe_group, is_set_level, subject_seeds
 from medrobust.runner.config import RunConfig
 from medrobust.runner.inputs import LoadedInputs, attack_inputs, batches, model_grid
 from medrobust.settings import TrainingConfig
@@ -73,83 +74,153 @@ class _Timer:
         self.seconds += start.elapsed_time(end) / 1000
 
 
-def _attack_subjects(call, data: PreparedDataset, model: BrainAgeModel, config: RunConfig, device: torch.device,
-                     on_batch: Callable[[dict], None] | None = None, extractor: str | None = None,
-                     segmenter: Segmenter | None = None, seed: int = 0, parity: bool = True,
-                     examples: ExampleCollector | None = None, certify_at: Budget | None = None
-                     ) -> tuple[dict, list[dict]]:
-    """Run ``call`` (an attack, or a fitted universal perturbation's ``apply``) over every subject of `data`;
-    returns (metrics, per-subject rows). With ``extractor`` (threat model ``recomputed``) each batch comes with
-    that feature extractor (by ``segmenter`` for the segmenter extractors). A callable that takes ``sample_seeds``
-    gets one seed per subject.
+@dataclass
+class CellCall:
+    """One cell's attack over the subjects (``call``: an attack, or a fitted universal perturbation's ``apply``)
+    and what it gathers batch by batch: its per-subject rows, pass counters, gradient faults, diagnostics and
+    time. ``seed`` seeds a call that takes ``sample_seeds`` (one seed per subject); ``certify_at``: the budget
+    its rows are certified at (``certified_budget``); ``examples`` collects its subjects' mid-slices."""
+
+    call: Callable
+    seed: int = 0
+    certify_at: Budget | None = None
+    examples: ExampleCollector | None = None
+    timer: _Timer | None = None
+    rows: list[dict] = field(default_factory=list)
+    counters: dict = field(default_factory=lambda: {"forward": 0, "backward": 0, "steps": 0})
+    gradient_faults: dict[str, int] = field(default_factory=dict)
+    diagnostics: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    feature_change: list[torch.Tensor] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    error: Exception | None = None  # what failed it: the other calls of its group go on
+    _pending: tuple | None = None  # the batch it has attacked, kept until every call of the batch has
+
+    def attack(self, inputs: dict, subjects: list[str], config: RunConfig, device: torch.device, parity: bool,
+               shared: CleanPasses | None) -> None:
+        """Attack one batch (``inputs``: ``attack_inputs``'), keeping its rows pending until ``keep``."""
+        call = self.call
+        inputs = dict(inputs)
+        if _takes(call, "sample_seeds"):
+            inputs["sample_seeds"] = subject_seeds(self.seed, subjects)
+        if shared is not None and _takes(call, "shared"):
+            inputs["shared"] = shared
+        with self.timer.measure(), autocast(device, config.precision):
+            result = call(**inputs)
+        if parity and config.precision != "fp32" and "parity_mean_abs_deviation" not in self.extra:
+            inputs.pop("shared", None)
+            reference = call(**inputs)  # the same first batch in fp32, alone, outside the attack's time
+            self.extra["parity_mean_abs_deviation"] = _mean_abs_deviation(result)
+            self.extra["parity_fp32_mean_abs_deviation"] = _mean_abs_deviation(reference)
+        self._pending = inputs, subjects, result
+
+    def keep(self, data: PreparedDataset, batch: slice, model: nn.Module, config: RunConfig) -> None:
+        """Take the pending batch's rows and counts in."""
+        inputs, subjects, result = self._pending
+        self._pending = None
+        batch_rows, moved = sample_rows(subjects, data.ages[batch], inputs["images"], inputs["features"],
+                                        inputs["mask"], result, config.ssim)
+        if self.certify_at is not None:
+            _certify_rows(batch_rows, model, inputs, result, self.certify_at, subject_seeds(self.seed, subjects))
+        self.rows.extend(batch_rows)
+        if self.examples is not None:
+            self.examples.add(batch_rows, inputs["images"], result.images)
+        if moved is not None:
+            self.feature_change.append(moved)
+        for key in self.counters:
+            self.counters[key] += getattr(result, key)
+        for key in GRADIENT_FAULTS:  # subjects whose gradient was zero or non-finite (reliability checks)
+            fault = getattr(result, key, None)
+            if fault is not None:
+                self.gradient_faults[key] = self.gradient_faults.get(key, 0) + int(fault.sum())
+        for key, values in result.diagnostics.items():
+            self.diagnostics.setdefault(key, []).append(values.detach().double().cpu())
+
+    def metrics(self, batch_size_used: int) -> dict:
+        """The cell's metrics over every subject."""
+        metrics = rows_metrics(self.rows)
+        metrics.update(self.counters, attack_seconds=self.timer.seconds, batch_size_used=batch_size_used,
+                       **self.extra)
+        metrics.update({f"{key}_subjects": count for key, count in self.gradient_faults.items()})
+        # An attack's per-subject diagnostics (the ensemble's winners and unbounded probe), averaged over subjects.
+        metrics.update({f"diag:{key}": float(torch.cat(values).mean()) for key, values in self.diagnostics.items()})
+        if self.feature_change:  # the largest relative change of any context feature, averaged over subjects
+            metrics["mean_feature_change_rel"] = float(torch.cat(self.feature_change).mean())
+        if self.certify_at is not None:
+            metrics.update(certificate_metrics(self.rows))
+        return metrics
+
+
+def _attack_subjects(calls: list[CellCall], data: PreparedDataset, model: BrainAgeModel, config: RunConfig,
+                     device: torch.device, on_batch: Callable[[dict], None] | None = None,
+                     extractor: str | None = None, segmenter: Segmenter | None = None, parity: bool = True
+                     ) -> list[tuple[dict, list[dict]] | Exception]:
+    """Run every call of ``calls`` over every subject of `data`, batch by batch; per call, (metrics, per-subject
+    rows), or the exception that failed it (the others go on). With ``extractor`` (threat model ``recomputed``)
+    each batch comes with that feature extractor (by ``segmenter`` for the segmenter extractors).
+
+    The calls of one batch share its inputs and, where there are several (cells that differ only in their budget),
+    the model passes at the clean images (``CleanPasses``): the clean prediction, and the gradient pass of an
+    attack that starts at the clean images. Their rows are what each call alone gives, bit for bit; the
+    batch's attack time is then split evenly between them (``shared_clean_passes`` says by how many).
 
     Batches have ``config.batch_size`` subjects until the device runs out of memory: the batch is then halved and
     retried (down to one subject), and later batches keep the smaller size; ``batch_size_used`` records it. In
     reduced precision (``config.precision``), the first batch is attacked in fp32 too and both mean |deviation|
-    are kept (``parity_*``) for the reliability checks (with ``parity``). ``examples`` collects every subject's
-    mid-slices, clean and attacked, for the page's adversarial examples. With ``certify_at`` (an l2 budget of a
-    median-smoothed model under ``fixed``), each subject's row gets its certificate at that radius."""
-    rows: list[dict] = []
-    counters = {"forward": 0, "backward": 0, "steps": 0}
-    gradient_faults: dict[str, int] = {}
-    diagnostics: dict[str, list[torch.Tensor]] = {}
-    timer = _Timer(device)
-    feature_change: list[torch.Tensor] = []
-    extra: dict = {}
+    are kept (``parity_*``) for the reliability checks (with ``parity``)."""
+    for call in calls:
+        call.timer = _Timer(device)
     size, count, start = config.batch_size, len(data.subject_ids), 0
-    seeded = _takes(call, "sample_seeds")
+    shares = False  # whether the calls took passes from each other
     while start < count:
         batch = slice(start, min(start + size, count))
         subjects = data.subject_ids[batch]
+        live = [call for call in calls if call.error is None]
+        if not live:
+            break
+        before = [call.timer.seconds for call in live]
+        shared = CleanPasses() if len(live) > 1 else None
         try:
             inputs = attack_inputs(data, batch, model, config, device, extractor, segmenter)
-            if seeded:
-                inputs["sample_seeds"] = subject_seeds(seed, subjects)
-            with timer.measure(), autocast(device, config.precision):
-                result = call(**inputs)
-            if parity and config.precision != "fp32" and "parity_mean_abs_deviation" not in extra:
-                reference = call(**inputs)  # the same first batch in fp32, outside the attack's time
-                extra["parity_mean_abs_deviation"] = _mean_abs_deviation(result)
-                extra["parity_fp32_mean_abs_deviation"] = _mean_abs_deviation(reference)
+            for call in live:
+                try:
+                    call.attack(inputs, subjects, config, device, parity, shared)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as err:  # this cell fails, the others of its group go on
+                    call.error, call._pending = err, None
         except torch.OutOfMemoryError:
             if size == 1:
                 raise
-            inputs = result = None
+            inputs = None
+            for call, seconds in zip(live, before, strict=True):
+                call._pending, call.timer.seconds = None, seconds
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             size = max(1, size // 2)
             continue
-        batch_rows, moved = sample_rows(subjects, data.ages[batch], inputs["images"], inputs["features"],
-                                        inputs["mask"], result, config.ssim)
-        if certify_at is not None:
-            _certify_rows(batch_rows, model, inputs, result, certify_at, subject_seeds(seed, subjects))
-        rows.extend(batch_rows)
-        if examples is not None:
-            examples.add(batch_rows, inputs["images"], result.images)
-        if moved is not None:
-            feature_change.append(moved)
-        for key in counters:
-            counters[key] += getattr(result, key)
-        for key in GRADIENT_FAULTS:  # subjects whose gradient was zero or non-finite (reliability checks)
-            fault = getattr(result, key, None)
-            if fault is not None:
-                gradient_faults[key] = gradient_faults.get(key, 0) + int(fault.sum())
-        for key, values in result.diagnostics.items():
-            diagnostics.setdefault(key, []).append(values.detach().double().cpu())
+        done = [(call, seconds) for call, seconds in zip(live, before, strict=True) if call.error is None]
+        if shared is not None and shared.taken and done:
+            shares = True
+            each = sum(call.timer.seconds - seconds for call, seconds in done) / len(done)
+            for call, seconds in done:
+                call.timer.seconds = seconds + each
+        for call, _ in done:
+            call.keep(data, batch, model, config)
         start = batch.stop
-        if on_batch is not None:
+        if on_batch is not None and done:
+            rows = done[0][0].rows
             on_batch({"done": len(rows), "of": count,
                       "mean_abs_deviation": sum(abs(r["deviation"]) for r in rows) / len(rows)})
-    metrics = rows_metrics(rows)
-    metrics.update(counters, attack_seconds=timer.seconds, batch_size_used=size, **extra)
-    metrics.update({f"{key}_subjects": count for key, count in gradient_faults.items()})
-    # An attack's per-subject diagnostics (the ensemble's winners and unbounded probe), averaged over subjects.
-    metrics.update({f"diag:{key}": float(torch.cat(values).mean()) for key, values in diagnostics.items()})
-    if feature_change:  # the largest relative change of any context feature, averaged over subjects
-        metrics["mean_feature_change_rel"] = float(torch.cat(feature_change).mean())
-    if certify_at is not None:
-        metrics.update(certificate_metrics(rows))
-    return metrics, rows
+    outcomes: list[tuple[dict, list[dict]] | Exception] = []
+    for call in calls:
+        if call.error is not None:
+            outcomes.append(call.error)
+            continue
+        metrics = call.metrics(size)
+        if shares:
+            metrics["shared_clean_passes"] = len(calls)
+        outcomes.append((metrics, call.rows))
+    return outcomes
 
 
 def certified_budget(cell: Cell, model: nn.Module) -> Budget | None:
@@ -180,50 +251,74 @@ def _mean_abs_deviation(result) -> float:
 FIT_METRICS = ("n", "clean_mae", "adversarial_mae", "mean_abs_deviation", "mean_deviation", "success_5y")
 
 
-def run_cell(cell: Cell, model: BrainAgeModel, data: PreparedDataset, config: RunConfig, device: torch.device,
-             on_batch: Callable[[dict], None] | None = None, fit_data: PreparedDataset | None = None,
-             seed: int | None = None, examples: ExampleCollector | None = None,
-             segmenter: Segmenter | None = None) -> tuple[dict, list[dict]]:
-    """Attack every subject of `data` in batches; returns (cell metrics, per-subject rows). A universal
-    perturbation is fitted once on `fit_data` (its batches stay in host memory until used), then applied to
-    `data` (the held-out subjects whose rows are stored); its effect on the fitting subjects is in `fit_*`.
-    ``seed``: of the attack's random draws (default: the run's seed); ``examples`` collects the (held-out)
-    subjects' mid-slices for the page; ``segmenter``: the segmenter of a segmenter extractor's cell."""
-    seed = config.seed if seed is None else seed
-    attack = build_attack(cell, model, config, seed)
-    extractor = cell.spec.get("extractor") if cell.threat_model == "recomputed" else None
+def run_cells(cells: list[Cell], model: BrainAgeModel, data: PreparedDataset, config: RunConfig,
+              device: torch.device, on_batch: Callable[[dict], None] | None = None,
+              fit_data: PreparedDataset | None = None, examples: list[ExampleCollector] | None = None,
+              segmenter: Segmenter | None = None) -> list[tuple[dict, list[dict]] | Exception]:
+    """Attack every subject of `data` in batches, for each cell of ``cells`` (one model's cells that differ only in
+    their budget: they share the passes at the clean images, see ``_attack_subjects``); per cell, (metrics,
+    per-subject rows), or the exception that failed it. A universal perturbation (a single cell) is fitted once
+    on `fit_data` (its batches stay in host memory until used), then applied to `data` (the held-out subjects
+    whose rows are stored); its effect on the fitting subjects is in `fit_*`. Each cell's random draws are seeded
+    from its ``cell_seed`` (default: the run's seed); ``examples`` collect each cell's (held-out) subjects'
+    mid-slices for the page; ``segmenter``: the segmenter of a segmenter extractor's cells."""
+    first = cells[0]
+    extractor = first.spec.get("extractor") if first.threat_model == "recomputed" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    if fit_data is None or not is_set_level(cell.attack.name):
-        metrics, rows = _attack_subjects(attack, data, model, config, device, on_batch, extractor, segmenter,
-                                         seed, examples=examples, certify_at=certified_budget(cell, model))
+    calls = []
+    for i, cell in enumerate(cells):
+        seed = cell.spec.get("cell_seed", config.seed)
+        call = CellCall(None, seed, certified_budget(cell, model), None if examples is None else examples[i])
+        try:
+            fault_point("attacking")
+            call.call = build_attack(cell, model, config, seed)
+        except Exception as err:  # a cell whose attack cannot be built fails alone
+            call.error = err
+        calls.append(call)
+    if fit_data is None or not is_set_level(first.attack.name):
+        outcomes = _attack_subjects(calls, data, model, config, device, on_batch, extractor, segmenter)
     else:
+        if len(cells) != 1:
+            raise ValueError("a universal perturbation's cell is computed on its own")
+        call, attack = calls[0], calls[0].call
+        if call.error is not None:
+            return [call.error]
         began = time.perf_counter()
         with autocast(device, config.precision):
             # a segmenter's clean volumes are measured on its device, so those fitting batches live there
             attack.fit(batches(fit_data, model, config, device if segmenter is not None else None, extractor,
                                segmenter))
         fit_seconds = time.perf_counter() - began
-        metrics, rows = _attack_subjects(attack.apply, data, model, config, device, on_batch, extractor,
-                                         segmenter, seed, examples=examples, certify_at=certified_budget(cell, model))
-        on_fit, _ = _attack_subjects(attack.apply, fit_data, model, config, device, None, extractor, segmenter,
-                                     seed, parity=False)
+        call.call = attack.apply
+        outcomes = _attack_subjects([call], data, model, config, device, on_batch, extractor, segmenter)
+        on_fit = _attack_subjects([CellCall(attack.apply, call.seed)], fit_data, model, config, device, None,
+                                  extractor, segmenter, parity=False)[0]
+        for outcome in (*outcomes, on_fit):
+            if isinstance(outcome, Exception):
+                return [outcome]
+        metrics = outcomes[0][0]
         for key, count in zip(("forward", "backward", "steps"), attack.fit_counters, strict=True):
             metrics[key] += count
         for key, count in attack.fit_gradient_faults.items():
             metrics[f"{key}_subjects"] = metrics.get(f"{key}_subjects", 0) + count
         metrics["attack_seconds"] += fit_seconds
-        metrics.update({f"fit_{key}": on_fit[key] for key in FIT_METRICS})
-    metrics["timing"] = "cuda-events" if device.type == "cuda" else "wall-clock"
-    metrics["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return metrics, rows
+        metrics.update({f"fit_{key}": on_fit[0][key] for key in FIT_METRICS})
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    for outcome in outcomes:
+        if not isinstance(outcome, Exception):
+            outcome[0].update(timing="cuda-events" if device.type == "cuda" else "wall-clock",
+                              peak_memory_bytes=peak)
+    return outcomes
 
 
 @dataclass
 class CellTask:
-    """What an executor runs: one cell and where its model and data live (paths, no tensors: it pickles small)."""
+    """What an executor runs: one model's cells that are computed together (``medrobust.runner.cells.
+    sharing_groups``: a single cell, or cells that differ only in their budget) and where its model and data live
+    (paths, no tensors: it pickles small)."""
 
-    cell: Cell
+    cells: list[Cell]
     config: RunConfig
     root: Path
     model: ModelSource
@@ -259,22 +354,33 @@ def model_card(model: BrainAgeModel, record: dict) -> dict:
             "test_metrics": extra.get("test_metrics")}
 
 
-def compute_cell(task: CellTask, loaded: LoadedInputs, on_batch: Callable[[dict], None] | None = None) -> CellOutcome:
-    """Run one cell with the models and subjects of ``loaded``; an exception becomes a ``failed`` outcome with its
-    reason (the grid goes on)."""
-    cell, started = task.cell, time.perf_counter()
+def compute_cells(task: CellTask, loaded: LoadedInputs, on_batch: Callable[[dict], None] | None = None
+                  ) -> list[CellOutcome]:
+    """Run a task's cells with the models and subjects of ``loaded``, one outcome per cell; an exception becomes
+    a ``failed`` outcome with its reason (the grid goes on): of the whole task where it hit them all (its model
+    or subjects could not be loaded), of one cell where it hit that cell's attack."""
+    cells, started = task.cells, time.perf_counter()
+    collectors = [ExampleCollector() for _ in cells]
     try:
         model, record = loaded.model(task.model)
         grid = model_grid(model)
-        fit_data = loaded.subjects(grid, fitting=True) if is_set_level(cell.attack.name) else None
-        report = None if on_batch is None else (lambda state: on_batch({**state, "cell": cell.describe()}))
-        collector = ExampleCollector()
-        fault_point("attacking")
-        segmenter = loaded.segmenter()[0] if cell.spec.get("extractor") in SEGMENTER_EXTRACTORS else None
-        metrics, rows = run_cell(cell, model, loaded.subjects(grid), task.config, loaded.device, report,
-                                 fit_data, cell.spec.get("cell_seed"), collector, segmenter)
-        metrics["model_card"] = model_card(model, record)
-        fault_point("attacked")
-    except Exception as err:  # a broken cell is recorded with its reason
-        return CellOutcome(cell.id, "failed", {}, [], time.perf_counter() - started, f"{type(err).__name__}: {err}")
-    return CellOutcome(cell.id, "done", metrics, rows, time.perf_counter() - started, examples=collector.chosen())
+        first = cells[0]
+        fit_data = loaded.subjects(grid, fitting=True) if is_set_level(first.attack.name) else None
+        name = first.describe() if len(cells) == 1 else describe_group(cells)
+        report = None if on_batch is None else (lambda state: on_batch({**state, "cell": name}))
+        segmenter = loaded.segmenter()[0] if first.spec.get("extractor") in SEGMENTER_EXTRACTORS else None
+        outcomes = run_cells(cells, model, loaded.subjects(grid), task.config, loaded.device, report, fit_data,
+                             collectors, segmenter)
+        card = model_card(model, record)
+    except Exception as err:  # a broken task: each of its cells is recorded with the reason
+        outcomes, card = [err] * len(cells), None
+    seconds = (time.perf_counter() - started) / len(cells)  # the task's wall time, split evenly
+    finished = []
+    for cell, outcome, collector in zip(cells, outcomes, collectors, strict=True):
+        if isinstance(outcome, Exception):
+            finished.append(CellOutcome(cell.id, "failed", {}, [], seconds, f"{type(outcome).__name__}: {outcome}"))
+            continue
+        metrics, rows = outcome
+        metrics["model_card"] = card
+        finished.append(CellOutcome(cell.id, "done", metrics, rows, seconds, examples=collector.chosen()))
+    return finished

@@ -1,10 +1,11 @@
 """Executors: where a run's cells are computed. The driver (``medrobust.runner.driver.run``) hands an executor its
-pending ``CellTask``s and writes each ``CellOutcome`` to the store as it arrives; executors never touch the store.
+pending ``CellTask``s (a cell, or cells that differ only in their budget, computed together) and writes each
+``CellOutcome`` to the store as it arrives; executors never touch the store.
 
-``local``: in this process, one cell after the other; with several devices (several visible GPUs), one worker
-thread per device, each with its own copy of the models. ``ray``: each cell a Ray task (asking for one GPU when
-the run uses CUDA) that receives the cell's spec and file paths, loads the model and subjects itself (once per
-worker process) and returns the outcome; a task whose worker dies is retried a bounded number of times.
+``local``: in this process, one task after the other; with several devices (several visible GPUs), one worker
+thread per device, each with its own copy of the models. ``ray``: each task a Ray task (asking for one GPU when
+the run uses CUDA) that receives its cells' specs and file paths, loads the model and subjects itself (once per
+worker process) and returns the outcomes; a task whose worker dies is retried a bounded number of times.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from medrobust.devices import deterministic_cuda
 from medrobust.errors import MedrobustError
 from medrobust.plugins import import_plugins
-from medrobust.runner.execute import CellOutcome, CellTask, compute_cell
+from medrobust.runner.execute import CellOutcome, CellTask, compute_cells
 from medrobust.runner.inputs import LoadedInputs
 from medrobust.vocabulary import EXECUTORS
 
@@ -28,7 +29,7 @@ RAY_MAX_RETRIES = 2
 
 
 class LocalExecutor:
-    """Cells in this process: in order on one device, or one cell per device with several."""
+    """Tasks in this process: in order on one device, or one task per device with several."""
 
     def __init__(self, loaded: list[LoadedInputs]) -> None:
         self.loaded = loaded
@@ -43,7 +44,7 @@ class LocalExecutor:
         """The outcomes in the order the cells finish."""
         if len(self.loaded) == 1:
             for task in tasks:
-                yield compute_cell(task, self.loaded[0], on_batch)
+                yield from compute_cells(task, self.loaded[0], on_batch)
             return
         todo: queue.SimpleQueue = queue.SimpleQueue()
         for task in tasks:
@@ -58,12 +59,13 @@ class LocalExecutor:
                     task = todo.get_nowait()
                 except queue.Empty:
                     return
-                finished.put(compute_cell(task, loaded))
+                for outcome in compute_cells(task, loaded):
+                    finished.put(outcome)
 
         threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in self.loaded]
         for thread in threads:
             thread.start()
-        for _ in tasks:
+        for _ in range(sum(len(task.cells) for task in tasks)):
             yield finished.get()
         for thread in threads:
             thread.join()
@@ -73,9 +75,9 @@ class LocalExecutor:
 _WORKER_INPUTS: dict[tuple, LoadedInputs] = {}
 
 
-def _ray_compute_cell(task: CellTask, device_type: str, threads: int) -> CellOutcome:
-    """One cell in a Ray worker: the GPU Ray gave it (visible as cuda:0), or the CPU with the driver's thread count
-    (so the arithmetic, and the results, are those of the local executor)."""
+def _ray_compute_cells(task: CellTask, device_type: str, threads: int) -> list[CellOutcome]:
+    """A task's cells in a Ray worker: the GPU Ray gave it (visible as cuda:0), or the CPU with the driver's thread
+    count (so the arithmetic, and the results, are those of the local executor)."""
     if device_type == "cuda":
         device = torch.device("cuda", 0)
         deterministic_cuda()
@@ -86,7 +88,7 @@ def _ray_compute_cell(task: CellTask, device_type: str, threads: int) -> CellOut
     key = (str(task.config.source), str(task.root), str(device))
     if key not in _WORKER_INPUTS:
         _WORKER_INPUTS[key] = LoadedInputs(task.config, task.root, device)
-    return compute_cell(task, _WORKER_INPUTS[key])
+    return compute_cells(task, _WORKER_INPUTS[key])
 
 
 class RayExecutor:
@@ -110,7 +112,7 @@ class RayExecutor:
             self.started = True
         self.device_type = devices[0].type
         gpus = 1 if self.device_type == "cuda" else 0
-        self.remote = ray.remote(num_gpus=gpus, max_retries=max_retries)(_ray_compute_cell)
+        self.remote = ray.remote(num_gpus=gpus, max_retries=max_retries)(_ray_compute_cells)
         self.threads = torch.get_num_threads()
 
     def __enter__(self) -> RayExecutor:
@@ -129,9 +131,11 @@ class RayExecutor:
             for ref in ready:
                 task = refs.pop(ref)
                 try:
-                    yield ray.get(ref)
+                    outcomes = ray.get(ref)
                 except ray.exceptions.RayError as err:  # retries spent: the worker kept dying
-                    yield CellOutcome(task.cell.id, "failed", {}, [], 0.0, f"{type(err).__name__}: {err}")
+                    outcomes = [CellOutcome(cell.id, "failed", {}, [], 0.0, f"{type(err).__name__}: {err}")
+                                for cell in task.cells]
+                yield from outcomes
 
 
 # How long `--ray-address` may take to answer before the run is refused (Ray's own join waits minutes).

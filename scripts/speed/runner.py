@@ -26,6 +26,18 @@ from medrobust.runner import run
 from medrobust.runner.config import load_config
 
 
+def fresh_grid(config: str | Path, out: Path, top: str = "") -> Path:
+    """The grid of ``config`` into the fresh (emptied) folder ``out``, with the config's own checkpoints (nothing
+    is trained), and the top-level keys ``top`` added: the config file written there."""
+    original = load_config(config)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    path = out / "config.toml"
+    text = Path(config).read_text().replace(f'out = "{original.out}"', "", 1)
+    path.write_text(f'out = "{out}"\nmodels_dir = "{original.models_dir}"\n{top}' + text)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.toml")
@@ -34,15 +46,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the figures to this file")
     args = parser.parse_args()
 
-    original = load_config(args.config)
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    # The same grid into a fresh folder, with the config's own checkpoints (nothing is trained here).
-    path = out / "config.toml"
-    text = Path(args.config).read_text().replace(f'out = "{original.out}"', "", 1)
-    ssim = "ssim = false\n" if args.no_ssim else ""
-    path.write_text(f'out = "{out}"\nmodels_dir = "{original.models_dir}"\n{ssim}' + text)
+    path = fresh_grid(args.config, out, "ssim = false\n" if args.no_ssim else "")
     config = load_config(path)
     began = time.perf_counter()
     summary = run(config, progress=False, echo=lambda *_: None)

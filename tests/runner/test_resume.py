@@ -3,7 +3,6 @@ random times, and resumed each time, ends with exactly the store an uninterrupte
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -19,8 +18,6 @@ from click.testing import CliRunner
 
 from medrobust.cli import main
 from medrobust.results.store import (
-    RUN_DEPENDENT_CELL_FIELDS,
-    RUN_DEPENDENT_METRICS,
     SAMPLE_COLUMNS,
     ResultStore,
     lock_holder,
@@ -81,24 +78,14 @@ def _check_whole_cells(out: Path) -> None:
         db.close()
 
 
-def _comparable(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A store's cells without what depends on the run rather than the cell (see medrobust.results.store), and its
-    per-subject rows, both in a fixed order."""
-    with ResultStore(out, create=False) as store:
-        cells, samples = store.cells(), store.samples()
-    cells = cells.drop(columns=[c for c in (*RUN_DEPENDENT_CELL_FIELDS, *RUN_DEPENDENT_METRICS) if c in cells])
-    cells = cells.sort_values("id").reset_index(drop=True)
-    cells = cells.map(lambda v: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v)
-    return cells[sorted(cells.columns)], samples.sort_values(["cell_id", "subject"]).reset_index(drop=True)
-
-
 # (point, its n-th time, cells done after the kill): each run starts where the previous one was killed. planned:
 # before the run is recorded; attacked: after a cell's attack, before the store (cell 1 written, cell 2 lost);
 # committing: inside the store's transaction (two more committed, the third rolled back); written: after a commit.
 KILL_POINTS = [("planned", 1, 0), ("attacked", 2, 1), ("committing", 3, 3), ("written", 2, 5)]
 
 
-def test_a_run_killed_at_chosen_points_resumes_to_the_uninterrupted_result(uninterrupted, tiny_config):
+def test_a_run_killed_at_chosen_points_resumes_to_the_uninterrupted_result(uninterrupted, tiny_config,
+                                                                            comparable_store):
     root = uninterrupted
     config_c, out_c = tiny_config(root, "c", TOP, GRID), root / "c"
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
@@ -113,13 +100,14 @@ def test_a_run_killed_at_chosen_points_resumes_to_the_uninterrupted_result(unint
     resumed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"{N_CELLS - 5} cells run, 5 already finished" in resumed.stdout
-    cells_a, samples_a = _comparable(root / "a")
-    cells_c, samples_c = _comparable(out_c)
+    cells_a, samples_a = comparable_store(root / "a")
+    cells_c, samples_c = comparable_store(out_c)
     pd.testing.assert_frame_equal(cells_c, cells_a, check_exact=True)
     pd.testing.assert_frame_equal(samples_c, samples_a, check_exact=True)
 
 
-def test_a_run_killed_at_random_points_resumes_to_the_uninterrupted_result(uninterrupted, tiny_config):
+def test_a_run_killed_at_random_points_resumes_to_the_uninterrupted_result(uninterrupted, tiny_config,
+                                                                             comparable_store):
     # The random-time kills, kept beside the chosen points above: where they land depends on the machine's load,
     # so nothing here asks that one landed mid-grid (the chosen points see to that).
     root = uninterrupted
@@ -168,8 +156,8 @@ def test_a_run_killed_at_random_points_resumes_to_the_uninterrupted_result(unint
     resumed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     _check_whole_cells(out_b)
-    cells_a, samples_a = _comparable(root / "a")
-    cells_b, samples_b = _comparable(out_b)
+    cells_a, samples_a = comparable_store(root / "a")
+    cells_b, samples_b = comparable_store(out_b)
     assert len(cells_a) == N_CELLS and len(samples_a) == N_CELLS * N_SUBJECTS
     assert list(samples_a.columns) == ["cell_id", *SAMPLE_COLUMNS]
     # Same cells (ids, status, spec, metrics), same per-subject rows to the bit: the CPU run is deterministic.

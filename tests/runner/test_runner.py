@@ -184,14 +184,14 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(demo_run, tmp_path, mon
 
     import medrobust.runner.execute as execute
 
-    original = execute.run_cell
+    original = execute.run_cells
 
-    def flaky(cell, model, *args, **kwargs):
-        if cell.model == "hybrid" and cell.attack.name == "pgd":
+    def flaky(cells, model, *args, **kwargs):
+        if cells[0].model == "hybrid" and cells[0].attack.name == "pgd":
             raise RuntimeError("simulated failure")
-        return original(cell, model, *args, **kwargs)
+        return original(cells, model, *args, **kwargs)
 
-    monkeypatch.setattr(execute, "run_cell", flaky)
+    monkeypatch.setattr(execute, "run_cells", flaky)
     result = CliRunner().invoke(main, ["run", str(config), "--quiet", "--no-report"])
     assert result.exit_code == 1
     assert "FAILED hybrid pgd" in result.output and "simulated failure" in result.output
@@ -202,7 +202,7 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(demo_run, tmp_path, mon
     assert (failed["error"] == "RuntimeError: simulated failure").all()
     assert (cells["status"] == "done").sum() == N_CELLS - 9
     # A re-run skips the failed cells and says so; once the cause is gone, --retry-failed does only them.
-    monkeypatch.setattr(execute, "run_cell", original)
+    monkeypatch.setattr(execute, "run_cells", original)
     result = CliRunner().invoke(main, ["run", str(config), "--quiet", "--no-report"])
     assert "9 cells failed in an earlier run; skipping them" in result.output
     with ResultStore(out, create=False) as store:
@@ -210,6 +210,31 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(demo_run, tmp_path, mon
     result = CliRunner().invoke(main, ["run", str(config), "--quiet", "--no-report", "--retry-failed"])
     assert result.exit_code == 0, result.output
     assert f"9 cells run, {N_CELLS - 9} already finished, 0 failed" in result.output
+
+
+def test_cells_that_differ_only_in_their_budget_share_clean_passes_and_keep_their_rows(demo_run, tmp_path,
+                                                                                     comparable_store):
+    # The run shared its passes at the clean images between the budgets of one model, attack and threat model
+    # (share_clean_passes, the default): the same grid with every cell alone stores the same cells and rows, bit
+    # for bit, for every model and threat model of the grid.
+    root, config_path, _ = demo_run
+    out = tmp_path / "alone"
+    shutil.copytree(root / "out" / "models", out / "models")  # no retraining
+    config = tmp_path / "alone.toml"
+    config.write_text("share_clean_passes = false\n" + config_path.read_text().replace(str(root / "out"), str(out)))
+    result = CliRunner().invoke(main, ["run", str(config), "--quiet", "--no-report"])
+    assert result.exit_code == 0, result.output
+    cells_alone, samples_alone = comparable_store(out)
+    cells_shared, samples_shared = comparable_store(root / "out")
+    assert len(cells_alone) == N_CELLS
+    where = ["checkpoint"]  # where each run found the model: its copy
+    pd.testing.assert_frame_equal(cells_shared.drop(columns=where), cells_alone.drop(columns=where), check_exact=True)
+    pd.testing.assert_frame_equal(samples_shared, samples_alone, check_exact=True)
+    # Each batch's clean passes served the three budgets of a group (fgsm's gradient pass, pgd's first step).
+    with ResultStore(root / "out", create=False) as store:
+        assert (store.cells()["shared_clean_passes"] == 3).all()
+    with ResultStore(out, create=False) as store:
+        assert "shared_clean_passes" not in store.cells()
 
 
 def test_report_page_and_csv(demo_run):
