@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 export MALLOC_MMAP_THRESHOLD_ := 1073741824
 export MALLOC_TRIM_THRESHOLD_ := 1073741824
 
-.PHONY: venv test demo lint speed speed-attacks speed-runner speed-gpu accuracy accuracy-zoo clean
+.PHONY: venv test demo lint speed speed-attacks speed-baseline speed-compare speed-runner speed-gpu accuracy accuracy-zoo \
+	clean
 
 venv: $(VENV)/.installed
 
@@ -48,6 +49,27 @@ speed-attacks: venv
 	mkdir -p $(SPEED_OUT)
 	MEDROBUST_BENCH_TABLE=$(SPEED_OUT)/ratios.md $(PY) -m pytest -q -p no:cacheprovider tests/speed \
 		--benchmark-only --benchmark-json=$(SPEED_OUT)/benchmarks.json
+
+# The regression check of the timing ratios: these benchmarks at these settings, against the baseline committed for
+# this machine kind (tests/speed/baselines/<kind>.json, the kind from tests/speed/ratios.py); a whole-call ratio
+# more than MEDROBUST_BENCH_MARGIN (15 %) over its baseline's fails. `make speed-baseline` writes (refreshes) the
+# baseline of this machine kind: run it on an otherwise idle machine, and commit the file with the reason.
+BASELINE_ENV := MEDROBUST_BENCH_THREADS=1 MEDROBUST_BENCH_ROUNDS=5 MEDROBUST_BENCH_MODELS=cnn3d \
+	MEDROBUST_BENCH_ATTACKS=fgsm,pgd-linf,pgd-l2,bim-paper,apgd-linf,cw,square,universal-sign
+BASELINE = tests/speed/baselines/$(shell $(BASELINE_ENV) $(PY) tests/speed/ratios.py).json
+BASELINE_TESTS := $(addprefix tests/speed/test_attack_speed.py::,test_floor test_attack test_plain_loop)
+speed-baseline: venv
+	mkdir -p tests/speed/baselines
+	$(BASELINE_ENV) $(PY) -m pytest -q -p no:cacheprovider $(BASELINE_TESTS) --benchmark-only \
+		--benchmark-json=$(BASELINE)
+
+speed-compare: venv
+	@test -f $(BASELINE) || { echo "no ratio baseline for this machine kind: $(BASELINE) (make speed-baseline)"; \
+		exit 2; }
+	mkdir -p $(SPEED_OUT)
+	$(BASELINE_ENV) MEDROBUST_BENCH_BASELINE=$(BASELINE) MEDROBUST_BENCH_TABLE=$(SPEED_OUT)/compare.md \
+		$(PY) -m pytest -q -p no:cacheprovider $(BASELINE_TESTS) --benchmark-only \
+		--benchmark-compare=$(BASELINE) --benchmark-json=$(SPEED_OUT)/compare.json
 
 # Runner overhead (the demo grid's wall time against its attack time) and the finished-grid re-run, with and
 # without SSIM (docs/speed.md); needs the demo's trained models (make demo).

@@ -205,8 +205,12 @@ def _attack_subjects(calls: list[CellCall], data: PreparedDataset, model: BrainA
             for call, seconds in done:
                 call.timer.seconds = seconds + each
         for call, _ in done:
-            call.keep(data, batch, model, config)
+            try:
+                call.keep(data, batch, model, config)
+            except Exception as err:  # its metrics or certificate failed: this cell fails, the others go on
+                call.error = err
         start = batch.stop
+        done = [(call, seconds) for call, seconds in done if call.error is None]
         if on_batch is not None and done:
             rows = done[0][0].rows
             on_batch({"done": len(rows), "of": count,

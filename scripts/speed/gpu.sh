@@ -6,8 +6,9 @@
 #   1. the demo grid, 48x56x48, batch 8, cnn3d and hybrid_e2e,
 #   2. the paper's full grid, 172x220x156, batch 2, cnn3d,
 # each in fp32 and in bf16 (torch.autocast, as `precision = "bf16"` in a run config). Writes into OUT_DIR:
-# device.txt, pytest.txt, demo.txt, one benchmark JSON and one markdown table per run, and results.md with every
-# table. SUITE=0 leaves out step (0).
+# device.txt, pytest.txt, demo.txt, shared-passes.md (the demo grid with its cells alone and with their clean
+# passes shared), one benchmark JSON and one markdown table per run, and results.md with every table. SUITE=0
+# leaves out step (0).
 #
 # Usage: scripts/speed/gpu.sh OUT_DIR             on a machine with CUDA and medrobust installed (make venv)
 #        scripts/speed/gpu.sh --dry-run OUT_DIR   the same runs on the CPU at a tiny grid, one round: checks that
@@ -57,6 +58,9 @@ if [[ $dry == 0 && "${SUITE:-1}" == 1 ]]; then
     SECONDS=0
     "$PYTHON" -m medrobust.cli run "$demo/demo.toml" --quiet 2>&1 | tail -45 > "$out/demo.txt" || status=1
     echo "demo wall time: ${SECONDS} s" | tee -a "$out/demo.txt"
+    # The same grid with every cell alone and with the clean passes shared, side by side (rows compared bit for bit).
+    "$PYTHON" scripts/speed/shared_passes.py --config "$demo/demo.toml" --out "$demo/shared" \
+        --json "$out/shared-passes.json" 2>&1 | tee "$out/shared-passes.md" || status=1
 fi
 : > "$out/results.md"
 run() {  # run NAME GRID BATCH MODELS PRECISION [ATTACKS]

@@ -23,15 +23,26 @@ torch.autocast), ``MEDROBUST_BENCH_ROUNDS`` (5), ``MEDROBUST_BENCH_MODELS`` (``c
 (torch's CPU threads; unset: torch's default. On a CPU that other work shares, 1 thread keeps OpenMP's
 spin-waiting from swamping the timings) and ``MEDROBUST_BENCH_TABLE`` (a path: the ratio table is also written
 there as markdown).
+
+**Against a baseline** (``make speed-compare``): ``MEDROBUST_BENCH_BASELINE`` names the JSON of an earlier run
+on the same kind of machine (``machine_kind``: the device's model and the thread count; one committed per kind
+in ``tests/speed/baselines``, written by ``make speed-baseline``). A benchmark whose settings match its
+baseline's fails when its whole-call ratio (median over rounds) exceeds the baseline's by more than
+``MEDROBUST_BENCH_MARGIN`` (default 0.15, i.e. 15 %). Ratios, not times: a host of the same kind that is slower
+or faster overall moves the floor and the call alike.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -40,6 +51,8 @@ from medrobust.runner.execute import autocast
 from medrobust.vocabulary import PRECISIONS
 
 N_FEATURES = 173  # the built-in cohort's context features
+# How far a whole-call ratio may grow over its baseline's before the benchmark fails (MEDROBUST_BENCH_MARGIN).
+DEFAULT_MARGIN = 0.15
 # Every ratio measured in this session, in order: what the terminal summary and the markdown table show.
 RESULTS: list[dict] = []
 
@@ -79,6 +92,55 @@ class Settings:
     def label(self) -> str:
         threads = "" if self.threads is None else f" {self.threads} thread{'s' * (self.threads > 1)}"
         return f"{self.device.type}{threads} {'x'.join(map(str, self.grid))} batch {self.batch} {self.precision}"
+
+
+def machine_kind(settings: Settings) -> str:
+    """The kind of machine a ratio baseline holds for, as a file name: the CPU's model name and its widest vector
+    extension (AVX-512 and AVX2 machines differ), or the GPU's name; and the torch threads."""
+    if settings.device.type == "cuda":
+        model = torch.cuda.get_device_name(settings.device)
+    else:
+        info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+        name = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
+        flags = re.search(r"^flags\s*:\s*(.+)$", info, re.MULTILINE)
+        flags = set(flags.group(1).split()) if flags else set()
+        vector = next((flag for flag in ("avx512f", "avx2") if flag in flags), "")
+        model = f"{name.group(1) if name else platform.processor() or platform.machine()} {vector}"
+    slug = re.sub(r"[^a-z0-9]+", "-", re.sub(r"\((r|tm)\)", "", model.lower())).strip("-")
+    threads = f"{settings.threads}thread" if settings.threads is not None else "default-threads"
+    return f"{settings.device.type}-{slug}-{threads}"
+
+
+def baseline() -> tuple[dict[str, dict], float] | None:
+    """The baseline of ``MEDROBUST_BENCH_BASELINE`` (each benchmark's extra_info by its full name) and the margin;
+    None when no baseline is asked for."""
+    path = os.environ.get("MEDROBUST_BENCH_BASELINE")
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise MedrobustError(f"MEDROBUST_BENCH_BASELINE: no baseline file {path} (make speed-baseline writes the one "
+                             f"of this machine kind)")
+    benchmarks = json.loads(Path(path).read_text())["benchmarks"]
+    margin = float(os.environ.get("MEDROBUST_BENCH_MARGIN", DEFAULT_MARGIN))
+    return {bench["fullname"]: bench["extra_info"] for bench in benchmarks}, margin
+
+
+def check_baseline(fullname: str, row: dict) -> None:
+    """Fail when the row's whole-call ratio grew past the baseline's by more than the margin (see the module's
+    docstring); record the baseline's ratio in the row. No baseline, or one of other settings: nothing to check."""
+    loaded = baseline()
+    if loaded is None:
+        return
+    references, margin = loaded
+    reference = references.get(fullname)
+    if reference is None or reference.get("settings") != row["settings"] or reference.get("whole_ratio") is None:
+        row["baseline_whole_ratio"] = None
+        return
+    row["baseline_whole_ratio"] = reference["whole_ratio"]
+    allowed = reference["whole_ratio"] * (1 + margin)
+    assert row["whole_ratio"] <= allowed, (
+        f"{row['model']} {row['attack']}: whole call / (passes x floor) {row['whole_ratio']:.3f} against the "
+        f"baseline's {reference['whole_ratio']:.3f} (at most {allowed:.3f} with the margin {margin:.0%})")
 
 
 def timed(call: Callable[[], object], device: torch.device) -> float:
@@ -150,6 +212,7 @@ def measure(benchmark, settings: Settings, label: str, model_name: str, nominal:
         row["marginal_ratio_min"] = (min(calls) - min(shorts)) / ((passes - short_passes) * min(floors))
     benchmark.extra_info.update(row)
     RESULTS.append(row)
+    check_baseline(benchmark.fullname, row)
     return row
 
 
@@ -162,9 +225,15 @@ def markdown(rows: list[dict]) -> str:
         whole = marginal = ""
         if row["whole_ratio"] is not None:
             whole = f"{row['whole_ratio']:.3f}, {row['whole_ratio_min']:.3f}"
+            if row.get("baseline_whole_ratio") is not None:
+                whole += f" (baseline {row['baseline_whole_ratio']:.3f})"
         if row["marginal_ratio"] is not None:
             marginal = (f"{row['marginal_ratio']:.3f}, {row['marginal_ratio_min']:.3f} "
                         f"({row['short_backward_passes']} -> {row['backward_passes']})")
         lines.append(f"| {row['settings']} | {row['model']} | {row['attack']} | {row['backward_passes']} | "
                      f"{whole} | {marginal} | {row['floor_ms']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # the machine kind of these settings: the baseline's file name (make speed-compare)
+    print(machine_kind(Settings.from_env()))
