@@ -106,12 +106,10 @@ def _all_but_the_budget(cell: Cell) -> str:
 
 
 def describe_group(cells: list[Cell]) -> str:
-    """A group's cells as one line: ``cnn3d fgsm older fixed at 6 budgets (linf, l2)``."""
-    first = cells[0]
-    norms = ", ".join(dict.fromkeys(cell.budget.norm for cell in cells))
-    extractor = f" ({first.extractor})" if first.extractor else ""
-    return (f"{first.model} {first.attack.name} {first.objective} {first.threat_model}{extractor} at {len(cells)} "
-            f"budgets ({norms})")
+    """Cells computed together as one line, the first one named (its progress is the one shown):
+    ``cnn3d fgsm linf eps=0.0005 range older fixed (and 5 more budgets)``."""
+    more = len(cells) - 1
+    return cells[0].describe() + (f" (and {more} more budget{'s' * (more > 1)})" if more else "")
 
 
 def subject_seeds(seed: int, subjects: list[str]) -> list[int]:

@@ -370,7 +370,7 @@ def compute_cells(task: CellTask, loaded: LoadedInputs, on_batch: Callable[[dict
         grid = model_grid(model)
         first = cells[0]
         fit_data = loaded.subjects(grid, fitting=True) if is_set_level(first.attack.name) else None
-        name = first.describe() if len(cells) == 1 else describe_group(cells)
+        name = describe_group(cells)
         report = None if on_batch is None else (lambda state: on_batch({**state, "cell": name}))
         segmenter = loaded.segmenter()[0] if first.spec.get("extractor") in SEGMENTER_EXTRACTORS else None
         outcomes = run_cells(cells, model, loaded.subjects(grid), task.config, loaded.device, report, fit_data,

@@ -14,7 +14,7 @@ import pytest
 from medrobust.errors import MedrobustError
 from medrobust.results.store import ResultStore, describe_spec
 from medrobust.runner import plan, run
-from medrobust.runner.cells import Cell
+from medrobust.runner.cells import Cell, is_set_level, sharing_groups
 from medrobust.runner.config import load_config
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "pre_redesign"
@@ -153,3 +153,23 @@ def test_threads_set_torch_for_the_run_are_recorded_and_restored(tmp_path: Path,
     assert summary.done > 0 and torch.get_num_threads() == before  # a notebook's setting is given back
     with ResultStore(summary.out) as store:
         assert store.runs()[-1]["environment"]["cpu_threads"] == 1
+
+
+def test_cells_are_grouped_only_with_those_that_differ_in_their_budget(tmp_path: Path, monkeypatch) -> None:
+    # The groups whose calls share their passes at the clean images (share_clean_passes): every cell in one group,
+    # a group's cells alike but for their budget (and the seed drawn from it), a universal perturbation's alone.
+    shutil.copytree(FIXTURE, tmp_path / "fixture")
+    monkeypatch.chdir(tmp_path / "fixture")
+    cells = plan(load_config("config.toml"))
+    groups = sharing_groups(cells)
+    assert sorted(cell.id for group in groups for cell in group) == sorted(cell.id for cell in cells)
+    assert 1 < len(groups) < len(cells)
+    for group in groups:
+        first = group[0]
+        assert all((c.model, c.attack, c.objective, c.threat_model, c.extractor)
+                   == (first.model, first.attack, first.objective, first.threat_model, first.extractor) for c in group)
+        assert len({(c.budget.norm, c.budget.epsilon) for c in group}) == len(group)
+        if is_set_level(first.attack.name):
+            assert len(group) == 1
+    assert max(len(group) for group in groups) > 1
+    assert all(len(group) == 1 for group in sharing_groups(cells, share=False))
