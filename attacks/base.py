@@ -9,7 +9,6 @@ counters, best iterate) and turns the final iterate into an ``AttackResult``.
 from __future__ import annotations
 
 import inspect
-import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import ClassVar
@@ -17,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from medrobust.attacks.arguments import check_flag, check_non_negative
+from medrobust.attacks.arguments import check_flag, check_non_negative, check_seed
 from medrobust.attacks.budget import NORMS, Budget, as_budget
 from medrobust.attacks.objectives import check_objective
 from medrobust.attacks.result import AttackResult
@@ -109,8 +108,7 @@ class Attack:
         if clip not in CLIPS:
             raise MedrobustError(f"clip must be one of {', '.join(CLIPS)}, got {clip!r}")
         check_flag("keep_best", keep_best)
-        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
-            raise MedrobustError(f"seed must be an integer >= 0, got {seed!r}")
+        check_seed("seed", seed)
         self.model = model
         self.objective = objective
         self.threat_model = threat_model

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from medrobust.arguments import is_finite_real
 from medrobust.errors import MedrobustError
 from medrobust.vocabulary import NORMS, UNITS
-
-
-def is_finite_real(value: object) -> bool:
-    """True for a finite real number; bool is an int subclass but never a magnitude, so it is refused."""
-    return (
-        isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    )
 
 
 @dataclass(frozen=True)

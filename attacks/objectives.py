@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from medrobust.attacks.budget import is_finite_real
+from medrobust.arguments import is_finite_real
 from medrobust.errors import MedrobustError
 from medrobust.vocabulary import OBJECTIVES
 

@@ -25,6 +25,7 @@ import torch
 from scipy.stats import binom, norm
 from torch import Tensor, nn
 
+from medrobust.arguments import check_count, check_positive, check_probability, check_seed
 from medrobust.errors import MedrobustError
 
 
@@ -41,16 +42,11 @@ class Smoothing:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0):
-            raise MedrobustError(f"smoothing sigma must be a positive number (model input units), got {self.sigma!r}")
-        for name in ("n", "certify_n"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise MedrobustError(f"smoothing {name} must be an integer >= 1, got {value!r}")
-        if not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < 1):
-            raise MedrobustError(f"smoothing alpha must be in (0, 1), got {self.alpha!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise MedrobustError(f"smoothing seed must be an integer >= 0, got {self.seed!r}")
+        check_positive("smoothing sigma", self.sigma, "model input units")
+        check_count("smoothing n", self.n)
+        check_count("smoothing certify_n", self.certify_n)
+        check_probability("smoothing alpha", self.alpha, "the certificate's error rate")
+        check_seed("smoothing seed", self.seed)
 
     def as_dict(self) -> dict:
         return {"sigma": float(self.sigma), "n": self.n, "certify_n": self.certify_n, "alpha": float(self.alpha),

@@ -33,8 +33,12 @@ def fresh_grid(config: str | Path, out: Path, top: str = "") -> Path:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     path = out / "config.toml"
-    text = Path(config).read_text().replace(f'out = "{original.out}"', "", 1)
-    path.write_text(f'out = "{out}"\nmodels_dir = "{original.models_dir}"\n{top}' + text)
+    lines, top_level = [], True
+    for line in Path(config).read_text().splitlines():
+        top_level = top_level and not line.lstrip().startswith("[")
+        if not (top_level and line.split("=")[0].strip() in ("out", "models_dir")):  # set here instead
+            lines.append(line)
+    path.write_text(f'out = "{out}"\nmodels_dir = "{original.models_dir}"\n{top}' + "\n".join(lines) + "\n")
     return path
 
 

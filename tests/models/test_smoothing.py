@@ -81,9 +81,9 @@ def test_certify_marks_abstentions_as_nan() -> None:
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"sigma": 0.0}, "sigma must be a positive number"),
+    ({"sigma": 0.0}, "smoothing sigma must be a finite number > 0"),
     ({"n": 0}, "n must be an integer >= 1"),
-    ({"alpha": 1.5}, "alpha must be in"),
+    ({"alpha": 1.5}, r"smoothing alpha must be a number in \(0, 1\)"),
 ])
 def test_bad_smoothing_settings_are_refused(settings: dict, message: str) -> None:
     with pytest.raises(MedrobustError, match=message):

@@ -71,7 +71,7 @@ def test_a_smoothed_model_is_certified_in_its_l2_cells_and_the_attack_never_beat
 def test_bad_smoothing_in_a_config_is_one_line_naming_the_model(tmp_path: Path, tiny_run_tables) -> None:
     config_path = tmp_path / "bad.toml"
     text = SMOOTHED_RUN.format(root=tmp_path, tables=tiny_run_tables(tmp_path / "cohort", 4))
-    for smoothing, message in (("sigma = -1.0", r"models\[1\]\.smoothing: smoothing sigma must be a positive"),
+    for smoothing, message in (("sigma = -1.0", r"models\[1\]\.smoothing: smoothing sigma must be a finite number > 0"),
                                ("sigmas = 1.0", r"models\[1\]\.smoothing takes sigma, n, certify_n, alpha, seed")):
         config_path.write_text(text.replace("sigma = 0.25, n = 8, certify_n = 100, alpha = 0.01", smoothing))
         with pytest.raises(MedrobustError, match=message):
