@@ -53,6 +53,12 @@ class Smoothing:
                 "seed": self.seed}
 
 
+# How a certificate's draws are seeded (part of a smoothed model's identity, so that cells certified under another
+# scheme are redone): 2 = from the smoothing's seed and the subject alone, so that a subject's certificate at a
+# radius is the same in every cell and one set of draws serves every radius; 1 = from each cell's seed.
+CERTIFICATE_SEEDING = 2
+
+
 class SmoothedModel(nn.Module):
     """``base`` under median smoothing: forward(image, features) is the median over ``smoothing.n`` fixed noise
     draws of base(image + sigma * noise, features). It carries the base model's ``meta``."""
@@ -134,13 +140,21 @@ def base_draws(model: SmoothedModel, images: Tensor, features: Tensor | None, n:
     return torch.stack(draws)
 
 
+def certificate_draws(model: SmoothedModel, images: Tensor, features: Tensor | None,
+                      sample_seeds: Sequence[int]) -> Tensor:
+    """The base model's predictions [B, certify_n] under the certificate's fresh draws, sorted per image (float64,
+    on the host): what ``certify`` bounds at every radius, so that one set serves several radii."""
+    draws = base_draws(model, images, features, model.smoothing.certify_n, sample_seeds, stream=1)
+    return draws.double().cpu().sort(dim=1).values
+
+
 def certify(model: SmoothedModel, images: Tensor, features: Tensor | None, radii: Tensor,
-            sample_seeds: Sequence[int]) -> Certificate:
+            sample_seeds: Sequence[int], draws: Tensor | None = None) -> Certificate:
     """The certificate of each image [B, ...] at each l2 radius ``radii`` [B, R] (in the model's input units):
-    ``model.smoothing.certify_n`` fresh draws per image, bounds at confidence 1 - ``alpha``."""
+    ``model.smoothing.certify_n`` fresh draws per image, bounds at confidence 1 - ``alpha``. ``draws``: the
+    images' ``certificate_draws`` when they are made already (for other radii)."""
     settings = model.smoothing
-    draws = base_draws(model, images, features, settings.certify_n, sample_seeds, stream=1).double().cpu()
-    ordered = draws.sort(dim=1).values
+    ordered = certificate_draws(model, images, features, sample_seeds) if draws is None else draws
     padded = torch.cat([torch.full((len(ordered), 1), math.nan, dtype=torch.float64), ordered,
                         torch.full((len(ordered), 1), math.nan, dtype=torch.float64)], dim=1)
     radii = radii.detach().double().cpu()

@@ -22,7 +22,7 @@ from medrobust.files import file_sha256
 from medrobust.models.adapter import AdaptedModel, InputContract
 from medrobust.models.base import BrainAgeModel
 from medrobust.models.checkpoint import checkpoint_paths, load_checkpoint
-from medrobust.models.smoothing import SmoothedModel, Smoothing
+from medrobust.models.smoothing import CERTIFICATE_SEEDING, SmoothedModel, Smoothing
 
 # Modules given in memory (``medrobust.evaluate``), by the key their ModelSource holds: they live in this process.
 _IN_MEMORY: dict[str, nn.Module] = {}
@@ -89,7 +89,8 @@ class ModelSource:
         model, record = self._load(device)
         if self.smoothing is None:
             return model, record
-        identity = {**record.get("identity", {}), "smoothing": self.smoothing.as_dict()}
+        identity = {**record.get("identity", {}),
+                    "smoothing": {**self.smoothing.as_dict(), "certificate_seeding": CERTIFICATE_SEEDING}}
         return SmoothedModel(model, self.smoothing).eval(), {**record, "identity": identity}
 
     def _load(self, device: str | torch.device) -> tuple[BrainAgeModel, dict]:

@@ -24,7 +24,7 @@ from medrobust.data.preprocess import PreparedDataset
 from medrobust.faults import fault_point
 from medrobust.models import BrainAgeModel
 from medrobust.models.segmenter import Segmenter
-from medrobust.models.smoothing import SmoothedModel, certify, smoothed_estimate
+from medrobust.models.smoothing import SmoothedModel, certificate_draws, certify, smoothed_estimate
 from medrobust.models.sources import ModelSource
 from medrobust.results.examples import ExampleCollector
 from medrobust.results.metrics import certificate_metrics, rows_metrics, sample_rows
@@ -113,14 +113,16 @@ class CellCall:
             self.extra["parity_fp32_mean_abs_deviation"] = _mean_abs_deviation(reference)
         self._pending = inputs, subjects, result
 
-    def keep(self, data: PreparedDataset, batch: slice, model: nn.Module, config: RunConfig) -> None:
-        """Take the pending batch's rows and counts in."""
+    def keep(self, data: PreparedDataset, batch: slice, model: nn.Module, config: RunConfig,
+             certificates: dict) -> None:
+        """Take the pending batch's rows and counts in; ``certificates`` holds the batch's certificate draws once
+        a call of the batch has made them (they serve every radius)."""
         inputs, subjects, result = self._pending
         self._pending = None
         batch_rows, moved = sample_rows(subjects, data.ages[batch], inputs["images"], inputs["features"],
                                         inputs["mask"], result, config.ssim)
         if self.certify_at is not None:
-            _certify_rows(batch_rows, model, inputs, result, self.certify_at, subject_seeds(self.seed, subjects))
+            _certify_rows(batch_rows, model, inputs, result, self.certify_at, subjects, certificates)
         self.rows.extend(batch_rows)
         if self.examples is not None:
             self.examples.add(batch_rows, inputs["images"], result.images)
@@ -204,9 +206,10 @@ def _attack_subjects(calls: list[CellCall], data: PreparedDataset, model: BrainA
             each = sum(call.timer.seconds - seconds for call, seconds in done) / len(done)
             for call, seconds in done:
                 call.timer.seconds = seconds + each
+        certificates: dict = {}
         for call, _ in done:
             try:
-                call.keep(data, batch, model, config)
+                call.keep(data, batch, model, config, certificates)
             except Exception as err:  # its metrics or certificate failed: this cell fails, the others go on
                 call.error = err
         start = batch.stop
@@ -236,11 +239,16 @@ def certified_budget(cell: Cell, model: nn.Module) -> Budget | None:
 
 
 def _certify_rows(rows: list[dict], model: SmoothedModel, inputs: dict, result, budget: Budget,
-                  seeds: list[int]) -> None:
+                  subjects: list[str], certificates: dict) -> None:
     """Add each subject's certificate at the budget's radius (its own, in the model's input units) to its row, and
-    the smoothed prediction of its attacked image from fresh draws."""
+    the smoothed prediction of its attacked image from fresh draws. The draws are seeded from the smoothing's seed
+    and the subject alone: a subject's certificate at a radius is the same in every cell, and the draws made for
+    one cell of a batch (kept in ``certificates``) serve the others."""
     images, features = inputs["images"], inputs["features"]
-    certificate = certify(model, images, features, budget.radius(images)[:, None], seeds)
+    seeds = subject_seeds(model.smoothing.seed, subjects)
+    if "draws" not in certificates:
+        certificates["draws"] = certificate_draws(model, images, features, seeds)
+    certificate = certify(model, images, features, budget.radius(images)[:, None], seeds, certificates["draws"])
     attacked = smoothed_estimate(model, result.images.to(images.dtype), result.features, seeds)
     for i, row in enumerate(rows):
         row.update(certified_lower=float(certificate.lower[i, 0]), certified_upper=float(certificate.upper[i, 0]),
