@@ -134,7 +134,7 @@ def _run(config: RunConfig, store: ResultStore, devices: list[torch.device], pro
              for group in sharing_groups(pending, config.share_clean_passes)]
     names = {cell.id: cell.describe() for cell in cells}
     specs = {cell.id: cell.spec for cell in pending}
-    bar = tqdm(total=len(tasks), unit="cell", disable=not progress or not tasks)
+    bar = tqdm(total=len(pending), unit="cell", disable=not progress or not pending)
 
     def on_batch(state: dict) -> None:  # the cell in progress: what it is, how far, its deviation so far
         bar.set_postfix_str(f"{state['cell']}: {state['done']}/{state['of']} subjects, mean |deviation| so far "

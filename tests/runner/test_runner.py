@@ -237,6 +237,18 @@ def test_cells_that_differ_only_in_their_budget_share_clean_passes_and_keep_thei
         assert "shared_clean_passes" not in store.cells()
 
 
+def test_the_progress_bar_counts_cells_also_when_they_are_computed_together(demo_run, tmp_path):
+    root, config_path, _ = demo_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out" / "models", out / "models")  # no retraining
+    config = tmp_path / "again.toml"
+    config.write_text(config_path.read_text().replace(str(root / "out"), str(out)))
+    result = CliRunner().invoke(main, ["run", str(config), "--no-report", "--only", "cnn3d fgsm *"])
+    assert result.exit_code == 0, result.output
+    assert "3 cells run" in result.output
+    assert "3/3 [" in result.stderr and "4/3" not in result.stderr  # one group of three cells
+
+
 def test_report_page_and_csv(demo_run):
     root, _, output = demo_run
     out = root / "out"
