@@ -147,6 +147,18 @@ def describe_spec(spec: dict) -> str:
         spec.get("objective", "?"), threat_model))
 
 
+def comparable_store(out: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The cells of the store in ``out`` without what depends on the run rather than the cell
+    (``RUN_DEPENDENT_CELL_FIELDS``, ``RUN_DEPENDENT_METRICS``; nested values as JSON text) and its per-subject rows,
+    both in a fixed order: two runs that computed the same cells compare equal, bit for bit."""
+    with ResultStore(out, create=False) as store:
+        cells, samples = store.cells(), store.samples()
+    cells = cells.drop(columns=[c for c in (*RUN_DEPENDENT_CELL_FIELDS, *RUN_DEPENDENT_METRICS) if c in cells])
+    cells = cells.sort_values("id").reset_index(drop=True)
+    cells = cells.map(lambda v: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v)
+    return cells[sorted(cells.columns)], samples.sort_values(["cell_id", "subject"]).reset_index(drop=True)
+
+
 class StoreBusyError(MedrobustError):
     """Another process is writing the store (it holds the writer's lock); try again once it has finished."""
 

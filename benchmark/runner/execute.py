@@ -8,6 +8,7 @@ An executor hands ``compute_cell`` a ``CellTask`` (a cell and the paths of its m
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import time
 from collections.abc import Callable
@@ -95,14 +96,20 @@ class CellCall:
     error: Exception | None = None  # what failed it: the other calls of its group go on
     _pending: tuple | None = None  # the batch it has attacked, kept until every call of the batch has
 
+    @functools.cached_property
+    def accepts(self) -> tuple[bool, bool]:
+        """Whether ``call`` takes ``sample_seeds`` and ``shared``: read from its signature once, not per batch."""
+        return _takes(self.call, "sample_seeds"), _takes(self.call, "shared")
+
     def attack(self, inputs: dict, subjects: list[str], config: RunConfig, device: torch.device, parity: bool,
                shared: CleanPasses | None) -> None:
         """Attack one batch (``inputs``: ``attack_inputs``'), keeping its rows pending until ``keep``."""
         call = self.call
         inputs = dict(inputs)
-        if _takes(call, "sample_seeds"):
+        takes_seeds, takes_shared = self.accepts
+        if takes_seeds:
             inputs["sample_seeds"] = subject_seeds(self.seed, subjects)
-        if shared is not None and _takes(call, "shared"):
+        if shared is not None and takes_shared:
             inputs["shared"] = shared
         with self.timer.measure(), autocast(device, config.precision):
             result = call(**inputs)

@@ -19,23 +19,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from medrobust.results.store import RUN_DEPENDENT_CELL_FIELDS, RUN_DEPENDENT_METRICS, ResultStore
+from medrobust.results.store import ResultStore, comparable_store
 from medrobust.runner import run
 from medrobust.runner.config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from runner import fresh_grid  # noqa: E402  (the folder of this script)
-
-
-def _stored(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(every cell's metrics, its cells without what depends on the run, its rows), in a fixed order."""
-    with ResultStore(out, writer=False) as store:
-        cells, samples = store.cells(), store.samples()
-    comparable = cells.drop(columns=[c for c in (*RUN_DEPENDENT_CELL_FIELDS, *RUN_DEPENDENT_METRICS) if c in cells])
-    comparable = comparable.map(lambda v: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v)
-    comparable = comparable.sort_values("id").reset_index(drop=True)
-    return (cells, comparable[sorted(comparable.columns)],
-            samples.sort_values(["cell_id", "subject"]).reset_index(drop=True))
 
 
 def main() -> None:
@@ -56,8 +45,9 @@ def main() -> None:
             wall = time.perf_counter() - began
             if summary.failed:
                 sys.exit(f"{len(summary.failed)} cells failed: {summary.failed[0]}")
-            cells, comparable, samples = _stored(out)
-            stores[share] = comparable, samples
+            with ResultStore(out, writer=False) as store:
+                cells = store.cells()
+            stores[share] = comparable_store(out)
             per_attack = cells.groupby("attack")["attack_seconds"].sum()
             figures.append({"round": round_, "share_clean_passes": share, "cells": summary.cells,
                             "wall_seconds": wall, "attack_seconds": float(cells["attack_seconds"].sum()),

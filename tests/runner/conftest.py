@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
-import pandas as pd
 import pytest
-
-from medrobust.results.store import RUN_DEPENDENT_CELL_FIELDS, RUN_DEPENDENT_METRICS, ResultStore
 
 TABLES = Path(__file__).parent / "fixtures" / "tiny_run.toml"
 
@@ -36,20 +32,3 @@ def tiny_config(tiny_run_tables) -> Callable[[Path, str, str, str], Path]:
 
     return write
 
-
-def _comparable(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A store's cells without what depends on the run rather than the cell (see medrobust.results.store), and its
-    per-subject rows, both in a fixed order."""
-    with ResultStore(out, create=False) as store:
-        cells, samples = store.cells(), store.samples()
-    cells = cells.drop(columns=[c for c in (*RUN_DEPENDENT_CELL_FIELDS, *RUN_DEPENDENT_METRICS) if c in cells])
-    cells = cells.sort_values("id").reset_index(drop=True)
-    cells = cells.map(lambda v: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v)
-    return cells[sorted(cells.columns)], samples.sort_values(["cell_id", "subject"]).reset_index(drop=True)
-
-
-@pytest.fixture(scope="session")
-def comparable_store() -> Callable[[Path], tuple[pd.DataFrame, pd.DataFrame]]:
-    """``comparable_store(out)``: the cells of the store in ``out`` without what depends on the run (time, batch
-    size used, ...) and its per-subject rows, in a fixed order: two runs of the same cells compare equal."""
-    return _comparable

@@ -20,6 +20,7 @@ from medrobust.cli import main
 from medrobust.results.store import (
     SAMPLE_COLUMNS,
     ResultStore,
+    comparable_store,
     lock_holder,
 )
 
@@ -84,8 +85,7 @@ def _check_whole_cells(out: Path) -> None:
 KILL_POINTS = [("planned", 1, 0), ("attacked", 2, 1), ("committing", 3, 3), ("written", 2, 5)]
 
 
-def test_a_run_killed_at_chosen_points_resumes_to_the_uninterrupted_result(uninterrupted, tiny_config,
-                                                                            comparable_store):
+def test_a_run_killed_at_chosen_points_resumes_to_the_uninterrupted_result(uninterrupted, tiny_config):
     root = uninterrupted
     config_c, out_c = tiny_config(root, "c", TOP, GRID), root / "c"
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
@@ -106,8 +106,7 @@ def test_a_run_killed_at_chosen_points_resumes_to_the_uninterrupted_result(unint
     pd.testing.assert_frame_equal(samples_c, samples_a, check_exact=True)
 
 
-def test_a_run_killed_at_random_points_resumes_to_the_uninterrupted_result(uninterrupted, tiny_config,
-                                                                             comparable_store):
+def test_a_run_killed_at_random_points_resumes_to_the_uninterrupted_result(uninterrupted, tiny_config):
     # The random-time kills, kept beside the chosen points above: where they land depends on the machine's load,
     # so nothing here asks that one landed mid-grid (the chosen points see to that).
     root = uninterrupted

@@ -14,7 +14,7 @@ from medrobust.cli import main
 from medrobust.data import load_prepared
 from medrobust.devices import resolve_device
 from medrobust.models import load_checkpoint
-from medrobust.results.store import ResultStore
+from medrobust.results.store import ResultStore, comparable_store
 from medrobust.runner.cells import expand_cells
 from medrobust.runner.config import load_config
 
@@ -212,8 +212,7 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(demo_run, tmp_path, mon
     assert f"9 cells run, {N_CELLS - 9} already finished, 0 failed" in result.output
 
 
-def test_cells_that_differ_only_in_their_budget_share_clean_passes_and_keep_their_rows(demo_run, tmp_path,
-                                                                                     comparable_store):
+def test_cells_that_differ_only_in_their_budget_share_clean_passes_and_keep_their_rows(demo_run, tmp_path):
     # The run shared its passes at the clean images between the budgets of one model, attack and threat model
     # (share_clean_passes, the default): the same grid with every cell alone stores the same cells and rows, bit
     # for bit, for every model and threat model of the grid.
